@@ -1,0 +1,130 @@
+"""Safe loading of released MS-MLP checkpoints and of this project's own checkpoints.
+
+The released files hold a pickled yacs ``CfgNode`` beside the weights, which
+``torch.load(weights_only=True)`` refuses. We load them with that same restricted
+unpickler, allow-listing one inert stand-in class under the name
+``yacs.config.CfgNode``: no pickled code runs and yacs need not be installed. Any other
+class or callable in the pickle is refused.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from .model import checkpoint_filter_fn
+
+__all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained']
+
+PathLike = Union[str, os.PathLike]
+
+# Keys a backbone may lack in a checkpoint: new per-stage output norms of dense models.
+_NEW_IN_DENSE = ('out_norms.',)
+_HEAD = ('head.',)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+class ReleasedConfig(dict):
+    """Inert stand-in for the yacs ``CfgNode`` pickled in released checkpoints: a plain
+    dict of the config's values (its ``__setstate__`` only stores state)."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+_SAFE_EXTRAS = [(ReleasedConfig, 'yacs.config.CfgNode')]
+
+
+def read_checkpoint(path: PathLike) -> Any:
+    """Read a checkpoint file without executing pickled code.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, not a PyTorch checkpoint, or its
+            pickle asks for a class or function outside the weights-only allow list.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        with torch.serialization.safe_globals(_SAFE_EXTRAS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f'refused to load {path}: its pickle references objects outside the weights-only '
+            f'allow list, so loading it could run code. Details: {str(err).splitlines()[0]}') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(
+            f'cannot read {path}: not a PyTorch checkpoint, or truncated ({type(err).__name__}: '
+            f'{str(err).splitlines()[0] if str(err) else "no details"})') from None
+
+
+def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+    """The model weights inside a released, Lightning, mmengine or plain checkpoint,
+    under ``MSMLP`` key names. Only the ``backbone.`` part of a detector or segmentor."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, not a state dict')
+    for key in ('model', 'state_dict', 'model_state'):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+            break
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f'{source} holds no tensors: not a model checkpoint')
+    if any('backbone.' in k for k in tensors):
+        tensors = {k[k.index('backbone.') + len('backbone.'):]: v for k, v in tensors.items() if 'backbone.' in k}
+    return checkpoint_filter_fn(tensors)
+
+
+def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False) -> Dict[str, list]:
+    """Load a checkpoint into an ``MSMLP`` (or a module whose ``.backbone`` is one).
+
+    A classifier head of another size (or no head in the model) is dropped with a warning
+    unless ``strict_head``; output norms of a dense model that the file lacks keep their
+    initialisation. Any other missing, unexpected or mis-shaped key is an error that lists
+    the keys.
+
+    Returns:
+        ``{'dropped': [...], 'kept_init': [...]}``: keys not loaded, by reason.
+    """
+    target = getattr(model, 'backbone', model)
+    state = extract_state_dict(read_checkpoint(path), source=os.fspath(path))
+    own = target.state_dict()
+
+    dropped = [k for k in state if k.startswith(_HEAD) and (k not in own or own[k].shape != state[k].shape)]
+    if dropped and strict_head:
+        raise CheckpointError(f'{path}: classifier head does not fit the model: {dropped}')
+    if dropped:
+        warnings.warn(f'{path}: classifier head {dropped} not loaded: the model has a different '
+                      'num_classes', stacklevel=2)
+    state = {k: v for k, v in state.items() if k not in dropped}
+
+    kept_init = [k for k in own if k not in state and (k.startswith(_NEW_IN_DENSE) or (
+        k.startswith(_HEAD) and dropped))]
+    missing = [k for k in own if k not in state and k not in kept_init]
+    unexpected = [k for k in state if k not in own]
+    mis_shaped = [f'{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+                  for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or mis_shaped:
+        raise CheckpointError(_mismatch_message(path, missing, unexpected, mis_shaped))
+    target.load_state_dict(state, strict=False)
+    return {'dropped': dropped, 'kept_init': kept_init}
+
+
+def _mismatch_message(path: PathLike, missing: list, unexpected: list, mis_shaped: list,
+                      limit: Optional[int] = 20) -> str:
+    lines = [f'{path} does not fit the model:']
+    for title, keys in (('missing in the file', missing), ('unexpected in the file', unexpected),
+                        ('shape mismatch', mis_shaped)):
+        if keys:
+            shown = keys[:limit] + ([f'... and {len(keys) - limit} more'] if len(keys) > limit else [])
+            lines.append(f'  {title} ({len(keys)}): ' + ', '.join(shown))
+    return '\n'.join(lines)

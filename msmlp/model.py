@@ -1,0 +1,463 @@
+"""MS-MLP: Mix-Shift-MLP (Zheng et al., arXiv 2202.06510).
+
+Read top-down: token mixer and block, stage, model, checkpoint filter, registered
+entry points. Parameter names are the released ones, so released checkpoints load
+with a strict ``load_state_dict``. Unlike the released code the model accepts any
+input size (padding where a stride needs it) and exposes the dense-task interface
+of timm and mmdet backbones (``out_indices``, a norm per returned stage,
+``frozen_stages``, gradient checkpointing, ``feature_info``).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import generate_default_cfgs
+
+from .mixing import MIX_IMPLS, shift_mix
+
+__all__ = ['MSMLP', 'MIX_SIZES', 'SHIFT_DIST', 'checkpoint_filter_fn']
+
+SHIFT_DIST = (-2, -1, 0, 1, 2)
+MIX_SIZES = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the bottom and right of an NCHW map so that H and W divide ``multiple``."""
+    pad_h = -x.shape[2] % multiple
+    pad_w = -x.shape[3] % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW map (computed channels-last, as released)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2).contiguous()
+
+
+class PatchEmbed(nn.Module):
+    """Stem: a 4x4 stride-4 conv, then LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 4):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = LayerNorm2d(embed_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(_pad_to_multiple(x, self.patch_size)))
+
+
+class Downsample(nn.Module):
+    """Between stages: a 2x2 stride-2 conv doubling channels, then LayerNorm (conv first)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, out_dim, kernel_size=2, stride=2)
+        self.norm = LayerNorm2d(out_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(_pad_to_multiple(x, 2)))
+
+
+def channel_groups(dim: int, num_groups: int = 5) -> List[int]:
+    """Group sizes of ``torch.chunk(x, num_groups, dim=1)`` for ``dim`` channels."""
+    size = -(-dim // num_groups)
+    sizes = [size] * (dim // size) + ([dim % size] if dim % size else [])
+    if len(sizes) != num_groups:
+        raise ValueError(f'{dim} channels cannot be split into {num_groups} groups as the released '
+                         f'model splits them (torch.chunk gives {sizes})')
+    return sizes
+
+
+class MSMLPBlock(nn.Module):
+    """Mix-shift block: shifted depthwise mixing along W and H, then a channel MLP.
+
+    Args:
+        dim: Channels.
+        mix_size: Depthwise kernel of each channel group (the group shifted by
+            ``shift_dist[g]`` uses ``mix_size[g]``).
+        shift_dist: Circular shift of each channel group.
+        drop_path: Stochastic depth rate.
+        layer_scale_init: Initial value of the layer scale ``gamma``.
+        mlp_ratio: Hidden width of the channel MLP relative to ``dim``.
+        mix_impl: ``'fast'`` (default) or ``'reference'``; both compute the released function.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            mix_size: Sequence[int],
+            shift_dist: Sequence[int] = SHIFT_DIST,
+            drop_path: float = 0.,
+            layer_scale_init: float = 1e-6,
+            mlp_ratio: float = 4.,
+            mix_impl: str = 'fast',
+    ):
+        super().__init__()
+        groups = channel_groups(dim, len(shift_dist))
+        if len(mix_size) != len(groups):
+            raise ValueError(f'mix_size {list(mix_size)} must give one kernel per channel group ({len(groups)})')
+        self.shift_dist = tuple(shift_dist)
+        self.mix_size = tuple(mix_size)
+        self.group_sizes = tuple(groups)
+        self.mix_impl = mix_impl
+        self.gamma = nn.Parameter(layer_scale_init * torch.ones(dim))
+        self.dwconv_lr = nn.ModuleList(
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(groups, mix_size))
+        self.dwconv_td = nn.ModuleList(
+            nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(groups, mix_size))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(mlp_ratio * dim)
+        self.pwconv1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(hidden, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    @property
+    def mix_impl(self) -> str:
+        return self._mix_impl
+
+    @mix_impl.setter
+    def mix_impl(self, impl: str) -> None:
+        if impl not in MIX_IMPLS:
+            raise ValueError(f'mix_impl must be one of {sorted(MIX_IMPLS)}, got {impl!r}')
+        self._mix_impl = impl
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The token mixer alone (NCHW in, NCHW out)."""
+        return shift_mix(x, self, self._mix_impl)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.mix(x).permute(0, 2, 3, 1)
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        x = (self.gamma * x).permute(0, 3, 1, 2)
+        return shortcut + self.drop_path(x)
+
+
+class MSMLPStage(nn.Module):
+    """Blocks at one resolution, then (except in the last stage) a downsampling.
+
+    ``forward`` returns ``(stage_output, next_stage_input)``: the stage output is taken
+    before the downsampling, as in the released model.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            depth: int,
+            mix_size: Sequence[int],
+            shift_dist: Sequence[int],
+            drop_path: Sequence[float],
+            layer_scale_init: float,
+            downsample: bool,
+            mix_impl: str,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*[
+            MSMLPBlock(dim, mix_size, shift_dist, drop_path[i], layer_scale_init, mix_impl=mix_impl)
+            for i in range(depth)])
+        self.downsample = Downsample(dim, 2 * dim) if downsample else None
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        for block in self.blocks:
+            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class MSMLP(nn.Module):
+    """MS-MLP backbone and classifier.
+
+    Args:
+        in_chans: Input image channels.
+        num_classes: Classifier outputs; 0 for no classifier (``forward`` then returns
+            pooled features).
+        embed_dim: Channels of the first stage; stage i has ``embed_dim * 2**i``.
+        depths: Blocks per stage.
+        mix_sizes: Per stage, the depthwise kernel of each channel group.
+        shift_dist: Circular shift of each channel group.
+        drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks.
+        layer_scale_init: Initial layer scale.
+        global_pool: ``'avg'`` or ``''`` (no pooling).
+        out_indices: Stages whose outputs ``forward_dense`` returns, each through a
+            LayerNorm of its own (``out_norms``), as mmdet backbones do.
+        frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
+            (with their output norms); re-applied on every ``train()``.
+        with_cp: Gradient checkpointing of every block.
+        mix_impl: ``'fast'`` or ``'reference'`` token mixing (same function).
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 96,
+            depths: Sequence[int] = (3, 3, 9, 3),
+            mix_sizes: Sequence[Sequence[int]] = MIX_SIZES,
+            shift_dist: Sequence[int] = SHIFT_DIST,
+            drop_path_rate: float = 0.,
+            layer_scale_init: float = 1e-6,
+            global_pool: str = 'avg',
+            out_indices: Optional[Sequence[int]] = None,
+            frozen_stages: int = -1,
+            with_cp: bool = False,
+            mix_impl: str = 'fast',
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if len(mix_sizes) != num_stages:
+            raise ValueError(f'mix_sizes has {len(mix_sizes)} entries for {num_stages} stages')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.depths = tuple(depths)
+        self.dims = tuple(embed_dim * 2 ** i for i in range(num_stages))
+        self.num_features = self.head_hidden_size = self.dims[-1]
+        self.frozen_stages = frozen_stages
+
+        self.patch_embed = PatchEmbed(in_chans, embed_dim)
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        self.feature_info: List[Dict] = []
+        start = 0
+        for i, (dim, depth) in enumerate(zip(self.dims, depths)):
+            self.layers.append(MSMLPStage(
+                dim, depth, mix_sizes[i], shift_dist, rates[start:start + depth],
+                layer_scale_init, downsample=i < num_stages - 1, mix_impl=mix_impl))
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'layers.{i}'))
+            start += depth
+        self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.out_indices = self._check_indices(out_indices) if out_indices is not None else None
+        self.out_norms = nn.ModuleDict(
+            {str(i): LayerNorm2d(self.dims[i], eps=1e-6) for i in self.out_indices or ()})
+
+        self.apply(self._init_weights)
+        self.set_grad_checkpointing(with_cp)
+        self._freeze_stages()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def _check_indices(self, indices: Sequence[int]) -> Tuple[int, ...]:
+        n = len(self.layers)
+        normalized = tuple(i % n if -n <= i < n else i for i in indices)
+        bad = [i for i in normalized if not 0 <= i < n]
+        if bad or not normalized:
+            raise ValueError(f'out_indices {tuple(indices)} must name stages in 0..{n - 1}')
+        return tuple(sorted(set(normalized)))
+
+    # ----- training-time controls -----------------------------------------------------
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def set_mix_impl(self, impl: str) -> None:
+        """Switch every block between the ``'fast'`` and ``'reference'`` token mixing."""
+        for block in self.modules():
+            if isinstance(block, MSMLPBlock):
+                block.mix_impl = impl
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        frozen: List[nn.Module] = [self.patch_embed]
+        for i in range(min(self.frozen_stages, len(self.layers))):
+            frozen.append(self.layers[i])
+            if str(i) in self.out_norms:
+                frozen.append(self.out_norms[str(i)])
+        for module in frozen:
+            module.eval()
+            for p in module.parameters():
+                p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'MSMLP':
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {'gamma'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(stem=r'^patch_embed', blocks=r'^layers\.(\d+)' if coarse else [
+            (r'^layers\.(\d+)\.downsample', (0,)), (r'^layers\.(\d+)\.blocks\.(\d+)', None),
+            (r'^norm', (99999,))])
+
+    # ----- classifier -------------------------------------------------------------------
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    # ----- forward ----------------------------------------------------------------------
+    def _stage_outputs(self, x: torch.Tensor, indices: Sequence[int], stop: int) -> List[torch.Tensor]:
+        outputs = []
+        x = self.patch_embed(x)
+        for i in range(stop + 1):
+            out, x = self.layers[i](x)
+            if i in indices:
+                outputs.append(out)
+        return outputs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The unpooled output of the last stage (B, C, H/32, W/32)."""
+        return self._stage_outputs(x, (len(self.layers) - 1,), len(self.layers) - 1)[0]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+            x = self.norm(x)
+        if pre_logits:
+            return x
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_dense(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Outputs of the ``out_indices`` stages, each through its own LayerNorm."""
+        if self.out_indices is None:
+            raise RuntimeError('forward_dense needs out_indices; build the model with out_indices=(0, 1, 2, 3)')
+        outputs = self._stage_outputs(x, self.out_indices, max(self.out_indices))
+        return tuple(self.out_norms[str(i)](o) for i, o in zip(self.out_indices, outputs))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, Sequence[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature API: stage outputs before downsampling (raw, ``norm`` is ignored)."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        n = len(self.layers)
+        if indices is None:
+            take = tuple(range(n))
+        elif isinstance(indices, int):
+            take = tuple(range(n - indices, n))
+        else:
+            take = self._check_indices(indices)
+        last = max(take) if (stop_early or intermediates_only) else n - 1
+        outputs = self._stage_outputs(x, tuple(take) + ((n - 1,) if last == n - 1 else ()), last)
+        intermediates = outputs[:len(take)]
+        if intermediates_only:
+            return intermediates
+        return outputs[-1], intermediates
+
+
+# ----- checkpoint conversion -------------------------------------------------------------
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[MSMLP] = None
+                         ) -> Dict[str, torch.Tensor]:
+    """Map a released, timm, Lightning or mmdet state dict onto ``MSMLP`` key names.
+
+    Pure: strips the wrappers the training frameworks add (``model``/``state_dict``
+    nesting is removed by the caller) and the ``model.``, ``backbone.``, ``module.``
+    key prefixes; keeps tensors as they are.
+    """
+    prefixes = ('module.', 'model.', 'backbone.', 'net.')
+    out = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+# ----- registered entry points -------------------------------------------------------------
+def _cfg(**kwargs) -> Dict:
+    return dict(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=224 / 256,
+        interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        first_conv='patch_embed.proj', classifier='head', license='mit',
+        paper_ids='arXiv:2202.06510', **kwargs)
+
+
+default_cfgs = generate_default_cfgs({
+    'msmlp_tiny.in1k': _cfg(notes=('released checkpoint: msmlp_tiny_patch4_ckpt_epoch299.pth',)),
+    'msmlp_small.in1k': _cfg(notes=('released checkpoint: msmlp_small_patch4_ckpt_epoch299.pth',)),
+    'msmlp_base.in1k': _cfg(notes=('released checkpoint: msmlp_base_patch4_ckpt_epoch299.pth',)),
+})
+
+VARIANT_ARCHS = {
+    'msmlp_tiny': dict(embed_dim=96, depths=(3, 3, 9, 3)),
+    'msmlp_small': dict(embed_dim=96, depths=(3, 3, 27, 3)),
+    'msmlp_base': dict(embed_dim=128, depths=(3, 3, 27, 3)),
+}
+# The released ImageNet-1K recipe's stochastic depth per size (timm builds with 0 unless told).
+RECIPE_DROP_PATH = {'msmlp_tiny': 0.1, 'msmlp_small': 0.4, 'msmlp_base': 0.5}
+
+
+def _create_msmlp(variant: str, pretrained: bool = False, **kwargs) -> MSMLP:
+    """Build a variant through timm; ``pretrained=True`` needs
+    ``pretrained_cfg_overlay=dict(file=<released .pth>)`` (no weights are downloaded)."""
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    weights = overlay.pop('file', None)
+    if pretrained and not weights:
+        raise ValueError(f'{variant}: no weights are downloaded; pass '
+                         "pretrained_cfg_overlay=dict(file='<path to the released .pth>')")
+    model = build_model_with_cfg(
+        MSMLP, variant, pretrained=False,
+        pretrained_cfg_overlay=overlay or None,
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+        **dict(VARIANT_ARCHS[variant], **kwargs))
+    if pretrained:
+        from .checkpoint import load_pretrained
+        load_pretrained(getattr(model, 'model', model), weights)  # features_only wraps it
+    return model
+
+
+@register_model
+def msmlp_tiny(pretrained: bool = False, **kwargs) -> MSMLP:
+    return _create_msmlp('msmlp_tiny', pretrained, **kwargs)
+
+
+@register_model
+def msmlp_small(pretrained: bool = False, **kwargs) -> MSMLP:
+    return _create_msmlp('msmlp_small', pretrained, **kwargs)
+
+
+@register_model
+def msmlp_base(pretrained: bool = False, **kwargs) -> MSMLP:
+    return _create_msmlp('msmlp_base', pretrained, **kwargs)
