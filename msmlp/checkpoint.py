@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-import zipfile
+from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
@@ -32,13 +32,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
-class ReleasedConfig(dict):
-    """Inert stand-in for the yacs ``CfgNode`` pickled in released checkpoints: a plain
-    dict of the config's values (its ``__setstate__`` only stores state)."""
+class ReleasedConfig:
+    """Inert stand-in for the yacs ``CfgNode`` pickled in released checkpoints.
 
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, dict):
-            self.__dict__.update(state)
+    The weights-only unpickler fills only plain mappings, so "constructing" a CfgNode
+    yields an ``OrderedDict`` of the config's values (its attributes land in ``__dict__``).
+    """
+
+    def __new__(cls, *args: Any) -> 'OrderedDict[str, Any]':  # type: ignore[misc]
+        return OrderedDict()
 
 
 _SAFE_EXTRAS = [(ReleasedConfig, 'yacs.config.CfgNode')]
@@ -61,7 +63,7 @@ def read_checkpoint(path: PathLike) -> Any:
         raise CheckpointError(
             f'refused to load {path}: its pickle references objects outside the weights-only '
             f'allow list, so loading it could run code. Details: {str(err).splitlines()[0]}') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+    except Exception as err:  # torch raises many types for damaged files; all mean unreadable
         raise CheckpointError(
             f'cannot read {path}: not a PyTorch checkpoint, or truncated ({type(err).__name__}: '
             f'{str(err).splitlines()[0] if str(err) else "no details"})') from None
@@ -99,7 +101,7 @@ def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False)
     state = extract_state_dict(read_checkpoint(path), source=os.fspath(path))
     own = target.state_dict()
 
-    dropped = [k for k in state if k.startswith(_HEAD) and (k not in own or own[k].shape != state[k].shape)]
+    dropped = [k for k in state if k.startswith(_HEAD) and (k not in own or own[k].shape[0] != state[k].shape[0])]
     if dropped and strict_head:
         raise CheckpointError(f'{path}: classifier head does not fit the model: {dropped}')
     if dropped:

@@ -20,7 +20,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 
-from .mixing import MIX_IMPLS, shift_mix
+from .mixing import MIX_IMPLS, forward_fast, shift_mix
 
 __all__ = ['MSMLP', 'MIX_SIZES', 'SHIFT_DIST', 'checkpoint_filter_fn']
 
@@ -140,6 +140,8 @@ class MSMLPBlock(nn.Module):
         return shift_mix(x, self, self._mix_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._mix_impl == 'fast':
+            return forward_fast(self, x)  # same function, channels-last (see mixing.py)
         shortcut = x
         x = self.mix(x).permute(0, 2, 3, 1)
         x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
@@ -233,7 +235,7 @@ class MSMLP(nn.Module):
         self.frozen_stages = frozen_stages
 
         self.patch_embed = PatchEmbed(in_chans, embed_dim)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
         self.feature_info: List[Dict] = []
         start = 0

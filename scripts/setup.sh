@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3.11}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 VENV=${VENV:-.venv}
 CACHE=${MSMLP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/msmlp}
 MMCV_VERSION=2.1.0

@@ -1,0 +1,11 @@
+# Mask R-CNN with an MS-MLP-S backbone, FPN, 1x schedule (12 epochs) on COCO.
+# Same recipe as mask-rcnn_msmlp-t_fpn_1x_coco.py (mmdet's Swin Mask R-CNN 1x: AdamW lr 1e-4,
+# weight decay 0.05, none on norms and layer scale, warm-up 1000 iterations, steps at 8 and 11,
+# batch 16 in total), with ConvNeXt's detection drop path for this size (0.6).
+# Backbone weights: the released msmlp_small_patch4_ckpt_epoch299.pth.
+_base_ = './mask-rcnn_msmlp-t_fpn_1x_coco.py'
+pretrained = 'checkpoints/msmlp_small_patch4_ckpt_epoch299.pth'
+
+model = dict(
+    backbone=dict(arch='small', drop_path_rate=0.6, init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[96, 192, 384, 768]))

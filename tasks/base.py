@@ -1,0 +1,109 @@
+"""The small base every task builds on (after torchgeo's ``BaseTask``).
+
+A task declares its arguments as flat, typed ``__init__`` parameters (what the CLI and the
+YAML configs set) and fills in three hooks: ``configure_models``, ``configure_losses`` and
+``configure_metrics``. The base saves the arguments as hyper-parameters (plain types, so
+checkpoints load with ``torch.load(weights_only=True)``) and builds the optimiser the MS-MLP
+recipes use: AdamW without weight decay on norms, biases, 1-D parameters and layer scale,
+a linear warm-up then cosine decay per step (timm's scheduler), with the learning rates
+scaled by the total batch.
+
+Hyper-parameters ``configure_optimizers`` reads (subclasses declare those they use):
+``lr``, ``weight_decay`` (0), ``betas`` ((0.9, 0.999)), ``eps`` (1e-8), ``warmup_epochs`` (0),
+``warmup_lr`` (0), ``min_lr`` (0) and ``lr_batch_size`` (None). When ``lr_batch_size`` is set,
+``lr``, ``warmup_lr`` and ``min_lr`` are multiplied by total batch / ``lr_batch_size``, where
+total batch = the datamodule's ``batch_size`` x devices x gradient accumulation.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Optional, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+__all__ = ['BaseTask', 'InputError']
+
+
+class InputError(ValueError):
+    """Bad user input (a data folder, an image, a config value) with a message naming it.
+
+    The ``msmlp`` CLI prints these as one-line errors instead of tracebacks.
+    """
+
+
+class BaseTask(LightningModule, ABC):
+    """LightningModule with ``configure_models`` / ``configure_losses`` / ``configure_metrics``.
+
+    Args:
+        ignore: ``__init__`` arguments not to save as hyper-parameters (e.g. modules).
+    """
+
+    def __init__(self, ignore: Optional[Sequence[str]] = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=['ignore', *(ignore or ())])
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    @abstractmethod
+    def configure_models(self) -> None:
+        """Build the networks (``self.model`` by convention)."""
+
+    def configure_losses(self) -> None:
+        """Build the loss functions."""
+
+    def configure_metrics(self) -> None:
+        """Build the torchmetrics collections."""
+
+    # ----- optimisation ------------------------------------------------------------------
+    def no_weight_decay_keywords(self) -> set:
+        """Parameter-name keywords without weight decay, gathered from every sub-module that
+        declares ``no_weight_decay_keywords`` (MSMLP: the layer scale ``gamma``)."""
+        keywords: set = set()
+        for module in self.modules():
+            if module is not self and hasattr(module, 'no_weight_decay_keywords'):
+                keywords |= set(module.no_weight_decay_keywords())
+        return keywords
+
+    def lr_scale(self) -> float:
+        """Total batch / ``lr_batch_size`` (1 when ``lr_batch_size`` is unset)."""
+        reference = self.hparams.get('lr_batch_size')
+        if not reference:
+            return 1.0
+        batch_size = getattr(self.trainer.datamodule, 'batch_size', None)
+        if batch_size is None:
+            batch_size = getattr(self.trainer.train_dataloader, 'batch_size', None)
+        if batch_size is None:
+            raise InputError('lr_batch_size is set but the batch size is unknown: give the datamodule '
+                             'a batch_size attribute, or set lr_batch_size to null')
+        total = batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        return total / reference
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        scale = self.lr_scale()
+        lr, warmup_lr, min_lr = hp['lr'] * scale, hp.get('warmup_lr', 0.) * scale, hp.get('min_lr', 0.) * scale
+        weight_decay = hp.get('weight_decay', 0.)
+        groups = param_groups_weight_decay(
+            self, weight_decay, no_weight_decay_list=[f'*{k}*' for k in self.no_weight_decay_keywords()])
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(hp.get('betas', (0.9, 0.999))),
+                                      eps=hp.get('eps', 1e-8), weight_decay=weight_decay)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        batches = self.trainer.num_training_batches  # known once estimated_stepping_batches loaded the data
+        if math.isfinite(batches):
+            steps_per_epoch = max(1, int(batches) // self.trainer.accumulate_grad_batches)
+        else:
+            steps_per_epoch = max(1, total_steps // max(1, self.trainer.max_epochs or 1))
+        warmup_steps = int(hp.get('warmup_epochs', 0) * steps_per_epoch)
+        # As released: the cosine spans the whole run and the warm-up overrides its start.
+        scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=min_lr, warmup_t=warmup_steps,
+                                      warmup_lr_init=warmup_lr, warmup_prefix=False, t_in_epochs=False)
+        return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # timm schedulers take the number of optimiser steps taken so far.
+        scheduler.step_update(num_updates=self.trainer.global_step)

@@ -1,0 +1,429 @@
+"""Image classification: an MS-MLP (any timm model) on an ImageNet-style folder.
+
+``ImageFolderDataModule`` reads ``<root>/train/<class>/*`` and ``<root>/val/<class>/*`` (any
+common image format; grayscale, palette and RGBA images are converted to RGB) with timm's
+ImageNet transforms. ``ClassificationTask`` trains with the released MS-MLP recipe: its
+defaults are the ImageNet-1K recipe of ``msmlp_tiny`` (see ``configs/cls/*.yaml``).
+
+An image that cannot be read stops the run with an error naming the file (nothing is
+skipped silently); the last checkpoint of the previous epoch is kept for resuming.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+import msmlp  # noqa: F401  (registers the msmlp_* models with timm)
+from tasks.base import BaseTask, InputError
+from tasks.embedded import ensure_dataset
+
+__all__ = ['ClassificationTask', 'ImageFolderDataModule', 'ImageFiles', 'load_rgb', 'scan_image_folder',
+           'find_images']
+
+_EMA_PREFIX = 'ema.'
+
+
+# ----- data -------------------------------------------------------------------------------
+def load_rgb(path: str) -> Image.Image:
+    """Read an image as RGB; raise ``InputError`` naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in ('P', 'PA', 'LA') or 'transparency' in image.info:
+                image = image.convert('RGBA')  # palette/grey with alpha: via RGBA, as PIL advises
+            return image.convert('RGB')
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise InputError(f'cannot read image {path}: {err}') from None
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith('.')
+
+
+def _images_under(folder: Path) -> List[str]:
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        found += [os.path.join(parent, f) for f in sorted(files) if _is_image(f)]
+    return found
+
+
+def class_folders(folder: Path) -> List[str]:
+    """Sorted class folder names in ``folder``; ``InputError`` if it is missing or has none."""
+    if not folder.is_dir():
+        raise InputError(f'data folder not found: {folder}')
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    if not classes:
+        raise InputError(f'no class folders in {folder}: expected {folder}/<class name>/<images>')
+    return classes
+
+
+def scan_image_folder(folder: Path, classes: Optional[Sequence[str]] = None
+                      ) -> Tuple[List[str], List[Tuple[str, int]]]:
+    """``(classes, [(image path, class index), ...])`` of an ImageNet-style split folder.
+
+    ``classes`` fixes the class order (the training split's); a folder with a class outside
+    it, or a class folder without images, is an ``InputError`` naming the folder.
+    """
+    found = class_folders(folder)
+    classes = list(classes) if classes is not None else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise InputError(f'{folder} has class folders that the training split lacks: {unknown}')
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for name in found:
+        images = _images_under(folder / name)
+        if not images:
+            raise InputError(f'empty class folder: {folder / name} holds no image files '
+                             f'({", ".join(IMG_EXTENSIONS)})')
+        samples += [(path, index[name]) for path in images]
+    return classes, samples
+
+
+def find_images(path: Path) -> List[str]:
+    """One image file, or every image under a folder (sorted)."""
+    if path.is_file():
+        return [str(path)]
+    if not path.is_dir():
+        raise InputError(f'predict_path not found: {path}')
+    images = _images_under(path)
+    if not images:
+        raise InputError(f'no image files under predict_path {path} ({", ".join(IMG_EXTENSIONS)})')
+    return images
+
+
+class ImageFiles(Dataset):
+    """Image files with targets; ``(image tensor, target)`` per item. A target of a
+    string (predict: the file's path) is passed through."""
+
+    def __init__(self, samples: Sequence[Tuple[str, Any]], transform: Any) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, Any]:
+        path, target = self.samples[index]
+        return self.transform(load_rgb(path)), target
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """ImageNet-style folders: ``<root>/<split>/<class>/<image>``.
+
+    Args:
+        root: Dataset folder; ``None`` for the embedded coloured-shapes dataset (written once
+            under ``$MSMLP_DATA``).
+        train_split, val_split, test_split: Sub-folders used by fit, validate and test.
+        predict_path: An image or a folder of images for ``predict``.
+        batch_size: Per device.
+        num_workers: Data loading processes.
+        image_size: Training crop and evaluation crop size.
+        crop_pct: Evaluation resizes to ``image_size / crop_pct`` then center-crops.
+        interpolation: Resize interpolation (train and eval).
+        scale, ratio: Random-resized-crop area and aspect ranges.
+        hflip: Horizontal flip probability.
+        color_jitter: Colour jitter strength (timm ignores it when ``auto_augment`` is set,
+            as it did in the released code).
+        auto_augment: timm auto-augment policy, e.g. ``rand-m9-mstd0.5-inc1``.
+        re_prob, re_mode, re_count: Random erasing.
+        mean, std: Normalisation.
+    """
+
+    def __init__(
+            self,
+            root: Optional[str] = None,
+            train_split: str = 'train',
+            val_split: str = 'val',
+            test_split: str = 'val',
+            predict_path: Optional[str] = None,
+            batch_size: int = 128,
+            num_workers: int = 8,
+            image_size: int = 224,
+            crop_pct: float = 224 / 256,
+            interpolation: str = 'bicubic',
+            scale: Tuple[float, float] = (0.08, 1.0),
+            ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+            hflip: float = 0.5,
+            color_jitter: Optional[float] = 0.4,
+            auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1',
+            re_prob: float = 0.25,
+            re_mode: str = 'pixel',
+            re_count: int = 1,
+            mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+            std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.classes: Optional[List[str]] = None
+        self.datasets: Dict[str, ImageFiles] = {}
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return len(self.classes) if self.classes is not None else None
+
+    @property
+    def root(self) -> Path:
+        root = self.hparams.root
+        return Path(root).expanduser() if root is not None else ensure_dataset('imagenet')
+
+    def prepare_data(self) -> None:
+        self.root  # writes the embedded dataset once (rank 0 only)
+
+    def train_transform(self) -> Any:
+        hp = self.hparams
+        return create_transform(
+            hp.image_size, is_training=True, scale=tuple(hp.scale), ratio=tuple(hp.ratio), hflip=hp.hflip,
+            color_jitter=hp.color_jitter, auto_augment=hp.auto_augment, interpolation=hp.interpolation,
+            mean=tuple(hp.mean), std=tuple(hp.std), re_prob=hp.re_prob, re_mode=hp.re_mode, re_count=hp.re_count)
+
+    def eval_transform(self) -> Any:
+        hp = self.hparams
+        return create_transform(hp.image_size, is_training=False, crop_pct=hp.crop_pct,
+                                interpolation=hp.interpolation, mean=tuple(hp.mean), std=tuple(hp.std))
+
+    def _split(self, split: str, transform: Any) -> ImageFiles:
+        _, samples = scan_image_folder(self.root / split, self.classes)
+        return ImageFiles(samples, transform)
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == 'predict':
+            if hp.predict_path is None:
+                raise InputError('predict needs --data.predict_path <image or folder>')
+            paths = find_images(Path(hp.predict_path).expanduser())
+            self.datasets['predict'] = ImageFiles([(p, p) for p in paths], self.eval_transform())
+            return
+        root = self.root
+        class_source = root / hp.train_split if (stage == 'fit' or (root / hp.train_split).is_dir()) else None
+        self.classes = class_folders(class_source or root / (hp.test_split if stage == 'test' else hp.val_split))
+        if stage == 'fit':
+            self.datasets['train'] = self._split(hp.train_split, self.train_transform())
+        if stage in ('fit', 'validate'):
+            self.datasets['val'] = self._split(hp.val_split, self.eval_transform())
+        if stage == 'test':
+            self.datasets['test'] = self._split(hp.test_split, self.eval_transform())
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=train, drop_last=train,
+                          num_workers=workers, persistent_workers=workers > 0 and split != 'predict',
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.datasets['train']) < self.batch_size:
+            raise InputError(f'{self.root / self.hparams.train_split} has {len(self.datasets["train"])} images, '
+                             f'fewer than one batch (batch_size={self.batch_size})')
+        return self._loader('train', train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader('val')
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader('test')
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader('predict')
+
+
+# ----- model ------------------------------------------------------------------------------
+class ClassificationTask(BaseTask):
+    """Image classifier; the defaults are the released ImageNet-1K recipe of MS-MLP-T.
+
+    Args:
+        model: A timm model name (``msmlp_tiny``, ``msmlp_small``, ``msmlp_base``, ...).
+        num_classes: Classifier outputs; must equal the number of class folders.
+        class_names: Class names in output order (taken from the training folders when
+            unset, and stored in checkpoints for ``predict``).
+        embed_dim, depths: Override the variant's width and depth (a smaller MS-MLP).
+        drop_path_rate: Stochastic depth (0.1 / 0.4 / 0.5 for tiny / small / base).
+        pretrained: A checkpoint to start from (released, Lightning or timm); a classifier
+            head of another size is dropped.
+        lr: Base learning rate at total batch ``lr_batch_size``.
+        lr_batch_size: Learning rates scale by total batch / this; ``None``: no scaling.
+        weight_decay: AdamW weight decay (none on norms, biases, 1-D parameters, layer scale).
+        betas, eps: AdamW.
+        warmup_epochs, warmup_lr: Linear warm-up from ``warmup_lr``.
+        min_lr: Cosine decay ends here.
+        label_smoothing: Label smoothing (inside Mixup's soft targets when Mixup is on).
+        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, mixup_mode: timm Mixup;
+            off when both alphas are 0.
+        ema: Keep an exponential moving average of the weights (validated as ``val/top1_ema``).
+        ema_decay: Its decay.
+    """
+
+    def __init__(
+            self,
+            model: str = 'msmlp_tiny',
+            num_classes: int = 1000,
+            class_names: Optional[List[str]] = None,
+            embed_dim: Optional[int] = None,
+            depths: Optional[List[int]] = None,
+            drop_path_rate: float = 0.1,
+            pretrained: Optional[str] = None,
+            lr: float = 5e-4,
+            lr_batch_size: Optional[int] = 512,
+            weight_decay: float = 0.05,
+            betas: Tuple[float, float] = (0.9, 0.999),
+            eps: float = 1e-8,
+            warmup_epochs: float = 20,
+            warmup_lr: float = 5e-7,
+            min_lr: float = 5e-6,
+            label_smoothing: float = 0.1,
+            mixup_alpha: float = 0.8,
+            cutmix_alpha: float = 1.0,
+            mixup_prob: float = 1.0,
+            mixup_switch_prob: float = 0.5,
+            mixup_mode: str = 'batch',
+            ema: bool = False,
+            ema_decay: float = 0.9999,
+    ) -> None:
+        if class_names is not None and len(class_names) != num_classes:
+            raise InputError(f'class_names has {len(class_names)} names but num_classes={num_classes}')
+        super().__init__()
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        arch = {k: hp[k] for k in ('embed_dim', 'depths') if hp.get(k) is not None}
+        self.model = timm.create_model(hp.model, num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate,
+                                       **arch)
+        if hp.pretrained:
+            msmlp.load_pretrained(self.model, hp.pretrained)
+        self.ema = ModelEmaV3(self.model, decay=hp.ema_decay) if hp.ema else None
+
+    def configure_losses(self) -> None:
+        hp = self.hparams
+        self.mixup = None
+        if hp.mixup_alpha > 0 or hp.cutmix_alpha > 0:
+            self.mixup = Mixup(mixup_alpha=hp.mixup_alpha, cutmix_alpha=hp.cutmix_alpha, prob=hp.mixup_prob,
+                               switch_prob=hp.mixup_switch_prob, mode=hp.mixup_mode,
+                               label_smoothing=hp.label_smoothing, num_classes=hp.num_classes)
+            self.train_loss = SoftTargetCrossEntropy()
+        elif hp.label_smoothing > 0:
+            self.train_loss = LabelSmoothingCrossEntropy(smoothing=hp.label_smoothing)
+        else:
+            self.train_loss = nn.CrossEntropyLoss()
+        self.eval_loss = nn.CrossEntropyLoss()
+
+    def configure_metrics(self) -> None:
+        n = self.hparams.num_classes
+        metrics = {'top1': MulticlassAccuracy(n, top_k=1, average='micro')}
+        if n > 5:
+            metrics['top5'] = MulticlassAccuracy(n, top_k=5, average='micro')
+        self.val_metrics = MetricCollection(metrics, prefix='val/')
+        self.test_metrics = self.val_metrics.clone(prefix='test/')
+        self.ema_metrics = self.val_metrics.clone(postfix='_ema') if self.ema is not None else None
+
+    # ----- data checks -----------------------------------------------------------------------
+    @property
+    def class_names(self) -> List[str]:
+        names = self.hparams.get('class_names')
+        return list(names) if names else [f'class {i}' for i in range(self.hparams.num_classes)]
+
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule if self.trainer is not None else None
+        classes = getattr(data, 'classes', None)
+        if classes is None:
+            return
+        where = getattr(data, 'root', 'the data')
+        if len(classes) != self.hparams.num_classes:
+            raise InputError(f'num_classes differs: the model has num_classes={self.hparams.num_classes} but '
+                             f'{where} has {len(classes)} class folders; set --model.init_args.num_classes='
+                             f'{len(classes)} (or use data with {self.hparams.num_classes} classes)')
+        if self.hparams.get('class_names') and list(self.hparams.class_names) != list(classes):
+            raise InputError(f'the class folders of {where} ({list(classes)[:10]}...) differ from the model\'s '
+                             f'class_names ({list(self.hparams.class_names)[:10]}...)')
+        self.hparams.class_names = [str(c) for c in classes]
+
+    # ----- steps -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None:
+            if images.shape[0] % 2:
+                raise InputError(f'Mixup in batch mode needs an even batch size, got {images.shape[0]}')
+            images, targets = self.mixup(images, targets)
+        loss = self.train_loss(self(images), targets)
+        self.log('train/loss', loss, prog_bar=True)
+        self.log('lr', self.optimizers().param_groups[0]['lr'], prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def _evaluate(self, batch: Tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log(f'{prefix}/loss', self.eval_loss(logits, targets))
+        metrics.update(logits, targets)
+        self.log_dict(metrics, prog_bar=True)
+        if prefix == 'val' and self.ema is not None:
+            self.ema_metrics.update(self.ema.module(images), targets)
+            self.log_dict(self.ema_metrics)
+
+    def validation_step(self, batch: Tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, 'val')
+
+    def test_step(self, batch: Tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, 'test')
+
+    def predict_step(self, batch: Tuple[torch.Tensor, List[str]], batch_idx: int) -> List[Dict[str, Any]]:
+        """Top-5 (or all, if fewer) classes per image, printed and returned."""
+        images, paths = batch
+        probs = self(images).softmax(dim=-1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        names = self.class_names
+        results = []
+        for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+            ranked = [(names[i], p) for i, p in zip(indices, values)]
+            results.append({'path': path, 'top5': ranked})
+            self._print('\n'.join([path] + [f'  {rank}. {p:.4f}  {name}' for rank, (name, p) in
+                                            enumerate(ranked, 1)]))
+        return results
+
+    def _print(self, text: str) -> None:
+        bar = self.trainer.progress_bar_callback if self._trainer is not None else None
+        if bar is not None:
+            bar.print(text)  # keeps the progress bar intact
+        else:
+            print(text)
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # The EMA weights go beside the model's, so that 'state_dict' is the trained model
+        # alone (msmlp.load_pretrained reads it).
+        state = checkpoint['state_dict']
+        ema = {k: state.pop(k) for k in [k for k in state if k.startswith(_EMA_PREFIX)]}
+        if ema:
+            checkpoint['ema_state_dict'] = ema
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        state = checkpoint['state_dict']
+        ema = checkpoint.get('ema_state_dict')
+        if self.ema is not None:
+            if ema is None:  # EMA switched on when resuming: start it from the model
+                ema = {f'{_EMA_PREFIX}module.{k[len("model."):]}': v for k, v in state.items()
+                       if k.startswith('model.')}
+            state.update(ema)
+        if not self.hparams.get('class_names'):
+            names = checkpoint.get('hyper_parameters', {}).get('class_names')
+            if names:
+                self.hparams.class_names = list(names)

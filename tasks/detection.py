@@ -1,0 +1,392 @@
+"""COCO object detection and instance segmentation: an mmdet detector on Lightning.
+
+``DetectionTask`` is :class:`tasks.openmmlab.OpenMMLabTask` over an mmdet config
+(``configs/mmdet/*.py``); ``CocoDataModule`` builds mmdet's ``CocoDataset`` with the config's
+pipelines from ``<root>/<ann_file>`` and ``<root>/<data_prefix.img>`` (for COCO 2017:
+``annotations/instances_{train,val}2017.json``, ``train2017/``, ``val2017/``), or from the
+embedded shapes dataset when ``root`` is null.
+
+Metrics are COCO's box and mask AP (AP, AP50, AP75, APs, APm, APl) from torchmetrics'
+``MeanAveragePrecision`` with the pycocotools backend, against the annotation file itself,
+as mmdet's ``CocoMetric`` computes them.
+
+Annotation files are checked before training; these stop the run with an error naming the
+file and the id: a missing file, a file that is not COCO instances JSON (missing keys or
+fields, duplicate ids), an annotation whose ``image_id`` or ``category_id`` is not listed, an
+image listed but missing on disk, a class of the config missing from the categories (or in
+another order), an annotation without a polygon/RLE mask when the pipeline loads masks.
+Handled, not errors:
+
+* images without annotations: skipped in training when the config's ``filter_cfg`` says
+  ``filter_empty_gt`` (mmdet's COCO configs do); kept in validation, where every detection
+  on them is a false positive;
+* boxes with zero area, a side under 1 pixel, or entirely outside their image: skipped in
+  training (mmdet's rule), with a warning giving their count and ids; in validation they
+  stay in the ground truth as the annotation file has them (as ``CocoMetric`` does);
+* crowd annotations (``iscrowd: 1``): never training targets (mmdet ignores them); in
+  validation, detections matching them count neither as true nor as false positives (COCO's
+  rule).
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tasks.base import InputError
+from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask
+
+__all__ = ['DetectionTask', 'CocoDataModule', 'read_coco', 'check_coco', 'CocoTargets', 'coco_map_names']
+
+_REQUIRED = {
+    'images': ('id', 'file_name', 'height', 'width'),
+    'annotations': ('id', 'image_id', 'category_id', 'bbox', 'area'),
+    'categories': ('id', 'name'),
+}
+_SHOWN = 5
+
+
+# ----- annotation files ----------------------------------------------------------------------
+def _join(root: str, path: str) -> str:
+    return path if os.path.isabs(path) or not root else os.path.join(root, path)
+
+
+def _ids(items: Iterable) -> str:
+    items = list(items)
+    return ', '.join(map(str, items[:_SHOWN])) + (f' (and {len(items) - _SHOWN} more)' if len(items) > _SHOWN else '')
+
+
+def read_coco(path: str) -> dict:
+    """The parsed COCO instances file ``path``; ``InputError`` naming the file and the id on
+    a missing file, a file that is not COCO instances JSON, duplicate ids, or an annotation
+    whose image or category is not listed."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f'annotation file not found: {path}')
+    stat = os.stat(path)
+    return _read_coco(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _read_coco(path: str, mtime: int, size: int) -> dict:
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f'{path} is not a COCO annotation file: not valid JSON ({err})') from None
+    if not isinstance(data, dict):
+        raise InputError(f'{path} is not a COCO annotation file: it holds a JSON {type(data).__name__}, '
+                         'not an object with images, annotations and categories')
+    missing = [key for key in _REQUIRED if not isinstance(data.get(key), list)]
+    if missing:
+        raise InputError(f'{path} is not a COCO instances file: it has no {" / ".join(missing)} list '
+                         f'(keys found: {sorted(data)})')
+    for key, fields in _REQUIRED.items():
+        for index, item in enumerate(data[key]):
+            lacking = [f for f in fields if not isinstance(item, dict) or f not in item]
+            if lacking:
+                which = f'id {item["id"]}' if isinstance(item, dict) and 'id' in item else f'entry {index}'
+                raise InputError(f'{path}: {key} {which} lacks {", ".join(lacking)}')
+        seen, duplicates = set(), []
+        for item in data[key]:
+            if item['id'] in seen:
+                duplicates.append(item['id'])
+            seen.add(item['id'])
+        if duplicates:
+            raise InputError(f'{path}: {key} ids are not unique: {_ids(duplicates)}')
+    image_ids = {img['id'] for img in data['images']}
+    category_ids = {cat['id'] for cat in data['categories']}
+    for ann in data['annotations']:
+        if ann['image_id'] not in image_ids:
+            raise InputError(f'{path}: annotation {ann["id"]} refers to image_id {ann["image_id"]}, '
+                             'which is not in its images list')
+        if ann['category_id'] not in category_ids:
+            raise InputError(f'{path}: annotation {ann["id"]} has category_id {ann["category_id"]}, which is not '
+                             f'in its categories list (ids {sorted(category_ids)})')
+        bbox = ann['bbox']
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise InputError(f'{path}: annotation {ann["id"]} has bbox {bbox!r}, not [x, y, width, height]')
+    return data
+
+
+def _skipped_in_training(ann: dict, image: dict) -> bool:
+    """mmdet ``CocoDataset.parse_data_info``'s rule for annotations it drops."""
+    x, y, w, h = ann['bbox']
+    inside_w = max(0, min(x + w, image['width']) - max(x, 0))
+    inside_h = max(0, min(y + h, image['height']) - max(y, 0))
+    return inside_w * inside_h == 0 or ann['area'] <= 0 or w < 1 or h < 1
+
+
+def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks: bool = False,
+               training: bool = False) -> Dict[str, List]:
+    """Check a COCO instances file against its images and the classes a config trains.
+
+    Raises ``InputError`` (naming the file and the id) for everything :func:`read_coco`
+    refuses, images missing under ``img_dir``, classes not among the categories or in
+    another order than the file lists them (mmdet would mislabel them), and annotations
+    without a mask when ``needs_masks``. Warns about annotations training skips.
+
+    Returns:
+        ids by kind: ``'skipped'`` (zero-area / outside boxes), ``'crowd'``, ``'unannotated'`` (images).
+    """
+    data = read_coco(ann_file)
+    names = [cat['name'] for cat in data['categories']]
+    absent = [c for c in classes if c not in names]
+    if absent:
+        raise InputError(f'{ann_file}: the config\'s classes {absent} are not among its categories {names}')
+    in_file_order = [n for n in names if n in set(classes)]
+    if list(classes) != in_file_order:
+        raise InputError(f'{ann_file}: the config lists classes in the order {list(classes)} but the file\'s '
+                         f'categories are in the order {in_file_order}; mmdet numbers labels in the file\'s '
+                         'order, so set metainfo.classes in that order')
+    missing = [img for img in data['images'] if not os.path.isfile(os.path.join(img_dir, img['file_name']))]
+    if missing:
+        shown = ', '.join(f'{os.path.join(img_dir, img["file_name"])} (image id {img["id"]})'
+                          for img in missing[:_SHOWN])
+        raise InputError(f'{len(missing)} image(s) listed in {ann_file} are missing on disk: {shown}'
+                         + (' ...' if len(missing) > _SHOWN else ''))
+    images = {img['id']: img for img in data['images']}
+    wanted = {cat['id'] for cat in data['categories'] if cat['name'] in set(classes)}
+    report: Dict[str, List] = {'skipped': [], 'crowd': [], 'unannotated': []}
+    annotated = set()
+    for ann in data['annotations']:
+        if ann['category_id'] not in wanted:
+            continue
+        annotated.add(ann['image_id'])
+        if ann.get('iscrowd'):
+            report['crowd'].append(ann['id'])
+        if _skipped_in_training(ann, images[ann['image_id']]):
+            report['skipped'].append(ann['id'])
+        elif needs_masks and not ann.get('segmentation'):
+            raise InputError(f'{ann_file}: annotation {ann["id"]} has no segmentation, but the pipeline loads '
+                             'masks (LoadAnnotations with_mask=True)')
+    report['unannotated'] = [i for i in images if i not in annotated]
+    if report['skipped'] and training:
+        warnings.warn(f'{ann_file}: {len(report["skipped"])} annotation(s) with zero area or outside their image '
+                      f'are skipped in training (ids {_ids(report["skipped"])})', stacklevel=2)
+    return report
+
+
+def _mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO polygon list or RLE as an HxW uint8 mask (as ``COCO.annToMask``)."""
+    from pycocotools import mask as mask_utils
+    if isinstance(segmentation, list):
+        polygons = [p for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            return np.zeros((height, width), np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation.get('counts'), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle)
+
+
+class CocoTargets:
+    """Per-image ground truth of a COCO file in torchmetrics' format, labels numbered as
+    mmdet's ``CocoDataset`` numbers them (the file's category order, restricted to ``classes``)."""
+
+    def __init__(self, ann_file: str, classes: Sequence[str], with_masks: bool = True):
+        data = read_coco(ann_file)
+        wanted = [cat for cat in data['categories'] if cat['name'] in set(classes)]
+        self.cat2label = {cat['id']: i for i, cat in enumerate(wanted)}
+        self.images = {img['id']: img for img in data['images']}
+        self.with_masks = with_masks
+        self.annotations: Dict[int, List[dict]] = {i: [] for i in self.images}
+        for ann in data['annotations']:
+            if ann['category_id'] in self.cat2label:
+                self.annotations[ann['image_id']].append(ann)
+
+    def __call__(self, image_id: int) -> Dict[str, torch.Tensor]:
+        image, anns = self.images[image_id], self.annotations[image_id]
+        boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        target = dict(boxes=boxes.float(),
+                      labels=torch.tensor([self.cat2label[a['category_id']] for a in anns], dtype=torch.long),
+                      iscrowd=torch.tensor([int(bool(a.get('iscrowd', 0))) for a in anns], dtype=torch.long),
+                      area=torch.tensor([float(a['area']) for a in anns], dtype=torch.float32))
+        if self.with_masks:
+            h, w = image['height'], image['width']
+            masks = [_mask(a['segmentation'], h, w) for a in anns]
+            target['masks'] = torch.from_numpy(np.stack(masks)).bool() if masks else torch.zeros(0, h, w, dtype=torch.bool)
+        return target
+
+
+class _WithTargets(Dataset):
+    """An mmdet dataset whose items also carry their COCO ground truth (``'targets'``)."""
+
+    def __init__(self, dataset: Dataset, targets: CocoTargets):
+        self.dataset, self.targets = dataset, targets
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        item['targets'] = self.targets(item['data_samples'].img_id)
+        return item
+
+    def __getattr__(self, name: str):
+        if name in ('dataset', 'targets'):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+# ----- metrics -------------------------------------------------------------------------------
+_MAP_NAMES = {'map': 'AP', 'map_50': 'AP50', 'map_75': 'AP75', 'map_small': 'APs', 'map_medium': 'APm',
+              'map_large': 'APl'}
+
+
+def coco_map_names(values: Dict[str, torch.Tensor], iou_types: Sequence[str]) -> Dict[str, float]:
+    """torchmetrics' ``MeanAveragePrecision`` results as ``{'bbox_AP': ..., 'segm_AP50': ...}``."""
+    out = {}
+    for iou_type in iou_types:
+        prefix = f'{iou_type}_' if len(iou_types) > 1 else ''
+        for key, name in _MAP_NAMES.items():
+            out[f'{iou_type}_{name}'] = float(values[prefix + key])
+    return out
+
+
+def predictions(data_samples: Sequence, with_masks: bool) -> List[Dict[str, torch.Tensor]]:
+    """mmdet ``DetDataSample`` predictions in torchmetrics' format (on the CPU)."""
+    out = []
+    for sample in data_samples:
+        pred = sample.pred_instances
+        item = dict(boxes=pred.bboxes.detach().float().cpu(), scores=pred.scores.detach().float().cpu(),
+                    labels=pred.labels.detach().long().cpu())
+        if with_masks:
+            masks = pred.masks
+            masks = masks.to_tensor(torch.bool, 'cpu') if hasattr(masks, 'to_tensor') else torch.as_tensor(masks)
+            item['masks'] = masks.detach().bool().cpu()
+        out.append(item)
+    return out
+
+
+# ----- task ----------------------------------------------------------------------------------
+class DetectionTask(OpenMMLabTask):
+    """An mmdet detector (Mask R-CNN, Cascade Mask R-CNN, ...) from an mmdet config.
+
+    Args:
+        config: The mmdet config (``configs/mmdet/*.py`` or any path).
+        cfg_options: Overrides merged into the config (mmengine dotted keys).
+        pretrained: Backbone checkpoint replacing ``model.backbone.init_cfg``; ``''`` for none.
+        predict_dir: Where ``predict`` writes its PNGs (default ``<default_root_dir>/predictions``).
+        score_thr: Detections drawn by ``predict`` score at least this.
+    """
+
+    scope = 'mmdet'
+
+    def __init__(self, config: str = 'mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py',
+                 cfg_options: Optional[Dict[str, Any]] = None, pretrained: Optional[str] = None,
+                 predict_dir: Optional[str] = None, score_thr: float = 0.3):
+        super().__init__(config, cfg_options, pretrained, predict_dir)
+        self._visualizer = None
+
+    @property
+    def with_masks(self) -> bool:
+        return bool(getattr(self.model, 'with_mask', False))
+
+    @property
+    def iou_types(self) -> tuple:
+        return ('bbox', 'segm') if self.with_masks else ('bbox',)
+
+    def configure_metrics(self) -> None:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        def metric():
+            return MeanAveragePrecision(iou_type=self.iou_types, backend='pycocotools')
+        self.val_metrics, self.test_metrics = metric(), metric()
+
+    def check_classes(self, classes: Sequence[str]) -> None:
+        heads = getattr(self.model, 'roi_head', None) or getattr(self.model, 'bbox_head', None)
+        counts = {m.num_classes for m in (heads.modules() if heads is not None else ())
+                  if isinstance(getattr(m, 'num_classes', None), int)}
+        if counts and counts != {len(classes)}:
+            raise InputError(f'the model\'s heads predict {sorted(counts)} classes but the data has {len(classes)} '
+                             f'({list(classes)}); set num_classes in the config\'s heads')
+
+    def update_metrics(self, metrics, outputs: list, batch: dict) -> None:
+        if 'targets' not in batch:
+            raise RuntimeError('evaluation batches carry no targets: build the data with CocoDataModule')
+        metrics.update(predictions(outputs, self.with_masks), list(batch['targets']))
+
+    def compute_metrics(self, metrics) -> Dict[str, float]:
+        return coco_map_names(metrics.compute(), self.iou_types)
+
+    def draw(self, data_sample, out_file: str) -> None:
+        import mmcv
+        from mmdet.visualization import DetLocalVisualizer
+        if self._visualizer is None:
+            self._visualizer = DetLocalVisualizer(name=f'msmlp-det-{id(self)}')
+        self._visualizer.dataset_meta = dict(classes=tuple(self.classes or ()))
+        image = mmcv.imread(data_sample.img_path, channel_order='rgb')
+        data_sample = data_sample.cpu()
+        self._visualizer.add_datasample(Path(out_file).stem, image, data_sample, draw_gt=False, show=False,
+                                        out_file=out_file, pred_score_thr=self.hparams['score_thr'])
+
+
+# ----- data ----------------------------------------------------------------------------------
+def _loads_masks(pipeline: Sequence) -> bool:
+    return any('LoadAnnotations' in str(t.get('type')) and t.get('with_mask') for t in pipeline or ())
+
+
+class CocoDataModule(OpenMMLabDataModule):
+    """COCO-format instance data with the mmdet config's pipelines.
+
+    Args:
+        root: The dataset folder the config's ``ann_file`` and ``data_prefix`` are relative
+            to (COCO 2017: ``annotations/instances_{train,val}2017.json``, ``train2017/``,
+            ``val2017/``); null writes (once) and uses the embedded shapes dataset.
+        batch_size: Training images per device (default: the config's, 2 for COCO).
+        num_workers: Loader processes (default: the config's).
+        predict_images: An image, a folder or a glob for ``predict`` (default: the val images).
+        config: An mmdet config; by default the task's.
+        cfg_options: Overrides merged into ``config`` (only with ``config``).
+    """
+
+    scope = 'mmdet'
+
+    def __init__(self, root: Optional[str] = None, batch_size: Optional[int] = None,
+                 num_workers: Optional[int] = None, predict_images: Optional[str] = None,
+                 config: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None):
+        super().__init__(root, batch_size, num_workers, predict_images, config, cfg_options)
+        self.ann_files: Dict[str, str] = {}
+        self.masks: Dict[str, bool] = {}
+
+    def embedded_root(self) -> Path:
+        from tasks.embedded import ensure_dataset
+        return ensure_dataset('coco')
+
+    def _classes(self, dataset_cfg) -> Sequence[str]:
+        import importlib
+        classes = (dataset_cfg.get('metainfo') or {}).get('classes')
+        if classes is None:
+            registry = importlib.import_module('mmdet.registry')
+            classes = registry.DATASETS.get(dataset_cfg['type']).METAINFO['classes']
+        return tuple(classes)
+
+    def prepare_dataset_cfg(self, split: str, dataset_cfg) -> None:
+        root = dataset_cfg['data_root']
+        ann_file = _join(root, dataset_cfg['ann_file'])
+        img_dir = _join(root, (dataset_cfg.get('data_prefix') or {}).get('img', ''))
+        if not os.path.isfile(ann_file) and self.root is None:
+            raise InputError(f'annotation file not found: {ann_file}. The embedded dataset holds '
+                             'annotations/instances_{train,val}.json: pass --data.root with the dataset this '
+                             'config reads')
+        check_coco(ann_file, img_dir, self._classes(dataset_cfg), needs_masks=_loads_masks(dataset_cfg.get('pipeline')),
+                   training=split == 'train')
+        self.ann_files[split] = ann_file
+        self.masks[split] = _loads_masks(dataset_cfg.get('pipeline'))
+
+    def wrap_dataset(self, split: str, dataset: Dataset) -> Dataset:
+        if split == 'train':
+            return dataset
+        return _WithTargets(dataset, CocoTargets(self.ann_files[split], dataset.metainfo['classes'],
+                                                self.masks[split]))

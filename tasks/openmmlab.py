@@ -1,0 +1,503 @@
+"""One Lightning adapter over an OpenMMLab (MMDetection / MMSegmentation) model.
+
+:class:`OpenMMLabTask` builds the model of an mmdet or mmseg config file (plus
+``cfg_options`` overrides, mmengine's dotted keys) with the config's own data
+preprocessor, and trains it the way mmengine's ``Runner`` does:
+
+* training: ``data_preprocessor(batch, True)``, ``model(**data, mode='loss')``,
+  ``model.parse_losses``; Lightning runs backward and the optimizer step;
+* validation / test / predict: ``model.val_step`` / ``test_step`` (``mode='predict'``);
+* the optimizer is the config's ``optim_wrapper`` built by mmengine's optimizer wrapper
+  constructor (AdamW with ``paramwise_cfg``: no weight decay on norms and layer scale),
+  gradient clipping from its ``clip_grad``;
+* ``param_scheduler`` is built by mmengine and stepped as its ``ParamSchedulerHook`` does
+  (iteration-based ones after every optimizer step, epoch-based ones after every epoch),
+  so warm-up, steps and poly decay are the config's; their state is saved in checkpoints.
+
+:class:`OpenMMLabDataModule` builds the config's ``{train,val,test}_dataloader.dataset``
+with ``DATASETS.build`` (the config's pipelines), ``data_root`` from ``root`` (or the
+embedded default dataset when ``root`` is None), batches with mmengine's
+``pseudo_collate``. By default it takes the config from the task it is trained with.
+
+Subclasses differ only in dataset, metric and drawing. They set ``scope`` (``'mmdet'`` or
+``'mmseg'``) and override:
+
+Task
+    ``configure_metrics()``: create ``self.val_metrics`` and ``self.test_metrics``.
+    ``update_metrics(metrics, outputs, batch)``: feed one batch of predicted data samples.
+    ``compute_metrics(metrics) -> dict``: the numbers to log and print (default ``compute()``).
+    ``check_classes(classes)``: raise if the model's heads do not fit the dataset's classes.
+    ``draw(data_sample, out_file)``: write the PNG of one prediction.
+    ``forward_test(batch) -> data samples``: inference for validate/test/predict (default
+    ``model.test_step``, i.e. ``mode='predict'``; e.g. test-time augmentation).
+DataModule
+    ``embedded_root() -> Path``: write (once) and return the embedded default dataset.
+    ``prepare_dataset_cfg(split, dataset_cfg)``: adjust one split's dataset config in
+    place (``data_root`` is already set) and check its files, raising clear errors.
+    ``wrap_dataset(split, dataset)``: e.g. attach evaluation targets to each item.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import glob
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.base import BaseTask, InputError
+
+__all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'resolve_config', 'load_config']
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
+
+
+# ----- configs ---------------------------------------------------------------------------
+def resolve_config(path: str) -> Path:
+    """``path`` as given, or relative to this project's ``configs/`` folder."""
+    candidates = [Path(path).expanduser()]
+    try:
+        from importlib.resources import files
+        candidates.append(Path(str(files('configs'))) / path)
+    except (ImportError, ModuleNotFoundError, TypeError, OSError):  # OSError: editable namespace paths
+        pass
+    candidates.append(CONFIG_DIR / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise InputError(f'config not found: {path} (looked in the current folder and in {CONFIG_DIR})')
+
+
+def load_config(path: str, cfg_options: Optional[Dict[str, Any]] = None):
+    """The mmengine ``Config`` of ``path`` with ``cfg_options`` merged (dotted keys)."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(resolve_config(path)))
+    if cfg_options:
+        cfg.merge_from_dict(dict(cfg_options))
+    return cfg
+
+
+def _scope(cfg, default: str) -> str:
+    from mmengine.registry import init_default_scope
+    scope = cfg.get('default_scope', None) or default
+    init_default_scope(scope)
+    return scope
+
+
+def _plain_state(scheduler) -> dict:
+    """A scheduler's state in types ``torch.load(weights_only=True)`` accepts."""
+    return {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in scheduler.state_dict().items()}
+
+
+def _load_plain_state(scheduler, state: dict) -> None:
+    current = scheduler.state_dict()
+    scheduler.load_state_dict({k: collections.Counter(v) if isinstance(current.get(k), collections.Counter) else v
+                               for k, v in state.items()})
+
+
+# ----- task ------------------------------------------------------------------------------
+class OpenMMLabTask(BaseTask):
+    """Train, evaluate and run an mmdet/mmseg model with its config's recipe.
+
+    Args:
+        config: The mmdet/mmseg config file (a path, or relative to ``configs/``).
+        cfg_options: Overrides merged into the config, mmengine's dotted keys
+            (``{'model.backbone.drop_path_rate': 0.2}``). YAML lists stay lists: where mmdet
+            needs a tuple (image scales), write a config file that inherits the one you change.
+        pretrained: A backbone checkpoint (released MS-MLP, Lightning or mmengine) that
+            replaces ``model.backbone.init_cfg``; ``''`` trains the backbone from scratch.
+        predict_dir: Where ``predict`` writes its PNGs (default: ``<default_root_dir>/predictions``).
+    """
+
+    scope = 'mmdet'
+
+    def __init__(self, config: str, cfg_options: Optional[Dict[str, Any]] = None,
+                 pretrained: Optional[str] = None, predict_dir: Optional[str] = None):
+        super().__init__()
+        self.classes: Optional[Sequence[str]] = None
+        self.param_schedulers: List[Any] = []
+        self._scheduler_state: Optional[list] = None
+        self._stepped_at = 0
+        self._predictions_written = 0
+
+    # ----- building ----------------------------------------------------------------------
+    def configure_models(self) -> None:
+        """``self.cfg`` (the merged config) and ``self.model`` (built, weights initialised)."""
+        import importlib
+        hp = self.hparams
+        self.cfg = load_config(hp['config'], hp.get('cfg_options'))
+        if hp.get('pretrained') is not None:
+            self.cfg.model.backbone.init_cfg = (dict(type='Pretrained', checkpoint=hp['pretrained'])
+                                                if hp['pretrained'] else None)
+        registry = importlib.import_module(f'{_scope(self.cfg, self.scope)}.registry')
+        self.model = registry.MODELS.build(copy.deepcopy(self.cfg.model))
+        self.model.init_weights()
+
+    def configure_metrics(self) -> None:
+        """Create ``self.val_metrics`` and ``self.test_metrics``."""
+        self.val_metrics = self.test_metrics = None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, 'datamodule', None)
+        classes = getattr(datamodule, 'classes', None)
+        if classes is not None:
+            self.classes = tuple(classes)
+        if self.classes is not None:
+            self.check_classes(self.classes)
+
+    def check_classes(self, classes: Sequence[str]) -> None:
+        """Raise ``InputError`` if the model's heads do not fit the dataset's classes."""
+
+    # ----- optimisation ------------------------------------------------------------------
+    def configure_optimizers(self):
+        from mmengine.optim import build_optim_wrapper
+        from mmengine.registry import PARAM_SCHEDULERS
+        _scope(self.cfg, self.scope)
+        wrapper_cfg = copy.deepcopy(self.cfg.optim_wrapper)
+        wrapper_cfg['type'] = 'OptimWrapper'  # precision is Lightning's (trainer.precision), not AmpOptimWrapper's
+        for unsupported in ('accumulative_counts', 'loss_scale', 'dtype'):
+            if wrapper_cfg.pop(unsupported, None) is not None:
+                warnings.warn(f'optim_wrapper.{unsupported} is not used on Lightning; use the Trainer flags '
+                              '(accumulate_grad_batches, precision)', stacklevel=2)
+        self.optim_wrapper = build_optim_wrapper(self.model, wrapper_cfg)
+        self.param_schedulers = []
+        for cfg in self.cfg.get('param_scheduler') or []:
+            cfg = copy.deepcopy(dict(cfg))
+            if 'end' not in cfg:
+                cfg['end'] = (self.trainer.max_epochs if cfg.get('by_epoch', True)
+                              else int(self.trainer.estimated_stepping_batches))  # as the Runner defaults it
+            self.param_schedulers.append(PARAM_SCHEDULERS.build(
+                cfg, default_args=dict(optimizer=self.optim_wrapper, epoch_length=self._epoch_length(cfg))))
+        if self._scheduler_state is not None:
+            for scheduler, state in zip(self.param_schedulers, self._scheduler_state):
+                _load_plain_state(scheduler, state)
+            self._scheduler_state = None
+        return self.optim_wrapper.optimizer
+
+    def _epoch_length(self, cfg: dict) -> Optional[int]:
+        if not cfg.get('convert_to_iter_based'):
+            return None
+        self.trainer.estimated_stepping_batches  # sets up the train dataloader
+        return math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip = self.cfg.optim_wrapper.get('clip_grad') or {}
+        if gradient_clip_val is None and clip:
+            if clip.get('type', 'norm') != 'norm' or clip.get('norm_type', 2) != 2:
+                raise ValueError(f'optim_wrapper.clip_grad={dict(clip)}: only 2-norm clipping is supported')
+            gradient_clip_val, gradient_clip_algorithm = clip['max_norm'], 'norm'
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.trainer.global_step > self._stepped_at:  # an optimizer step happened
+            self._stepped_at = self.trainer.global_step
+            for scheduler in self.param_schedulers:
+                if not scheduler.by_epoch:
+                    scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        for scheduler in self.param_schedulers:
+            if scheduler.by_epoch:
+                scheduler.step()
+
+    def on_train_start(self) -> None:
+        self._stepped_at = self.trainer.global_step
+        train_cfg = self.cfg.get('train_cfg') or {}
+        if self.trainer.fast_dev_run:
+            return
+        planned = train_cfg.get('max_epochs') or train_cfg.get('max_iters')
+        actual = self.trainer.max_epochs if 'max_epochs' in train_cfg else self.trainer.max_steps
+        if planned and actual != planned:
+            warnings.warn(f"the config's schedule is for {planned} {'epochs' if 'max_epochs' in train_cfg else 'iterations'}"
+                          f' but the trainer stops after {actual}: its milestones may not be reached', stacklevel=2)
+
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        checkpoint['param_schedulers'] = [_plain_state(s) for s in self.param_schedulers]
+        checkpoint['openmmlab_config'] = self.cfg.pretty_text
+        checkpoint['classes'] = list(self.classes) if self.classes is not None else None
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._scheduler_state = checkpoint.get('param_schedulers') or None
+        saved = checkpoint.get('classes')
+        if saved:
+            if self.classes is not None and tuple(saved) != tuple(self.classes):
+                warnings.warn(f'the checkpoint was trained on classes {saved}, the data names {list(self.classes)}; '
+                              'drawing uses the checkpoint\'s', stacklevel=2)
+            self.classes = tuple(saved)
+
+    # ----- steps -------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # the data preprocessor moves inputs and data samples to the model's device
+
+    def training_step(self, batch, batch_idx):
+        data = self.model.data_preprocessor(batch, True)
+        losses = self.model(**data, mode='loss')
+        loss, log_vars = self.model.parse_losses(losses)
+        size = len(batch['inputs'])
+        self.log_dict({f'train/{k}': v.detach() for k, v in log_vars.items() if k != 'loss'}, batch_size=size)
+        self.log('train/loss', loss.detach(), prog_bar=True, batch_size=size)
+        self.log('lr', self.optim_wrapper.optimizer.param_groups[0]['lr'], prog_bar=True, batch_size=size)
+        return loss
+
+    def forward_test(self, batch) -> list:
+        """Predicted data samples of one batch (validate, test, predict); subclasses may add
+        test-time augmentation. mmdet's and mmseg's ``val_step`` and ``test_step`` are the same."""
+        return self.model.test_step(batch)
+
+    @staticmethod
+    def _model_batch(batch: dict) -> dict:
+        """The model's part of a batch (evaluation batches may also carry ``targets``)."""
+        return dict(inputs=batch['inputs'], data_samples=batch.get('data_samples'))
+
+    def validation_step(self, batch, batch_idx):
+        outputs = self.forward_test(self._model_batch(batch))
+        if self.val_metrics is not None:
+            self.update_metrics(self.val_metrics, outputs, batch)
+        return outputs
+
+    def test_step(self, batch, batch_idx):
+        outputs = self.forward_test(self._model_batch(batch))
+        if self.test_metrics is not None:
+            self.update_metrics(self.test_metrics, outputs, batch)
+        return outputs
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        outputs = self.forward_test(self._model_batch(batch))
+        out_dir = self._predict_dir()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for sample in outputs:
+            self.draw(sample, str(out_dir / (Path(sample.img_path).stem + '.png')))
+            self._predictions_written += 1
+        return outputs
+
+    def _predict_dir(self) -> Path:
+        if self.hparams.get('predict_dir'):
+            return Path(self.hparams['predict_dir'])
+        return Path(self.trainer.default_root_dir) / 'predictions'
+
+    def on_predict_start(self) -> None:
+        self._predictions_written = 0
+
+    def on_predict_end(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f'[msmlp] wrote {self._predictions_written} prediction images to {self._predict_dir().resolve()}',
+                  flush=True)
+
+    # ----- metrics -----------------------------------------------------------------------
+    def update_metrics(self, metrics, outputs: list, batch: dict) -> None:
+        """Feed one batch of predicted data samples to ``metrics``."""
+        raise NotImplementedError
+
+    def compute_metrics(self, metrics) -> Dict[str, float]:
+        return {k: float(v) for k, v in metrics.compute().items()}
+
+    def _log_metrics(self, metrics, stage: str) -> None:
+        if metrics is None:
+            return
+        values = self.compute_metrics(metrics)
+        metrics.reset()
+        self.log_dict({f'{stage}/{k}': v for k, v in values.items()}, sync_dist=False)
+        where = f'epoch {self.current_epoch}' if stage == 'val' and not self.trainer.sanity_checking else stage
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            print(f'[msmlp] {where} {stage}: ' + '  '.join(f'{k}={v:.4f}' for k, v in values.items()), flush=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, 'val')
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, 'test')
+
+    def draw(self, data_sample, out_file: str) -> None:
+        """Write the PNG of one prediction."""
+        raise NotImplementedError
+
+
+# ----- data --------------------------------------------------------------------------------
+class _Items(Dataset):
+    """Images from files through a test pipeline without annotation loading (for predict)."""
+
+    def __init__(self, paths: Sequence[str], pipeline):
+        self.paths, self.pipeline = list(paths), pipeline
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.pipeline(dict(img_path=self.paths[index], img_id=index))
+
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def _leaf_datasets(cfg) -> list:
+    """The innermost dataset configs of (possibly wrapped) dataset ``cfg``."""
+    if 'dataset' in cfg:
+        return _leaf_datasets(cfg['dataset'])
+    if 'datasets' in cfg:
+        return [leaf for sub in cfg['datasets'] for leaf in _leaf_datasets(sub)]
+    return [cfg]
+
+
+class OpenMMLabDataModule(LightningDataModule):
+    """The datasets of an mmdet/mmseg config, with its pipelines.
+
+    Args:
+        root: The dataset folder (``data_root``); None writes (once) and uses the
+            embedded default dataset.
+        batch_size: Training images per device (default: the config's
+            ``train_dataloader.batch_size``).
+        num_workers: Loader processes (default: the config's).
+        predict_images: An image file, a folder or a glob for ``predict`` (default: the
+            validation split's images).
+        config: An mmdet/mmseg config; by default the config of the task it is used with.
+        cfg_options: Overrides merged into ``config`` (only with ``config``).
+    """
+
+    scope = 'mmdet'
+    splits = {'fit': ('train', 'val'), 'validate': ('val',), 'test': ('test',)}
+
+    def __init__(self, root: Optional[str] = None, batch_size: Optional[int] = None,
+                 num_workers: Optional[int] = None, predict_images: Optional[str] = None,
+                 config: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        # Not config/cfg_options: the task has hparams of those names, and Lightning refuses to
+        # log a module's and a datamodule's hparams when a shared name has different values.
+        self.save_hyperparameters(ignore=['config', 'cfg_options'])
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.predict_images = predict_images
+        self.config, self.cfg_options = config, cfg_options
+        self.datasets: Dict[str, Dataset] = {}
+        self.classes: Optional[Sequence[str]] = None
+        self._cfg = None
+
+    # ----- hooks for subclasses ------------------------------------------------------------
+    def embedded_root(self) -> Path:
+        """Write (once) and return the embedded default dataset."""
+        raise NotImplementedError(f'{type(self).__name__} has no embedded dataset: pass root=')
+
+    def prepare_dataset_cfg(self, split: str, dataset_cfg) -> None:
+        """Adjust one split's dataset config in place; check its files."""
+
+    def wrap_dataset(self, split: str, dataset: Dataset) -> Dataset:
+        return dataset
+
+    # ----- building ------------------------------------------------------------------------
+    @property
+    def cfg(self):
+        if self._cfg is None:
+            if self.config is not None:
+                self._cfg = load_config(self.config, self.cfg_options)
+            else:
+                task = getattr(self.trainer, 'lightning_module', None) if self.trainer is not None else None
+                if task is None or getattr(task, 'cfg', None) is None:
+                    raise RuntimeError(f'{type(self).__name__} takes its pipelines from the task\'s OpenMMLab '
+                                       'config: use it with an OpenMMLabTask, or pass config=')
+                self._cfg = task.cfg
+        return self._cfg
+
+    def data_root(self) -> Path:
+        return Path(self.root).expanduser() if self.root is not None else self.embedded_root()
+
+    def prepare_data(self) -> None:
+        if self.root is None:
+            self.embedded_root()
+
+    def dataset_cfg(self, split: str):
+        loader = self.cfg.get(f'{split}_dataloader')
+        if not loader:
+            raise InputError(f'the config has no {split}_dataloader')
+        cfg = copy.deepcopy(loader['dataset'])
+        for leaf in _leaf_datasets(cfg):
+            leaf['data_root'] = str(self.data_root())
+            self.prepare_dataset_cfg(split, leaf)
+        return cfg
+
+    def build_dataset(self, split: str) -> Dataset:
+        import importlib
+        cfg = self.dataset_cfg(split)
+        registry = importlib.import_module(f'{_scope(self.cfg, self.scope)}.registry')
+        dataset = registry.DATASETS.build(cfg)
+        if len(dataset) == 0:
+            raise InputError(f'the {split} dataset under {self.data_root()} is empty after filtering '
+                             f'({[leaf.get("ann_file") for leaf in _leaf_datasets(cfg)]})')
+        if self.classes is None:
+            self.classes = tuple(dataset.metainfo['classes'])
+        return self.wrap_dataset(split, dataset)
+
+    def setup(self, stage: str) -> None:
+        if stage == 'predict':
+            if self.predict_images is None and 'val' not in self.datasets:
+                self.datasets['val'] = self.build_dataset('val')
+            self.datasets['predict'] = self.build_predict_dataset()
+            if self.classes is None:
+                self.classes = self.config_classes()
+            return
+        for split in self.splits.get(stage, ()):
+            if split not in self.datasets:
+                self.datasets[split] = self.build_dataset(split)
+
+    def config_classes(self) -> Optional[Sequence[str]]:
+        """The classes the config names (its test dataset's metainfo or dataset class)."""
+        import importlib
+        dataset_cfg = _leaf_datasets(self.cfg.test_dataloader.dataset)[0]
+        classes = (dataset_cfg.get('metainfo') or {}).get('classes')
+        if classes is None:
+            registry = importlib.import_module(f'{_scope(self.cfg, self.scope)}.registry')
+            dataset_type = registry.DATASETS.get(dataset_cfg['type'])
+            classes = getattr(dataset_type, 'METAINFO', {}).get('classes')
+        return tuple(classes) if classes is not None else None
+
+    def build_predict_dataset(self) -> Dataset:
+        from mmengine.dataset import Compose
+        _scope(self.cfg, self.scope)
+        pipeline = [t for t in self.cfg.test_dataloader.dataset.pipeline
+                    if 'LoadAnnotations' not in str(t['type'])]
+        if self.predict_images:
+            paths = self._image_paths(self.predict_images)
+        else:
+            val = self.datasets['val']
+            paths = [val.get_data_info(i)['img_path'] for i in range(len(val))]
+        return _Items(paths, Compose(pipeline))
+
+    @staticmethod
+    def _image_paths(spec: str) -> List[str]:
+        spec = os.path.expanduser(spec)
+        if os.path.isdir(spec):
+            paths = sorted(str(p) for p in Path(spec).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif os.path.isfile(spec):
+            paths = [spec]
+        else:
+            paths = sorted(p for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise InputError(f'predict_images={spec!r}: no images found (a file, a folder or a glob)')
+        return paths
+
+    # ----- loaders -------------------------------------------------------------------------
+    def _loader(self, split: str, dataset: Dataset, shuffle: bool) -> DataLoader:
+        from mmengine.dataset import pseudo_collate
+        loader_cfg = self.cfg.get(f'{split}_dataloader') or self.cfg.get('val_dataloader')
+        batch_size = self.batch_size if split == 'train' and self.batch_size else loader_cfg.get('batch_size', 1)
+        workers = self.num_workers if self.num_workers is not None else loader_cfg.get('num_workers', 0)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                          collate_fn=pseudo_collate, persistent_workers=workers > 0 and split == 'train',
+                          drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader('train', self.datasets['train'], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader('val', self.datasets['val'], shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader('test', self.datasets['test'], shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader('test', self.datasets['predict'], shuffle=False)

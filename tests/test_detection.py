@@ -1,0 +1,309 @@
+"""msmlp {fit,validate,test,predict} --task det: metrics, bad input, the recipe, the CLI."""
+import copy
+import csv
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip('mmdet', reason='the OpenMMLab stack comes from scripts/setup.sh')
+
+import cli  # noqa: E402
+from tasks.base import InputError  # noqa: E402
+from tasks.detection import (CocoDataModule, CocoTargets, DetectionTask, check_coco, coco_map_names,  # noqa: E402
+                             predictions)
+from tasks.embedded import coco as shapes  # noqa: E402
+
+MINI = 'mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py'
+
+
+def write_shapes(root: Path, train: int = 4, val: int = 2) -> Path:
+    shapes.write(root, split_sizes={'train': train, 'val': val})
+    return root
+
+
+def edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope='module')
+def root(tmp_path_factory):
+    return write_shapes(tmp_path_factory.mktemp('shapes'))
+
+
+def add_awkward_annotations(data: dict) -> dict:
+    """Image 1: + a crowd region; image 2: + a zero-area box and a box outside the image;
+    image 3: no annotations at all. Returns the ids added, by kind."""
+    anns = data['annotations']
+    next_id = max(a['id'] for a in anns) + 1
+    first = next(a for a in anns if a['image_id'] == 1)
+    crowd = dict(copy.deepcopy(first), id=next_id, iscrowd=1)
+    crowd['bbox'] = [0, 0, 40, 40]
+    crowd['segmentation'] = [[0, 0, 40, 0, 40, 40, 0, 40]]
+    crowd['area'] = 1600.0
+    zero = dict(copy.deepcopy(first), id=next_id + 1, image_id=2, bbox=[10, 10, 0, 5], area=0.0)
+    outside = dict(copy.deepcopy(first), id=next_id + 2, image_id=2, bbox=[500, 500, 20, 20], area=400.0,
+                   segmentation=[[500, 500, 520, 500, 520, 520]])
+    data['annotations'] = [a for a in anns if a['image_id'] != 3] + [crowd, zero, outside]
+    return dict(crowd=[crowd['id']], skipped=[zero['id'], outside['id']], unannotated=[3])
+
+
+# ----- metrics -----------------------------------------------------------------------------
+def fake_predictions(targets: CocoTargets, image_id: int, rng: np.random.Generator):
+    """Detections near the ground truth (some shifted, some mislabelled) plus false positives."""
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    image = targets.images[image_id]
+    gt = targets(image_id)
+    h, w = image['height'], image['width']
+    boxes, labels, masks = [], [], []
+    for box, label, mask in zip(gt['boxes'], gt['labels'], gt['masks']):
+        shift = rng.integers(-6, 7, 2)
+        boxes.append(box + torch.tensor([*shift, *shift], dtype=torch.float32))
+        labels.append(int(label) if rng.random() < 0.8 else int(rng.integers(3)))
+        masks.append(torch.roll(mask, tuple(int(s) for s in shift[::-1]), dims=(0, 1)))
+    for _ in range(int(rng.integers(0, 4))):
+        x, y = rng.uniform(0, w - 30), rng.uniform(0, h - 30)
+        size = rng.uniform(8, 60)
+        boxes.append(torch.tensor([x, y, x + size, y + size], dtype=torch.float32))
+        labels.append(int(rng.integers(3)))
+        mask = torch.zeros(h, w, dtype=torch.bool)
+        mask[int(y):int(y + size), int(x):int(x + size)] = True
+        masks.append(mask)
+    pred = InstanceData(bboxes=torch.stack(boxes) if boxes else torch.zeros(0, 4),
+                        scores=torch.from_numpy(rng.uniform(0.05, 1, len(boxes))).float(),
+                        labels=torch.tensor(labels, dtype=torch.long),
+                        masks=torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool))
+    return DetDataSample(pred_instances=pred, metainfo=dict(img_id=image_id, ori_shape=(h, w)))
+
+
+def test_metrics_equal_mmdet_coco_metric(tmp_path):
+    from mmdet.evaluation import CocoMetric
+    from torchmetrics.detection import MeanAveragePrecision
+    data_root = write_shapes(tmp_path / 'data', train=1, val=24)
+    ann_file = data_root / 'annotations' / 'instances_val.json'
+    edit_json(ann_file, add_awkward_annotations)
+    targets = CocoTargets(str(ann_file), shapes.CLASSES)
+    rng = np.random.default_rng(0)
+    samples = [fake_predictions(targets, image_id, rng) for image_id in targets.images]
+
+    ours = MeanAveragePrecision(iou_type=('bbox', 'segm'), backend='pycocotools')
+    for sample in samples:
+        ours.update(predictions([sample], with_masks=True), [targets(sample.img_id)])
+    ours = coco_map_names(ours.compute(), ('bbox', 'segm'))
+
+    reference = CocoMetric(ann_file=str(ann_file), metric=['bbox', 'segm'])
+    reference.dataset_meta = dict(classes=shapes.CLASSES)
+    reference.process({}, [s.to_dict() for s in samples])
+    theirs = reference.evaluate(len(samples))
+
+    names = {'AP': 'mAP', 'AP50': 'mAP_50', 'AP75': 'mAP_75', 'APs': 'mAP_s', 'APm': 'mAP_m', 'APl': 'mAP_l'}
+    for iou_type in ('bbox', 'segm'):
+        for ours_name, their_name in names.items():
+            assert ours[f'{iou_type}_{ours_name}'] == pytest.approx(theirs[f'coco/{iou_type}_{their_name}'],
+                                                                   abs=1e-3), (iou_type, ours_name)
+    assert 0.1 < ours['bbox_AP50'] < 0.99  # a non-trivial comparison
+
+
+# ----- bad input ---------------------------------------------------------------------------
+def check(root: Path, split: str = 'val'):
+    return check_coco(str(root / 'annotations' / f'instances_{split}.json'), str(root / split), shapes.CLASSES,
+                      needs_masks=True)
+
+
+@pytest.mark.parametrize('content, message', [
+    (None, r'annotation file not found: .*instances_val\.json'),
+    ('not json', r'instances_val\.json is not a COCO annotation file: not valid JSON'),
+    ('[1, 2]', r'instances_val\.json is not a COCO annotation file: it holds a JSON list'),
+    ('{"images": [], "annotations": []}', r'instances_val\.json is not a COCO instances file: it has no categories'),
+])
+def test_missing_or_non_coco_annotation_file(tmp_path, content, message):
+    data_root = write_shapes(tmp_path / 'data', train=1, val=2)
+    path = data_root / 'annotations' / 'instances_val.json'
+    if content is None:
+        path.unlink()
+    else:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        check(data_root)
+
+
+def test_image_listed_but_missing_on_disk(tmp_path):
+    data_root = write_shapes(tmp_path / 'data', train=1, val=2)
+    (data_root / 'val' / '000001.jpg').unlink()
+    with pytest.raises(InputError, match=r'1 image\(s\) listed in .*instances_val\.json are missing on disk: '
+                                         r'.*val/000001\.jpg \(image id 2\)'):
+        check(data_root)
+
+
+def test_category_id_not_in_categories(tmp_path):
+    data_root = write_shapes(tmp_path / 'data', train=1, val=2)
+    path = data_root / 'annotations' / 'instances_val.json'
+    edit_json(path, lambda d: d['annotations'][0].update(category_id=99))
+    ann_id = json.loads(path.read_text())['annotations'][0]['id']
+    with pytest.raises(InputError, match=rf'instances_val\.json: annotation {ann_id} has category_id 99, which is '
+                                         r'not in its categories list \(ids \[1, 2, 3\]\)'):
+        check(data_root)
+
+
+def test_unlisted_image_id_duplicate_ids_and_missing_fields(tmp_path):
+    data_root = write_shapes(tmp_path / 'data', train=1, val=2)
+    path = data_root / 'annotations' / 'instances_val.json'
+    original = path.read_text()
+    edit_json(path, lambda d: d['annotations'][0].update(image_id=77))
+    with pytest.raises(InputError, match=r'refers to image_id 77, which is not in its images list'):
+        check(data_root)
+    path.write_text(original)
+    edit_json(path, lambda d: d['images'][1].update(id=1))
+    with pytest.raises(InputError, match=r'images ids are not unique: 1'):
+        check(data_root)
+    path.write_text(original)
+    edit_json(path, lambda d: d['annotations'][0].pop('area'))
+    with pytest.raises(InputError, match=r'annotations id \d+ lacks area'):
+        check(data_root)
+
+
+def test_classes_out_of_the_files_order_are_an_error(tmp_path):
+    data_root = write_shapes(tmp_path / 'data', train=1, val=2)
+    with pytest.raises(InputError, match="mmdet numbers labels in the file's order"):
+        check_coco(str(data_root / 'annotations' / 'instances_val.json'), str(data_root / 'val'),
+                   ('square', 'circle', 'triangle'))
+
+
+def test_awkward_annotations_are_handled_as_documented(tmp_path):
+    data_root = write_shapes(tmp_path / 'data', train=6, val=4)
+    added = {}
+    for split in ('train', 'val'):
+        edit_json(data_root / 'annotations' / f'instances_{split}.json',
+                  lambda d: added.__setitem__(split, add_awkward_annotations(d)))
+    report = check(data_root, 'train')
+    assert report == added['train']
+
+    datamodule = CocoDataModule(root=str(data_root), config=MINI)
+    with pytest.warns(UserWarning, match=r'2 annotation\(s\) with zero area or outside their image are skipped'):
+        datamodule.setup('fit')
+    train, val = datamodule.datasets['train'], datamodule.datasets['val']
+    assert len(train) == 5  # the unannotated image is not trained on
+    assert len(val) == 4  # ... but is evaluated
+    ids = [train.get_data_info(i)['img_id'] for i in range(len(train))]
+    assert 3 not in ids
+    crowd_item = train[ids.index(1)]['data_samples']
+    assert len(crowd_item.ignored_instances) == 1  # the crowd region is no training target
+    anns = json.loads((data_root / 'annotations/instances_train.json').read_text())['annotations']
+    kept = [a for a in anns if a['image_id'] == 2 and a['id'] not in added['train']['skipped']]
+    assert len(train[ids.index(2)]['data_samples'].gt_instances) == len(kept)  # zero-area / outside dropped
+    val_targets = {val[i]['data_samples'].img_id: val[i]['targets'] for i in range(len(val))}
+    assert val_targets[1]['iscrowd'].tolist().count(1) == 1
+    assert len(val_targets[3]['boxes']) == 0 and val_targets[3]['masks'].shape[0] == 0
+
+    task = DetectionTask(config=MINI)
+    from mmengine.dataset import pseudo_collate
+    batch = pseudo_collate([train[ids.index(1)], train[ids.index(2)]])
+    data = task.model.data_preprocessor(batch, True)
+    loss, _ = task.model.parse_losses(task.model(**data, mode='loss'))
+    assert torch.isfinite(loss)
+
+
+def test_bad_input_through_the_cli_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    data_root = write_shapes(tmp_path / 'data', train=2, val=1)
+    edit_json(data_root / 'annotations' / 'instances_train.json',
+              lambda d: d['annotations'][0].update(category_id=42))
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(['fit', '--task', 'det', '--trainer.fast_dev_run=1', f'--data.root={data_root}'])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert 'msmlp: error:' in err and 'instances_train.json: annotation 1 has category_id 42' in err
+
+
+def test_heads_that_do_not_fit_the_classes_are_an_error(root):
+    task = DetectionTask(config=MINI, cfg_options={'model.roi_head.bbox_head.num_classes': 5})
+    with pytest.raises(InputError, match=r"heads predict \[3, 5\] classes but the data has 3"):
+        task.check_classes(shapes.CLASSES)
+
+
+# ----- the recipe --------------------------------------------------------------------------
+def test_optimizer_and_schedule_come_from_the_config(root, tmp_path):
+    """Lightning steps the config's param_scheduler exactly as mmengine's ParamSchedulerHook."""
+    from lightning.pytorch import Trainer
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import PARAM_SCHEDULERS
+    schedule = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=3),
+                dict(type='MultiStepLR', begin=0, end=2, by_epoch=True, milestones=[1], gamma=0.1)]
+    task = DetectionTask(config=MINI, cfg_options={'param_scheduler': schedule})
+    datamodule = CocoDataModule(root=str(root), batch_size=2)
+    trainer = Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule)
+
+    groups = task.optim_wrapper.optimizer.param_groups
+    decay = {n: g['weight_decay'] for g in groups for n in [id(p) for p in g['params']]}
+    names = dict(task.model.named_parameters())
+    assert decay[id(names['backbone.layers.0.blocks.0.norm.weight'])] == 0
+    assert decay[id(names['backbone.out_norms.2.bias'])] == 0
+    assert decay[id(names['backbone.layers.1.blocks.0.gamma'])] == 0
+    assert decay[id(names['backbone.layers.1.blocks.0.pwconv1.weight'])] == 0.05
+    assert type(task.optim_wrapper.optimizer).__name__ == 'AdamW'
+
+    # the same schedule stepped by hand the way mmengine's runner steps it: 2 epochs x 2 iterations
+    reference = build_optim_wrapper(torch.nn.Linear(1, 1), dict(type='OptimWrapper', optimizer=dict(
+        type='AdamW', lr=task.cfg.optim_wrapper.optimizer.lr)))
+    schedulers = [PARAM_SCHEDULERS.build(dict(s), default_args=dict(optimizer=reference)) for s in schedule]
+    for _epoch in range(2):
+        for _ in range(2):
+            [s.step() for s in schedulers if not s.by_epoch]
+        [s.step() for s in schedulers if s.by_epoch]
+    assert groups[0]['lr'] == pytest.approx(reference.param_groups[0]['lr'])
+    assert groups[0]['lr'] == pytest.approx(1e-3 * 0.1)  # warm-up done (3 steps), then one step at epoch 1
+
+
+# ----- the CLI -----------------------------------------------------------------------------
+def test_fit_fast_dev_run_through_the_cli(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', 'det', '--trainer.fast_dev_run=1', f'--data.root={root}']) == 0
+    out = capsys.readouterr().out
+    assert 'val: bbox_AP=' in out and 'segm_AP50=' in out
+
+
+def test_fit_checkpoint_then_predict_writes_pngs(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--trainer.max_epochs=1',
+                     '--trainer.limit_train_batches=1', '--trainer.check_val_every_n_epoch=1']) == 0
+    checkpoints = sorted(tmp_path.glob('runs/det/*/checkpoints/last.ckpt'))
+    assert checkpoints, list(tmp_path.rglob('*.ckpt'))
+    saved = torch.load(checkpoints[-1], weights_only=True)  # plain types only
+    assert saved['classes'] == list(shapes.CLASSES) and len(saved['param_schedulers']) == 2
+    from msmlp import MSMLP, load_pretrained
+    backbone = MSMLP(num_classes=0, embed_dim=32, depths=(1, 1, 2, 1), out_indices=(0, 1, 2, 3))
+    load_pretrained(backbone, checkpoints[-1])
+
+    out_dir = tmp_path / 'pngs'
+    assert cli.main(['predict', '--task', 'det', f'--data.root={root}', f'--ckpt_path={checkpoints[-1]}',
+                     f'--model.predict_dir={out_dir}']) == 0
+    pngs = sorted(out_dir.glob('*.png'))
+    assert [p.name for p in pngs] == ['000000.png', '000001.png']
+    assert f'wrote 2 prediction images to {out_dir}' in capsys.readouterr().out
+    from PIL import Image
+    assert Image.open(pngs[0]).size == Image.open(root / 'val' / '000000.jpg').size
+
+
+@pytest.mark.slow
+def test_embedded_default_reaches_ap50(tmp_path, monkeypatch, capsys):
+    """`msmlp fit --task det` with nothing else: bbox AP50 >= 0.5 within 10 minutes on 2 cores."""
+    monkeypatch.setenv('MSMLP_DATA', str(tmp_path / 'data'))
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    assert cli.main(['fit', '--task', 'det']) == 0
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    rows = list(csv.DictReader(open(next(tmp_path.glob('runs/det/version_*/metrics.csv')))))
+    ap50 = [float(r['val/bbox_AP50']) for r in rows if r.get('val/bbox_AP50')]
+    print(f'embedded det default: {elapsed:.0f} s, bbox AP50 {ap50}')
+    assert 'bbox_AP50=' in out
+    assert ap50[-1] >= 0.5
+    assert elapsed <= 600

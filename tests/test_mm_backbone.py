@@ -1,0 +1,199 @@
+"""The MSMLP backbone registered with MMDetection and MMSegmentation (msmlp/mm.py)."""
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip('mmdet', reason='the OpenMMLab stack comes from scripts/setup.sh')
+mm = pytest.importorskip('msmlp.mm')
+from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
+
+import msmlp  # noqa: E402
+from msmlp import CheckpointError  # noqa: E402
+
+FIXTURES = Path(__file__).parent / 'fixtures'
+RELEASED = FIXTURES / 'released_layout_square_64.pth'
+REFERENCE = torch.load(FIXTURES / 'msmlp_reference.pt', weights_only=True)['square_64']
+TINY = dict(arch=None, embed_dim=24, depths=[1, 1, 2, 1])
+
+
+def build(**kwargs):
+    return DET_MODELS.build(dict(type='MSMLP', **kwargs))
+
+
+def test_registered_from_a_config_through_custom_imports(tmp_path):
+    """A fresh interpreter: only the config's custom_imports registers MSMLP."""
+    config = tmp_path / 'backbone.py'
+    config.write_text(textwrap.dedent("""
+        custom_imports = dict(imports=['msmlp.mm'], allow_failed_imports=False)
+        backbone = dict(type='MSMLP', arch='tiny', out_indices=(0, 1, 2, 3))
+    """))
+    script = textwrap.dedent(f"""
+        import importlib.util
+        from mmengine.config import Config
+        from mmdet.registry import MODELS
+        assert MODELS.get('MSMLP') is None, 'registered before the config was read'
+        cfg = Config.fromfile({str(config)!r})
+        for scope in ('mmdet', 'mmseg'):
+            if importlib.util.find_spec(scope):
+                model = importlib.import_module(scope + '.registry').MODELS.build(cfg.backbone)
+                print(scope, type(model).__module__, type(model).__name__, model.out_channels)
+    """)
+    import importlib
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 'mmdet msmlp.mm MSMLPBackbone [96, 192, 384, 768]' in out.stdout
+    if importlib.util.find_spec('mmseg'):
+        assert 'mmseg msmlp.mm MSMLPBackbone [96, 192, 384, 768]' in out.stdout
+
+
+def test_is_the_foundation_model_not_a_copy():
+    backbone = build(**TINY)
+    assert isinstance(backbone, msmlp.MSMLP)
+    assert backbone.num_classes == 0 and isinstance(backbone.head, torch.nn.Identity)
+
+
+@pytest.mark.parametrize('arch, dims, depths', [('tiny', [96, 192, 384, 768], (3, 3, 9, 3)),
+                                                 ('small', [96, 192, 384, 768], (3, 3, 27, 3)),
+                                                 ('base', [128, 256, 512, 1024], (3, 3, 27, 3))])
+def test_arch_variants(arch, dims, depths):
+    with torch.device('meta'):
+        backbone = build(arch=arch)
+    assert backbone.out_channels == dims and backbone.depths == depths
+
+
+def test_unknown_arch_and_missing_sizes_are_errors():
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build(arch='huge')
+    with pytest.raises(ValueError, match='embed_dim and depths'):
+        build(arch=None, embed_dim=32)
+
+
+@pytest.mark.parametrize('size', [(800, 1333), (801, 1335), (97, 61)])
+def test_output_shapes_and_channels_per_stage(size):
+    h, w = size
+    backbone = build(arch='tiny').eval() if size == (800, 1333) else build(**TINY).eval()
+    with torch.no_grad():
+        outs = backbone(torch.randn(1, 3, h, w))
+    assert len(outs) == 4
+    for i, out in enumerate(outs):
+        stride = 4 * 2 ** i
+        assert out.shape == (1, backbone.out_channels[i], -(-h // stride), -(-w // stride))
+
+
+def test_out_indices_select_stages():
+    backbone = build(**TINY, out_indices=(1, 3)).eval()
+    outs = backbone(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [48, 192] == backbone.out_channels
+
+
+def test_frozen_stages_take_no_gradient_and_stay_in_eval():
+    backbone = build(**TINY, frozen_stages=2, drop_path_rate=0.2)
+    backbone.train()
+    frozen = [backbone.patch_embed, backbone.layers[0], backbone.layers[1], backbone.out_norms['0'],
+              backbone.out_norms['1']]
+    for module in frozen:
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    assert backbone.layers[2].training and all(p.requires_grad for p in backbone.layers[2].parameters())
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    opt = torch.optim.SGD([p for p in backbone.parameters() if p.requires_grad], lr=0.1)
+    sum(o.mean() for o in backbone(torch.randn(2, 3, 64, 64))).backward()
+    opt.step()
+    after = backbone.state_dict()
+    assert torch.equal(before['layers.1.blocks.0.gamma'], after['layers.1.blocks.0.gamma'])
+    assert not torch.equal(before['layers.2.blocks.0.gamma'], after['layers.2.blocks.0.gamma'])
+
+
+def test_classifier_norm_takes_no_gradient():
+    """Unused by dense outputs; a trainable unused parameter would stall DDP."""
+    backbone = build(**TINY)
+    assert not any(p.requires_grad for p in backbone.norm.parameters())
+    sum(o.mean() for o in backbone(torch.randn(1, 3, 64, 64))).backward()
+    assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
+
+
+def test_with_cp_and_drop_path():
+    torch.manual_seed(0)
+    plain = build(**TINY, drop_path_rate=0.3)
+    cp = build(**TINY, drop_path_rate=0.3, with_cp=True)
+    cp.load_state_dict(plain.state_dict())
+    assert all(stage.grad_checkpointing for stage in cp.layers)
+    assert cp.layers[3].blocks[0].drop_path.drop_prob == pytest.approx(0.3)
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    plain.eval(), cp.train()
+    cp.apply(lambda m: m.eval() if m.__class__.__name__ == 'DropPath' else None)
+    for a, b in zip(plain(x), cp(x)):
+        assert torch.allclose(a, b, atol=1e-6)
+    sum(o.sum() for o in cp(x)).backward()
+    assert x.grad is not None
+
+
+def test_pretrained_init_cfg_loads_a_released_checkpoint():
+    backbone = build(**TINY, init_cfg=dict(type='Pretrained', checkpoint=str(RELEASED)))
+    with pytest.warns(UserWarning, match='classifier head'):
+        backbone.init_weights()
+    state = REFERENCE['state_dict']
+    for key in ('patch_embed.proj.weight', 'layers.2.blocks.1.dwconv_td.3.weight', 'layers.3.blocks.0.gamma'):
+        assert torch.equal(backbone.state_dict()[key], state[key])
+    backbone.eval()
+    with torch.no_grad():
+        raw = backbone.forward_intermediates(REFERENCE['input'], intermediates_only=True)
+        outs = backbone(REFERENCE['input'])
+    for ours, ref, out in zip(raw, REFERENCE['stage_outputs'], outs):
+        assert torch.allclose(ours, ref, atol=1e-5)
+        # each output through its own (fresh) LayerNorm over channels
+        normed = F.layer_norm(ref.permute(0, 2, 3, 1), ref.shape[1:2], eps=1e-6).permute(0, 3, 1, 2)
+        assert torch.allclose(out, normed, atol=1e-4)
+
+
+def test_pretrained_init_cfg_loads_a_lightning_checkpoint(tmp_path):
+    source = build(**TINY)
+    path = tmp_path / 'task.ckpt'
+    torch.save({'state_dict': {f'model.backbone.{k}': v for k, v in source.state_dict().items()},
+                'hyper_parameters': {'config': 'x.py'}}, path)
+    backbone = build(**TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    backbone.init_weights()
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in backbone.state_dict().items())
+    assert backbone.is_init
+
+
+def test_pretrained_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match='not found: .*missing.pth'):
+        build(**TINY, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'missing.pth'))).init_weights()
+    with pytest.raises(CheckpointError, match='does not fit the model'):
+        build(arch=None, embed_dim=32, depths=[1, 1, 2, 1],
+              init_cfg=dict(type='Pretrained', checkpoint=str(RELEASED))).init_weights()
+
+
+def test_detector_init_weights_reaches_the_backbone():
+    """mmengine's BaseModule.init_weights of a detector calls ours (safe loader, not torch.load)."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(str(Path(__file__).parent.parent / 'configs/mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py'))
+    cfg.model.backbone.update(embed_dim=24, init_cfg=dict(type='Pretrained', checkpoint=str(RELEASED)))
+    cfg.model.neck.in_channels = [24, 48, 96, 192]
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    detector = DET_MODELS.build(cfg.model)
+    with pytest.warns(UserWarning, match='classifier head'):
+        detector.init_weights()
+    assert torch.equal(detector.backbone.patch_embed.proj.weight, REFERENCE['state_dict']['patch_embed.proj.weight'])
+
+
+def test_import_works_with_only_one_of_mmdet_and_mmseg():
+    script = textwrap.dedent("""
+        import importlib.util, sys
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == 'mmseg' else real(name, *a)
+        import msmlp.mm
+        assert msmlp.mm.REGISTERED_IN == ['mmdet'], msmlp.mm.REGISTERED_IN
+        assert 'mmseg' not in sys.modules
+        assert 'lightning' not in sys.modules and 'tasks' not in sys.modules
+        print('ok')
+    """)
+    out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-2000:]

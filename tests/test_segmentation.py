@@ -1,0 +1,307 @@
+"""Segmentation task: metrics against mmseg's IoUMetric, whole/sliding/TTA inference, the data
+checks on bad input, and the real CLI (fit with fast_dev_run, validate, predict)."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip('mmseg', reason='the OpenMMLab stack comes from scripts/setup.sh')
+from mmseg.evaluation import IoUMetric  # noqa: E402
+
+import cli  # noqa: E402
+from tasks.base import InputError  # noqa: E402
+from tasks.embedded import ade20k as scenes  # noqa: E402
+from tasks.segmentation import (ADE20KDataModule, SegmentationMetrics, SegmentationTask,  # noqa: E402
+                                check_image_label_pairs)
+
+PAPER_T = 'mmseg/msmlp-t_upernet_8xb2-160k_ade20k-512x512.py'
+
+
+# ----- metrics -----------------------------------------------------------------------------
+def mmseg_iou_metric(batches, num_classes):
+    metric = IoUMetric(ignore_index=255)
+    metric.dataset_meta = dict(classes=[f'c{i}' for i in range(num_classes)])
+    for preds, labels in batches:
+        metric.process({}, [dict(pred_sem_seg=dict(data=p[None]), gt_sem_seg=dict(data=l[None]))
+                            for p, l in zip(preds, labels)])
+    summary = metric.compute_metrics(metric.results)
+    areas = [sum(parts) for parts in zip(*metric.results)]
+    exact = IoUMetric.total_area_to_metrics(*areas, metrics=['mIoU'])
+    return summary, exact
+
+
+def test_metrics_equal_mmseg_iou_metric_with_a_class_absent_from_a_batch():
+    num_classes = 6
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for b in range(3):
+        labels = torch.randint(0, 4, (2, 37, 53), generator=gen)
+        if b == 1:
+            labels[labels == 2] = 3  # class 2 absent from this batch's labels
+            labels[0, :5] = 4  # class 4 labelled only here
+        labels[torch.rand(labels.shape, generator=gen) < 0.1] = 255  # ignored pixels
+        preds = torch.where(torch.rand(labels.shape, generator=gen) < 0.7, labels.clamp(max=3),
+                            torch.randint(0, 6, labels.shape, generator=gen))  # class 5: predicted, never labelled
+        batches.append((preds, labels))
+    ours = SegmentationMetrics(num_classes)
+    for preds, labels in batches:
+        ours.update(preds, labels)
+    values = ours.compute()
+    summary, exact = mmseg_iou_metric(batches, num_classes)
+    for key in ('mIoU', 'mAcc', 'aAcc'):
+        assert abs(values[key].item() - summary[key] / 100) <= 1e-4, key
+    per_class = ours.per_class()
+    np.testing.assert_allclose(per_class['IoU'].numpy(), exact['IoU'], atol=1e-6)  # NaN where mmseg's is
+    np.testing.assert_allclose(per_class['Acc'].numpy(), exact['Acc'], atol=1e-6)
+    assert per_class['IoU'][5] == 0 and torch.isnan(per_class['Acc'][5])  # predicted but never labelled
+
+
+def test_metrics_reject_labels_outside_the_classes():
+    metric = SegmentationMetrics(3)
+    with pytest.raises(ValueError, match=r'labels hold values \[7\]'):
+        metric.update(torch.zeros(1, 4, 4, dtype=torch.long), torch.full((1, 4, 4), 7))
+    metric.update(torch.zeros(1, 4, 4, dtype=torch.long), torch.full((1, 4, 4), 255))  # ignored: fine
+
+
+# ----- data --------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def embedded_data(tmp_path_factory):
+    """MSMLP_DATA with the embedded ADE20K scenes (written once per module)."""
+    root = tmp_path_factory.mktemp('msmlp-data')
+    old = os.environ.get('MSMLP_DATA')
+    os.environ['MSMLP_DATA'] = str(root)
+    from tasks.embedded import ensure_dataset
+    ensure_dataset('ade20k')
+    yield root
+    if old is None:
+        os.environ.pop('MSMLP_DATA', None)
+    else:
+        os.environ['MSMLP_DATA'] = old
+
+
+@pytest.fixture
+def small_root(tmp_path):
+    root = tmp_path / 'ADEChallengeData2016'
+    scenes.write(root, split_sizes={'training': 3, 'validation': 2})
+    return root
+
+
+def test_embedded_scenes_use_ade20k_label_encoding():
+    from mmseg.datasets import ADE20KDataset
+    ade = ADE20KDataset.METAINFO['classes']
+    assert all(ade[index] == name for name, index in scenes.ADE20K_INDEX.items())
+    image, labels = scenes.make_scene(np.random.default_rng(3))
+    assert image.dtype == np.uint8 and image.shape == labels.shape + (3,)
+    assert set(np.unique(labels)) <= {0} | {i + 1 for i in scenes.ADE20K_INDEX.values()}
+    assert (labels == 0).any()  # unlabelled borders, ignored through reduce_zero_label
+
+
+def datamodule(root, task=None, **kwargs):
+    dm = ADE20KDataModule(root=str(root), num_workers=0, config=task.hparams['config'] if task else
+                          'mmseg/msmlp-mini_upernet_ade20k-scenes-128x128.py', **kwargs)
+    return dm
+
+
+def test_dataset_items_follow_the_config_pipelines(small_root):
+    dm = datamodule(small_root)
+    dm.setup('fit')
+    assert dm.classes == scenes.CLASSES
+    item = dm.datasets['train'][0]
+    assert item['inputs'].shape == (3, 128, 128)
+    seg = item['data_samples'].gt_sem_seg.data
+    assert set(seg.unique().tolist()) <= {0, 1, 2, 3, 4, 255}
+    val = dm.datasets['val'][0]['data_samples']
+    assert val.gt_sem_seg.data.shape[1:] == val.ori_shape  # evaluated at the original size
+
+
+def test_image_without_label_map_names_the_image(small_root):
+    (small_root / 'annotations' / 'training' / 'ADE_train_00000002.png').unlink()
+    with pytest.raises(InputError, match=r'1 images have no label map .*ADE_train_00000002\.jpg'):
+        datamodule(small_root).setup('fit')
+
+
+def test_label_map_without_image_names_the_label_map(small_root):
+    (small_root / 'images' / 'validation' / 'ADE_val_00000001.jpg').unlink()
+    with pytest.raises(InputError, match=r'1 label maps have no image .*ADE_val_00000001\.png'):
+        datamodule(small_root).setup('fit')
+
+
+def test_images_with_another_suffix_are_not_skipped_silently(small_root):
+    image = small_root / 'images' / 'training' / 'ADE_train_00000001.jpg'
+    Image.open(image).save(image.with_suffix('.png'))
+    image.unlink()
+    with pytest.raises(InputError, match=r"do not end in '\.jpg'.*ADE_train_00000001\.png"):
+        datamodule(small_root).setup('fit')
+
+
+def test_missing_folders_say_what_the_layout_is(tmp_path):
+    with pytest.raises(InputError, match=r'images folder not found: .*images/training.*ADEChallengeData2016'):
+        datamodule(tmp_path).setup('fit')
+
+
+def _first_item_error(root, split='train', match=''):
+    dm = datamodule(root)
+    dm.setup('fit')
+    with pytest.raises(InputError, match=match):
+        dm.datasets[split][0]
+
+
+def test_label_map_of_another_size_names_the_file(small_root):
+    path = small_root / 'annotations' / 'training' / 'ADE_train_00000001.png'
+    labels = np.array(Image.open(path))
+    Image.fromarray(labels[:-3, :-1]).save(path)
+    h, w = labels.shape
+    _first_item_error(small_root, match=rf'label map .*ADE_train_00000001\.png is {w - 1}x{h - 3} .* is {w}x{h}')
+
+
+def test_label_values_above_the_class_count_name_the_file(small_root):
+    path = small_root / 'annotations' / 'validation' / 'ADE_val_00000001.png'
+    labels = np.array(Image.open(path))
+    labels[0, 0] = 200
+    Image.fromarray(labels).save(path)
+    _first_item_error(small_root, split='val',
+                      match=r'ADE_val_00000001\.png holds values above the class count .*\[200\]')
+
+
+def test_value_255_is_ignored_not_an_error(small_root):
+    path = small_root / 'annotations' / 'training' / 'ADE_train_00000001.png'
+    labels = np.array(Image.open(path))
+    labels[:4, :4] = 255
+    Image.fromarray(labels).save(path)
+    dm = datamodule(small_root)
+    dm.setup('fit')
+    dm.datasets['val'][0]
+    assert dm.datasets['train'][0]['inputs'].shape[0] == 3
+
+
+@pytest.mark.parametrize('mode', ['RGB', 'I;16'])
+def test_colour_or_16_bit_label_maps_are_refused(small_root, mode):
+    path = small_root / 'annotations' / 'training' / 'ADE_train_00000001.png'
+    labels = np.array(Image.open(path))
+    image = Image.fromarray(labels).convert('RGB') if mode == 'RGB' else Image.fromarray(labels.astype(np.uint16))
+    image.save(path)
+    _first_item_error(small_root, match=r'ADE_train_00000001\.png .*8-bit single-channel')
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGBA', 'CMYK'])
+def test_grayscale_rgba_and_cmyk_images_are_read_as_rgb(small_root, mode):
+    path = small_root / 'images' / 'training' / 'ADE_train_00000001.jpg'
+    rgb = Image.open(path).convert('RGB')
+    if mode == 'RGBA':  # RGBA cannot be a JPEG: a PNG under the .jpg name, as some datasets hold
+        rgb.convert('RGBA').save(path, format='PNG')
+    else:
+        rgb.convert(mode).save(path, format='JPEG')
+    dm = datamodule(small_root, batch_size=1)
+    dm.setup('validate')
+    dm.setup('fit')
+    item = dm.datasets['train'][0]
+    assert item['inputs'].shape[0] == 3
+    inputs = item['inputs'].float()
+    if mode == 'L':
+        assert torch.equal(inputs[0], inputs[1]) and torch.equal(inputs[1], inputs[2])
+
+
+def test_pairing_check_counts_pairs(small_root):
+    assert check_image_label_pairs(small_root / 'images' / 'training', small_root / 'annotations' / 'training') == 3
+
+
+# ----- inference ---------------------------------------------------------------------------
+def _count_windows(model):
+    calls = []
+    original = model.encode_decode
+
+    def counting(inputs, metas):
+        calls.append(tuple(inputs.shape[2:]))
+        return original(inputs, metas)
+    model.encode_decode = counting
+    return calls
+
+
+def test_whole_and_sliding_window_inference(small_root):
+    task = SegmentationTask(inference='slide')
+    assert dict(task.model.test_cfg) == dict(mode='slide', crop_size=(128, 128), stride=(85, 85))
+    calls = _count_windows(task.model)
+    x = torch.randn(1, 3, 150, 260)
+    meta = dict(ori_shape=(150, 260), img_shape=(150, 260), pad_shape=(150, 260), padding_size=[0] * 4)
+    with torch.no_grad():
+        logits = task.model.inference(x, [dict(meta)])
+    assert logits.shape == (1, 5, 150, 260)
+    assert len(calls) == 2 * 3 and set(calls) == {(128, 128)}  # ceil((150-128)/85)+1 x ceil((260-128)/85)+1
+    whole = SegmentationTask(inference='whole')
+    calls = _count_windows(whole.model)
+    with torch.no_grad():
+        whole.model.inference(x, [dict(meta)])
+    assert calls == [(150, 260)]
+
+
+def test_paper_config_slides_512_windows_with_stride_341():
+    task = SegmentationTask(config=PAPER_T, pretrained='')
+    assert dict(task.model.test_cfg) == dict(mode='slide', crop_size=(512, 512), stride=(341, 341))
+    assert task.num_classes == 150
+    with pytest.raises(InputError, match="inference must be 'whole' or 'slide'"):
+        SegmentationTask(config=PAPER_T, pretrained='', inference='tiles')
+
+
+def test_model_and_data_classes_must_agree(small_root):
+    task = SegmentationTask(config=PAPER_T, pretrained='')
+    with pytest.raises(InputError, match='predicts 150 classes .* the dataset has 5'):
+        task.check_classes(scenes.CLASSES)
+
+
+# ----- the real CLI ------------------------------------------------------------------------
+def run_cli(args, capsys):
+    code = cli.main(args)
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_fit_fast_dev_run_through_the_cli(embedded_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(['fit', '--task', 'seg', '--trainer.fast_dev_run=1'], capsys)
+    assert code == 0, out[-3000:]
+    assert 'val: mIoU=' in out or 'val/mIoU' in out
+
+
+def test_validate_with_tta_and_predict_through_the_cli(embedded_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(['validate', '--task', 'seg', '--model.tta=true', '--trainer.limit_val_batches=2'], capsys)
+    assert code == 0, out[-3000:]
+    assert 'mIoU=' in out and 'aAcc=' in out
+    predictions = tmp_path / 'pred'
+    code, out = run_cli(['predict', '--task', 'seg', f'--model.predict_dir={predictions}',
+                         '--trainer.limit_predict_batches=2'], capsys)
+    assert code == 0, out[-3000:]
+    overlays = sorted(predictions.glob('*.png'))
+    labels = sorted((predictions / 'labels').glob('*.png'))
+    assert len(overlays) == 2 and [p.name for p in labels] == [p.name for p in overlays]
+    assert str(predictions.resolve()) in out
+    source = embedded_data / scenes.DIRNAME / 'images' / 'validation' / (overlays[0].stem + '.jpg')
+    label = np.array(Image.open(labels[0]))
+    assert label.shape == Image.open(source).size[::-1]
+    assert set(np.unique(label)) <= {i + 1 for i in scenes.ADE20K_INDEX.values()}  # ADE20K encoding
+    assert Image.open(overlays[0]).mode == 'RGB'
+
+
+def test_predict_reads_rgba_and_grayscale_files(embedded_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = next((embedded_data / scenes.DIRNAME / 'images' / 'validation').glob('*.jpg'))
+    inputs = tmp_path / 'inputs'
+    inputs.mkdir()
+    Image.open(source).convert('RGBA').save(inputs / 'rgba.png')
+    Image.open(source).convert('L').save(inputs / 'grey.jpg')
+    code, out = run_cli(['predict', '--task', 'seg', f'--data.predict_images={inputs}',
+                         f'--model.predict_dir={tmp_path / "out"}'], capsys)
+    assert code == 0, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / 'out').glob('*.png')) == ['grey.png', 'rgba.png']
+
+
+def test_bad_data_root_is_a_one_line_cli_error(tmp_path, capsys, monkeypatch, small_root):
+    monkeypatch.chdir(tmp_path)
+    (small_root / 'annotations' / 'training' / 'ADE_train_00000003.png').unlink()
+    code, out = run_cli(['fit', '--task', 'seg', f'--data.root={small_root}', '--trainer.fast_dev_run=1'], capsys)
+    assert code == 1
+    assert 'msmlp: error: 1 images have no label map' in out and 'ADE_train_00000003.jpg' in out

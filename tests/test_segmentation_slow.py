@@ -1,0 +1,34 @@
+"""The embedded default, end to end: `msmlp fit --task seg` with nothing else writes the
+ADE20K-layout scenes and trains the small MS-MLP UperNet on CPU to validation mIoU >= 0.5
+within 10 minutes (the issue's bound on 2 cores)."""
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip('mmseg', reason='the OpenMMLab stack comes from scripts/setup.sh')
+
+REPO = Path(__file__).parent.parent
+
+
+@pytest.mark.slow
+def test_msmlp_fit_task_seg_reaches_miou_one_half(tmp_path):
+    env = dict(os.environ, MSMLP_DATA=str(tmp_path / 'data'), PYTHONPATH=str(REPO))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, '-m', 'cli', 'fit', '--task', 'seg'], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    minutes = (time.monotonic() - start) / 60
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert (tmp_path / 'data' / 'ade20k-scenes-v1' / 'annotations' / 'validation').is_dir()
+    final = re.findall(r'val: mIoU=([0-9.]+)\s+mAcc=([0-9.]+)\s+aAcc=([0-9.]+)', out)
+    assert final, out[-4000:]
+    miou = float(final[-1][0])
+    print(f'embedded seg default: val mIoU {miou:.4f} after {minutes:.1f} min')
+    assert miou >= 0.5, out[-4000:]
+    assert minutes <= 10, f'took {minutes:.1f} minutes'
+    assert list((tmp_path / 'runs' / 'seg').glob('version_*/checkpoints/last.ckpt'))
