@@ -69,6 +69,10 @@ def run_lightning(task: str, argv: List[str]) -> None:
             parser.set_defaults({'checkpoint.filename': 'best-epoch{epoch:03d}', 'checkpoint.save_last': True,
                                  'checkpoint.auto_insert_metric_name': False})
 
+        def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+            super().parse_arguments(parser, args)
+            check_checkpoint(self.config[self.config.subcommand].get('ckpt_path'))
+
         def before_instantiate_classes(self) -> None:
             share_log_version(self.config[self.subcommand].trainer)
 
@@ -78,10 +82,24 @@ def run_lightning(task: str, argv: List[str]) -> None:
         def after_fit(self) -> None:
             report_outputs(self.trainer)
 
-    MSMLPCLI(BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-             seed_everything_default=0, args=argv,
-             parser_kwargs={cmd: {'default_config_files': [str(task_config(task))]} for cmd in SUBCOMMANDS},
-             save_config_kwargs={'overwrite': True})
+    prog_argv, sys.argv = sys.argv, ['msmlp']  # argv goes in as args: no clash with sys.argv
+    try:
+        MSMLPCLI(BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                 seed_everything_default=0, args=argv,
+                 parser_kwargs={cmd: {'default_config_files': [str(task_config(task))], 'prog': f'msmlp {cmd}'}
+                                for cmd in SUBCOMMANDS},
+                 save_config_kwargs={'overwrite': True})
+    finally:
+        sys.argv = prog_argv
+
+
+def check_checkpoint(path: Optional[str]) -> None:
+    """Fail early, naming the file, on a ``--ckpt_path`` that is missing or not a checkpoint
+    (Lightning's own keywords such as ``last`` pass through)."""
+    if path is None or path in ('last', 'best', 'hpc', 'registry') or '://' in str(path):
+        return
+    from msmlp import read_checkpoint
+    read_checkpoint(path)  # CheckpointError naming the file; nothing pickled is executed
 
 
 def share_log_version(trainer_config) -> None:

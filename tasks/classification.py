@@ -171,6 +171,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.classes: Optional[List[str]] = None
+        self.class_folder: Optional[Path] = None  # the folder whose sub-folders named the classes
         self.datasets: Dict[str, ImageFiles] = {}
 
     @property
@@ -210,8 +211,10 @@ class ImageFolderDataModule(LightningDataModule):
             self.datasets['predict'] = ImageFiles([(p, p) for p in paths], self.eval_transform())
             return
         root = self.root
-        class_source = root / hp.train_split if (stage == 'fit' or (root / hp.train_split).is_dir()) else None
-        self.classes = class_folders(class_source or root / (hp.test_split if stage == 'test' else hp.val_split))
+        own_split = hp.test_split if stage == 'test' else hp.val_split
+        train = root / hp.train_split
+        self.class_folder = train if stage == 'fit' or train.is_dir() else root / own_split
+        self.classes = class_folders(self.class_folder)
         if stage == 'fit':
             self.datasets['train'] = self._split(hp.train_split, self.train_transform())
         if stage in ('fit', 'validate'):
@@ -305,6 +308,8 @@ class ClassificationTask(BaseTask):
         if hp.pretrained:
             msmlp.load_pretrained(self.model, hp.pretrained)
         self.ema = ModelEmaV3(self.model, decay=hp.ema_decay) if hp.ema else None
+        if self.ema is not None:
+            self.ema.train()  # never run in training; Lightning sets eval mode for validation
 
     def configure_losses(self) -> None:
         hp = self.hparams
@@ -340,7 +345,7 @@ class ClassificationTask(BaseTask):
         classes = getattr(data, 'classes', None)
         if classes is None:
             return
-        where = getattr(data, 'root', 'the data')
+        where = getattr(data, 'class_folder', None) or 'the data'
         if len(classes) != self.hparams.num_classes:
             raise InputError(f'num_classes differs: the model has num_classes={self.hparams.num_classes} but '
                              f'{where} has {len(classes)} class folders; set --model.init_args.num_classes='

@@ -43,7 +43,8 @@ from torch.utils.data import Dataset
 from tasks.base import InputError
 from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask
 
-__all__ = ['DetectionTask', 'CocoDataModule', 'read_coco', 'check_coco', 'CocoTargets', 'coco_map_names']
+__all__ = ['DetectionTask', 'CocoDataModule', 'read_coco', 'check_coco', 'CocoTargets', 'coco_map_metric',
+           'coco_map_names', 'predictions']
 
 _REQUIRED = {
     'images': ('id', 'file_name', 'height', 'width'),
@@ -110,6 +111,8 @@ def _read_coco(path: str, mtime: int, size: int) -> dict:
         if ann['category_id'] not in category_ids:
             raise InputError(f'{path}: annotation {ann["id"]} has category_id {ann["category_id"]}, which is not '
                              f'in its categories list (ids {sorted(category_ids)})')
+        if not isinstance(ann['area'], (int, float)) or ann['area'] < 0:
+            raise InputError(f'{path}: annotation {ann["id"]} has area {ann["area"]!r}, not a number >= 0')
         bbox = ann['bbox']
         if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
             raise InputError(f'{path}: annotation {ann["id"]} has bbox {bbox!r}, not [x, y, width, height]')
@@ -211,7 +214,8 @@ class CocoTargets:
         target = dict(boxes=boxes.float(),
                       labels=torch.tensor([self.cat2label[a['category_id']] for a in anns], dtype=torch.long),
                       iscrowd=torch.tensor([int(bool(a.get('iscrowd', 0))) for a in anns], dtype=torch.long),
-                      area=torch.tensor([float(a['area']) for a in anns], dtype=torch.float32))
+                      # torchmetrics replaces an area of 0 by the box's or mask's; COCOeval keeps 0
+                      area=torch.tensor([float(a['area']) or 1e-9 for a in anns], dtype=torch.float32))
         if self.with_masks:
             h, w = image['height'], image['width']
             masks = [_mask(a['segmentation'], h, w) for a in anns]
@@ -242,6 +246,17 @@ class _WithTargets(Dataset):
 # ----- metrics -------------------------------------------------------------------------------
 _MAP_NAMES = {'map': 'AP', 'map_50': 'AP50', 'map_75': 'AP75', 'map_small': 'APs', 'map_medium': 'APm',
               'map_large': 'APl'}
+
+
+def coco_map_metric(iou_types: Sequence[str]):
+    """torchmetrics' ``MeanAveragePrecision`` computing exactly what pycocotools' ``COCOeval``
+    (and mmdet's ``CocoMetric``) computes: pycocotools backend, and its float64 IoU and recall
+    thresholds (torchmetrics' defaults are float32, which moves AP by up to ~1e-3)."""
+    from torchmetrics.detection import MeanAveragePrecision
+    iou_thresholds = np.linspace(.5, .95, int(np.round((.95 - .5) / .05)) + 1).tolist()
+    rec_thresholds = np.linspace(.0, 1., int(np.round(1. / .01)) + 1).tolist()
+    return MeanAveragePrecision(iou_type=tuple(iou_types), backend='pycocotools',
+                                iou_thresholds=iou_thresholds, rec_thresholds=rec_thresholds)
 
 
 def coco_map_names(values: Dict[str, torch.Tensor], iou_types: Sequence[str]) -> Dict[str, float]:
@@ -282,11 +297,13 @@ class DetectionTask(OpenMMLabTask):
     """
 
     scope = 'mmdet'
+    runtime_args = ('predict_dir', 'score_thr')
 
     def __init__(self, config: str = 'mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py',
                  cfg_options: Optional[Dict[str, Any]] = None, pretrained: Optional[str] = None,
                  predict_dir: Optional[str] = None, score_thr: float = 0.3):
         super().__init__(config, cfg_options, pretrained, predict_dir)
+        self.score_thr = score_thr
         self._visualizer = None
 
     @property
@@ -298,11 +315,7 @@ class DetectionTask(OpenMMLabTask):
         return ('bbox', 'segm') if self.with_masks else ('bbox',)
 
     def configure_metrics(self) -> None:
-        from torchmetrics.detection import MeanAveragePrecision
-
-        def metric():
-            return MeanAveragePrecision(iou_type=self.iou_types, backend='pycocotools')
-        self.val_metrics, self.test_metrics = metric(), metric()
+        self.val_metrics, self.test_metrics = coco_map_metric(self.iou_types), coco_map_metric(self.iou_types)
 
     def check_classes(self, classes: Sequence[str]) -> None:
         heads = getattr(self.model, 'roi_head', None) or getattr(self.model, 'bbox_head', None)
@@ -315,7 +328,10 @@ class DetectionTask(OpenMMLabTask):
     def update_metrics(self, metrics, outputs: list, batch: dict) -> None:
         if 'targets' not in batch:
             raise RuntimeError('evaluation batches carry no targets: build the data with CocoDataModule')
-        metrics.update(predictions(outputs, self.with_masks), list(batch['targets']))
+        targets = batch['targets']
+        if isinstance(targets, dict):  # pseudo_collate turned the list of dicts into a dict of lists
+            targets = [dict(zip(targets, values)) for values in zip(*targets.values())]
+        metrics.update(predictions(outputs, self.with_masks), list(targets))
 
     def compute_metrics(self, metrics) -> Dict[str, float]:
         return coco_map_names(metrics.compute(), self.iou_types)
@@ -329,7 +345,7 @@ class DetectionTask(OpenMMLabTask):
         image = mmcv.imread(data_sample.img_path, channel_order='rgb')
         data_sample = data_sample.cpu()
         self._visualizer.add_datasample(Path(out_file).stem, image, data_sample, draw_gt=False, show=False,
-                                        out_file=out_file, pred_score_thr=self.hparams['score_thr'])
+                                        out_file=out_file, pred_score_thr=self.score_thr)
 
 
 # ----- data ----------------------------------------------------------------------------------

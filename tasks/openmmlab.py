@@ -39,13 +39,15 @@ DataModule
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import glob
+import logging
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -90,6 +92,18 @@ def _scope(cfg, default: str) -> str:
     return scope
 
 
+@contextlib.contextmanager
+def _quiet_mmengine():
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _plain_state(scheduler) -> dict:
     """A scheduler's state in types ``torch.load(weights_only=True)`` accepts."""
     return {k: dict(v) if isinstance(v, collections.Counter) else v for k, v in scheduler.state_dict().items()}
@@ -116,10 +130,15 @@ class OpenMMLabTask(BaseTask):
     """
 
     scope = 'mmdet'
+    # Run-time options, not properties of the trained model: kept out of the checkpoint's
+    # hyper-parameters, which LightningCLI would otherwise apply over the command line when
+    # given --ckpt_path.
+    runtime_args: Tuple[str, ...] = ('predict_dir',)
 
     def __init__(self, config: str, cfg_options: Optional[Dict[str, Any]] = None,
                  pretrained: Optional[str] = None, predict_dir: Optional[str] = None):
-        super().__init__()
+        super().__init__(ignore=self.runtime_args)
+        self.predict_dir = predict_dir
         self.classes: Optional[Sequence[str]] = None
         self.param_schedulers: List[Any] = []
         self._scheduler_state: Optional[list] = None
@@ -137,7 +156,11 @@ class OpenMMLabTask(BaseTask):
                                                 if hp['pretrained'] else None)
         registry = importlib.import_module(f'{_scope(self.cfg, self.scope)}.registry')
         self.model = registry.MODELS.build(copy.deepcopy(self.cfg.model))
-        self.model.init_weights()
+        init = self.cfg.model.backbone.get('init_cfg')
+        with _quiet_mmengine():  # mmengine logs the initialisation of every parameter
+            self.model.init_weights()
+        if init and init.get('type') == 'Pretrained':
+            print(f'[msmlp] backbone weights: {init["checkpoint"]}', flush=True)
 
     def configure_metrics(self) -> None:
         """Create ``self.val_metrics`` and ``self.test_metrics``."""
@@ -173,7 +196,7 @@ class OpenMMLabTask(BaseTask):
                 cfg['end'] = (self.trainer.max_epochs if cfg.get('by_epoch', True)
                               else int(self.trainer.estimated_stepping_batches))  # as the Runner defaults it
             self.param_schedulers.append(PARAM_SCHEDULERS.build(
-                cfg, default_args=dict(optimizer=self.optim_wrapper, epoch_length=self._epoch_length(cfg))))
+                cfg, default_args=dict(optimizer=self.optim_wrapper.optimizer, epoch_length=self._epoch_length(cfg))))
         if self._scheduler_state is not None:
             for scheduler, state in zip(self.param_schedulers, self._scheduler_state):
                 _load_plain_state(scheduler, state)
@@ -277,8 +300,8 @@ class OpenMMLabTask(BaseTask):
         return outputs
 
     def _predict_dir(self) -> Path:
-        if self.hparams.get('predict_dir'):
-            return Path(self.hparams['predict_dir'])
+        if self.predict_dir:
+            return Path(self.predict_dir)
         return Path(self.trainer.default_root_dir) / 'predictions'
 
     def on_predict_start(self) -> None:

@@ -187,22 +187,34 @@ class CheckSegLabels:
 
 def _insert_label_checks(pipeline: list, check: CheckSegLabels) -> list:
     """``pipeline`` with ``check`` after every ``LoadAnnotations`` (also inside ``TestTimeAug``)."""
+    check_step = dict(type=CheckSegLabels, num_classes=check.num_classes, ignore_index=check.ignore_index)
     out = []
     for step in pipeline:
         step = copy.copy(step)
-        if isinstance(step, dict) and 'transforms' in step:  # TestTimeAug: a list of lists of steps
-            step['transforms'] = [_insert_label_checks(list(group), check) for group in step['transforms']]
+        if isinstance(step, dict) and 'transforms' in step:
+            # TestTimeAug: each group holds alternatives (one view per combination), so the
+            # check is a group of its own after the group that loads the annotations.
+            groups = []
+            for group in step['transforms']:
+                groups.append(group)
+                if any(_loads_annotations(s) for s in group):
+                    groups.append([copy.copy(check_step)])
+            step['transforms'] = groups
         out.append(step)
-        if isinstance(step, dict) and 'LoadAnnotations' in str(step.get('type')):
-            out.append(dict(type=CheckSegLabels, num_classes=check.num_classes, ignore_index=check.ignore_index))
+        if _loads_annotations(step):
+            out.append(copy.copy(check_step))
     return out
+
+
+def _loads_annotations(step) -> bool:
+    return isinstance(step, dict) and 'LoadAnnotations' in str(step.get('type'))
 
 
 def _without_annotations(pipeline: list) -> list:
     """``pipeline`` without ``LoadAnnotations`` (also inside ``TestTimeAug``), for unlabelled images."""
     out = []
     for step in pipeline:
-        if isinstance(step, dict) and 'LoadAnnotations' in str(step.get('type')):
+        if _loads_annotations(step):
             continue
         step = copy.copy(step)
         if isinstance(step, dict) and 'transforms' in step:
@@ -347,8 +359,8 @@ class SegmentationTask(OpenMMLabTask):
 
     # ----- drawing -----------------------------------------------------------------------
     def draw(self, data_sample, out_file: str) -> None:
-        """A colour overlay at ``out_file`` and the label map at ``<dir>/labels/<name>.png``
-        (ADE20K encoding, class + 1 with 0 = other, when the data reduces the zero label)."""
+        """A colour overlay at ``out_file`` and the label map at ``<dir>/labels/<name>.png`` in
+        the dataset's own encoding (:meth:`label_values`)."""
         import mmcv
         classes = self.classes or [str(i) for i in range(self.num_classes)]
         palette = getattr(self, 'palette', None)
@@ -359,17 +371,35 @@ class SegmentationTask(OpenMMLabTask):
         if labels.shape != image.shape[:2]:
             raise RuntimeError(f'prediction {labels.shape} does not match image {data_sample.img_path} {image.shape[:2]}')
         draw_overlay(image, labels, classes, palette, self.hparams.get('overlay_alpha', 0.5)).save(out_file)
-        raw = labels + 1 if data_sample.metainfo.get('reduce_zero_label', True) else labels
+        raw = self.label_values()[labels]
         if raw.max() > 255:
-            raise InputError(f'{len(classes)} classes do not fit an 8-bit label PNG')
+            raise InputError(f'label values up to {raw.max()} do not fit an 8-bit label PNG')
         label_dir = Path(out_file).parent / 'labels'
         label_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(raw.astype(np.uint8), mode='L').save(label_dir / Path(out_file).name)
 
+    def label_values(self) -> np.ndarray:
+        """The label-map value of each predicted class: the inverse of what the dataset does on
+        loading (a class subset's ``label_map``, then ``reduce_zero_label``), so the written maps
+        read like the dataset's own: ADE20K's index + 1, 0 being "other"."""
+        import mmseg.registry
+        dataset_cfg = self.cfg.test_dataloader.dataset
+        while 'dataset' in dataset_cfg:
+            dataset_cfg = dataset_cfg.dataset
+        dataset_type = mmseg.registry.DATASETS.get(dataset_cfg['type'])
+        reduce_zero_label = dataset_cfg.get('reduce_zero_label', _dataset_default(dataset_type, 'reduce_zero_label'))
+        classes = list(self.classes or range(self.num_classes))
+        original = list(getattr(dataset_type, 'METAINFO', {}).get('classes') or [])
+        # As mmseg's BaseSegDataset.get_label_map: a subset of the dataset's classes is remapped.
+        subset = classes != original and original and set(classes) <= set(original)
+        values = np.array([original.index(c) for c in classes] if subset else range(len(classes)), dtype=np.int64)
+        return values + 1 if reduce_zero_label else values
+
     def on_predict_end(self) -> None:
         super().on_predict_end()
-        rank_zero_info(f'[msmlp] colour overlays: {self._predict_dir().resolve()}/<image>.png; label maps '
-                       f'(ADE20K encoding, class + 1): {self._predict_dir().resolve()}/labels/<image>.png')
+        where = self._predict_dir().resolve()
+        rank_zero_info(f'[msmlp] colour overlays: {where}/<image>.png; label maps in the dataset\'s encoding '
+                       f'(ADE20K: class index + 1, 0 = other): {where}/labels/<image>.png')
 
 
 # ----- data --------------------------------------------------------------------------------

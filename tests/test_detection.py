@@ -14,8 +14,8 @@ pytest.importorskip('mmdet', reason='the OpenMMLab stack comes from scripts/setu
 
 import cli  # noqa: E402
 from tasks.base import InputError  # noqa: E402
-from tasks.detection import (CocoDataModule, CocoTargets, DetectionTask, check_coco, coco_map_names,  # noqa: E402
-                             predictions)
+from tasks.detection import (CocoDataModule, CocoTargets, DetectionTask, check_coco, coco_map_metric,  # noqa: E402
+                             coco_map_names, predictions)
 from tasks.embedded import coco as shapes  # noqa: E402
 
 MINI = 'mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py'
@@ -85,7 +85,6 @@ def fake_predictions(targets: CocoTargets, image_id: int, rng: np.random.Generat
 
 def test_metrics_equal_mmdet_coco_metric(tmp_path):
     from mmdet.evaluation import CocoMetric
-    from torchmetrics.detection import MeanAveragePrecision
     data_root = write_shapes(tmp_path / 'data', train=1, val=24)
     ann_file = data_root / 'annotations' / 'instances_val.json'
     edit_json(ann_file, add_awkward_annotations)
@@ -93,7 +92,7 @@ def test_metrics_equal_mmdet_coco_metric(tmp_path):
     rng = np.random.default_rng(0)
     samples = [fake_predictions(targets, image_id, rng) for image_id in targets.images]
 
-    ours = MeanAveragePrecision(iou_type=('bbox', 'segm'), backend='pycocotools')
+    ours = coco_map_metric(('bbox', 'segm'))
     for sample in samples:
         ours.update(predictions([sample], with_masks=True), [targets(sample.img_id)])
     ours = coco_map_names(ours.compute(), ('bbox', 'segm'))

@@ -222,7 +222,7 @@ def _count_windows(model):
 
 
 def test_whole_and_sliding_window_inference(small_root):
-    task = SegmentationTask(inference='slide')
+    task = SegmentationTask(inference='slide').eval()
     assert dict(task.model.test_cfg) == dict(mode='slide', crop_size=(128, 128), stride=(85, 85))
     calls = _count_windows(task.model)
     x = torch.randn(1, 3, 150, 260)
@@ -231,11 +231,26 @@ def test_whole_and_sliding_window_inference(small_root):
         logits = task.model.inference(x, [dict(meta)])
     assert logits.shape == (1, 5, 150, 260)
     assert len(calls) == 2 * 3 and set(calls) == {(128, 128)}  # ceil((150-128)/85)+1 x ceil((260-128)/85)+1
-    whole = SegmentationTask(inference='whole')
+    whole = SegmentationTask(inference='whole').eval()
     calls = _count_windows(whole.model)
     with torch.no_grad():
         whole.model.inference(x, [dict(meta)])
     assert calls == [(150, 260)]
+
+
+def test_tta_averages_three_scales_times_two_flips(small_root):
+    from lightning.pytorch import Trainer
+    task = SegmentationTask(tta=True)
+    views = []
+    original = task.model.test_step
+    task.model.test_step = lambda data: views.append(data['data_samples'][0].metainfo) or original(data)
+    trainer = Trainer(limit_val_batches=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)
+    metrics = trainer.validate(task, ADE20KDataModule(root=str(small_root), num_workers=0), verbose=False)[0]
+    assert len(views) == 6
+    assert sorted((v['flip'], round(v['scale_factor'][0], 2)) for v in views) == \
+        [(False, 0.75), (False, 1.0), (False, 1.25), (True, 0.75), (True, 1.0), (True, 1.25)]
+    assert 0 <= metrics['val/mIoU'] <= 1 and 0 <= metrics['val/aAcc'] <= 1
 
 
 def test_paper_config_slides_512_windows_with_stride_341():

@@ -43,12 +43,16 @@ test_pipeline = [
 data_root = 'data/coco-shapes/'
 train_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
-    dataset=dict(type='CocoDataset', data_root=data_root, metainfo=dict(classes=classes), ann_file='annotations/instances_train.json', data_prefix=dict(img='train/'),
-                 filter_cfg=dict(filter_empty_gt=True, min_size=16), pipeline=train_pipeline))
+    dataset=dict(
+        type='CocoDataset', data_root=data_root, metainfo=dict(classes=classes),
+        ann_file='annotations/instances_train.json', data_prefix=dict(img='train/'),
+        filter_cfg=dict(filter_empty_gt=True, min_size=16), pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=4, num_workers=0, persistent_workers=False,
-    dataset=dict(type='CocoDataset', data_root=data_root, metainfo=dict(classes=classes), ann_file='annotations/instances_val.json', data_prefix=dict(img='val/'),
-                 test_mode=True, pipeline=test_pipeline))
+    dataset=dict(
+        type='CocoDataset', data_root=data_root, metainfo=dict(classes=classes),
+        ann_file='annotations/instances_val.json', data_prefix=dict(img='val/'),
+        test_mode=True, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator

@@ -1,8 +1,8 @@
 """The embedded classification dataset: coloured shapes in the ImageNet-folder layout.
 
 ``train/<class>/*.png`` and ``val/<class>/*.png``, four classes (chance is 0.25). Each
-image is one shape of random colour, size, position and rotation on a random background
-of contrasting colour, with pixel noise, so only the shape identifies the class.
+image is one bright shape of random colour, size, position and tilt (up to 15 degrees) on
+a random dark background, with pixel noise, so only the shape identifies the class.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from tqdm import tqdm
 
 __all__ = ['DIRNAME', 'CLASSES', 'IMAGES_PER_CLASS', 'IMAGE_SIZE', 'write']
 
-DIRNAME = 'imagenet-shapes-v1'
+DIRNAME = 'imagenet-shapes-v2'
 CLASSES = ('circle', 'cross', 'square', 'triangle')
-IMAGES_PER_CLASS = {'train': 160, 'val': 50}
+IMAGES_PER_CLASS = {'train': 400, 'val': 100}
 IMAGE_SIZE = 32
 _SUPERSAMPLE = 4  # draw large, then downscale: anti-aliased edges
 _SEED = 20220213
+_MAX_TILT = math.radians(15)
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list:
@@ -38,11 +39,8 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list:
 
 
 def _colours(rng: np.random.Generator) -> tuple:
-    """A background and a foreground colour that differ clearly in brightness."""
-    while True:
-        bg, fg = rng.integers(0, 256, size=(2, 3))
-        if abs(int(bg.mean()) - int(fg.mean())) > 60:
-            return tuple(int(v) for v in bg), tuple(int(v) for v in fg)
+    """A dark background and a bright foreground colour."""
+    return tuple(int(v) for v in rng.integers(0, 90, size=3)), tuple(int(v) for v in rng.integers(150, 256, size=3))
 
 
 def draw_shape(kind: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
@@ -56,7 +54,7 @@ def draw_shape(kind: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> I
     if kind == 'circle':
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fg)
     else:
-        draw.polygon(_polygon(kind, cx, cy, radius, rng.uniform(0, 2 * math.pi)), fill=fg)
+        draw.polygon(_polygon(kind, cx, cy, radius, rng.uniform(-_MAX_TILT, _MAX_TILT)), fill=fg)
     pixels = np.asarray(image.resize((size, size), Image.LANCZOS), dtype=np.float32)
     pixels += rng.normal(0, 8, size=pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))

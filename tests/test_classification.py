@@ -1,0 +1,516 @@
+"""Classification on Lightning: embedded data, the data module, the released recipe,
+checkpoints, predict, and bad input; all through the real ``msmlp`` CLI where it matters."""
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cli
+import msmlp
+from tasks.base import InputError
+from tasks.classification import ClassificationTask, ImageFolderDataModule, load_rgb
+from tasks.embedded import data_root, ensure_dataset
+from tasks.embedded import imagenet as shapes
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_MODEL = ['--model.init_args.embed_dim=20', '--model.init_args.depths=[1,1,1,1]']
+
+
+# ----- helpers ------------------------------------------------------------------------------
+def write_folder(root: Path, classes=('ant', 'bee', 'cat'), per_class=4, splits=('train', 'val'), size=32):
+    """A tiny ImageNet-style folder of random RGB PNGs."""
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f'{i}.png')
+    return root
+
+
+def msmlp_run(capsys, *args):
+    """``msmlp ARGS`` in-process: (exit status, stdout, stderr)."""
+    status = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def fit_args(root, *extra):
+    return ['fit', '--task', 'cls', f'--data.init_args.root={root}', '--data.init_args.batch_size=4',
+            '--model.init_args.num_classes=3', *SMALL_MODEL, *extra]
+
+
+def read_metrics(run_dir: Path):
+    with open(run_dir / 'metrics.csv') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder (runs/ goes there) with the embedded data under it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('MSMLP_DATA', str(tmp_path / 'data'))
+    return tmp_path
+
+
+# ----- embedded dataset --------------------------------------------------------------------
+def test_embedded_dataset_is_written_once_as_image_files(in_tmp):
+    root = ensure_dataset('imagenet')
+    assert root == data_root() / shapes.DIRNAME and root.parent == in_tmp / 'data'
+    for split, per_class in shapes.IMAGES_PER_CLASS.items():
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(shapes.CLASSES)
+        for name in shapes.CLASSES:
+            files = sorted((root / split / name).iterdir())
+            assert len(files) == per_class and all(f.suffix == '.png' for f in files)
+    assert len(shapes.CLASSES) >= 4  # chance is at most 0.25
+    with Image.open(next((root / 'val' / 'circle').iterdir())) as image:
+        assert image.format == 'PNG' and image.mode == 'RGB' and image.size == (shapes.IMAGE_SIZE,) * 2
+    stamp = (root / 'train' / 'square' / 'square_0000.png').stat().st_mtime_ns
+    assert ensure_dataset('imagenet') == root
+    assert (root / 'train' / 'square' / 'square_0000.png').stat().st_mtime_ns == stamp  # not rewritten
+    assert [p.name for p in root.parent.iterdir()] == [shapes.DIRNAME]  # no temporary folders left
+
+
+def test_interrupted_embedded_write_leaves_nothing(in_tmp, monkeypatch):
+    def failing_write(folder):
+        (folder / 'train').mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shapes, 'write', failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_dataset('imagenet')
+    assert not (in_tmp / 'data').exists() or list((in_tmp / 'data').iterdir()) == []
+
+
+def test_unknown_embedded_dataset():
+    with pytest.raises(KeyError, match='imagenet'):
+        ensure_dataset('mnist')
+
+
+def test_embedded_dataset_is_deterministic():
+    a = np.asarray(shapes.draw_shape('triangle', np.random.default_rng(1)))
+    b = np.asarray(shapes.draw_shape('triangle', np.random.default_rng(1)))
+    assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+
+
+# ----- data module ---------------------------------------------------------------------------
+def test_any_common_format_is_read_as_rgb(tmp_path):
+    folder = tmp_path / 'train' / 'mixed'
+    folder.mkdir(parents=True)
+    grey = Image.fromarray(np.arange(64 * 48, dtype=np.uint32).reshape(48, 64).astype(np.uint8))
+    grey.save(folder / 'grey.png')
+    Image.new('RGBA', (40, 30), (10, 200, 30, 0)).save(folder / 'rgba.png')
+    Image.new('LA', (40, 30), (90, 128)).save(folder / 'grey_alpha.png')
+    Image.new('P', (40, 30), 3).save(folder / 'palette.png', transparency=3)
+    Image.new('RGB', (40, 30), (7, 8, 9)).save(folder / 'scan.tiff')
+    Image.new('RGB', (40, 30), (250, 10, 10)).save(folder / 'photo.JPEG')
+    Image.new('CMYK', (40, 30), (0, 255, 255, 0)).save(folder / 'print.jpg')
+    Image.new('RGB', (40, 30), (1, 2, 3)).save(folder / 'bitmap.bmp')
+    Image.new('RGB', (40, 30), (1, 2, 3)).save(folder / 'web.webp')
+    (folder / 'notes.txt').write_text('not an image: ignored')
+
+    for path in sorted(folder.iterdir()):
+        if path.suffix != '.txt':
+            assert load_rgb(str(path)).mode == 'RGB', path
+    grey_rgb = np.asarray(load_rgb(str(folder / 'grey.png')))
+    assert np.array_equal(grey_rgb[..., 0], np.asarray(grey)) and np.array_equal(grey_rgb[..., 0], grey_rgb[..., 2])
+
+    data = ImageFolderDataModule(root=str(tmp_path), val_split='train', batch_size=8, num_workers=0,
+                                 image_size=32, crop_pct=1.0)
+    data.setup('validate')
+    images, targets = next(iter(data.val_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and targets.tolist() == [0] * 8 and len(data.datasets['val']) == 9
+    assert data.classes == ['mixed']
+
+
+def test_class_order_comes_from_the_training_split(tmp_path):
+    write_folder(tmp_path, classes=('ant', 'bee', 'cat'))
+    for image in (tmp_path / 'val' / 'ant').iterdir():
+        image.unlink()
+    (tmp_path / 'val' / 'ant').rmdir()  # val lacks a class: indices must still follow train
+    data = ImageFolderDataModule(root=str(tmp_path), batch_size=4, num_workers=0, image_size=32)
+    data.setup('fit')
+    assert data.classes == ['ant', 'bee', 'cat'] and data.num_classes == 3
+    assert sorted({t for _, t in data.datasets['val'].samples}) == [1, 2]
+
+
+def test_released_eval_transform():
+    data = ImageFolderDataModule()  # the class defaults are the ImageNet-1K recipe
+    text = repr(data.eval_transform())
+    assert re.search(r'Resize\(size=256, interpolation=bicubic', text), text
+    assert 'CenterCrop(size=(224, 224))' in text
+
+
+def test_released_train_transform():
+    train = ImageFolderDataModule().train_transform()
+    text = repr(train)
+    assert 'RandomResizedCropAndInterpolation(size=(224, 224), scale=(0.08, 1.0)' in text
+    assert 'interpolation=bicubic' in text and 'RandomHorizontalFlip(p=0.5)' in text
+    rand_augment = next(t for t in train.transforms if type(t).__name__ == 'RandAugment')
+    assert rand_augment.num_layers == 2
+    assert {op.magnitude for op in rand_augment.ops} == {9}
+    assert {op.magnitude_std for op in rand_augment.ops} == {0.5}
+    assert any('Increasing' in op.name for op in rand_augment.ops)  # inc1
+    assert not any(type(t).__name__ == 'ColorJitter' for t in train.transforms)  # as released: off under RA
+    erasing = train.transforms[-1]
+    assert type(erasing).__name__ == 'RandomErasing'
+    assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, 'pixel', 1)
+
+
+# ----- released recipe -------------------------------------------------------------------------
+class FakeTrainer:
+    """What ``configure_optimizers`` reads from the trainer, for 8 GPUs x 128 on ImageNet."""
+
+    def __init__(self, batch_size=128, world_size=8, steps_per_epoch=1251, epochs=300):
+        self.datamodule = type('DataModule', (), {'batch_size': batch_size})()
+        self.world_size, self.accumulate_grad_batches = world_size, 1
+        self.num_training_batches, self.max_epochs = steps_per_epoch, epochs
+        self.estimated_stepping_batches = steps_per_epoch * epochs
+        self.global_step = 0
+
+
+@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
+def test_recipe_configs_hold_the_released_recipe(size, capsys):
+    status, out, _ = msmlp_run(capsys, 'fit', '--task', 'cls', '--config',
+                               str(REPO / f'configs/cls/msmlp_{size}_in1k.yaml'), '--print_config')
+    assert status == 0
+    import yaml
+    config = yaml.safe_load(out)
+    model, data, trainer = config['model']['init_args'], config['data']['init_args'], config['trainer']
+    assert model['model'] == f'msmlp_{size}' and model['drop_path_rate'] == msmlp.RECIPE_DROP_PATH[f'msmlp_{size}']
+    assert (model['lr'], model['lr_batch_size'], model['warmup_epochs'], model['warmup_lr'], model['min_lr']) == (
+        5e-4, 512, 20, 5e-7, 5e-6)
+    assert (model['weight_decay'], model['betas'], model['eps']) == (0.05, [0.9, 0.999], 1e-8)
+    assert (model['mixup_alpha'], model['cutmix_alpha'], model['mixup_prob'], model['mixup_switch_prob'],
+            model['mixup_mode'], model['label_smoothing']) == (0.8, 1.0, 1.0, 0.5, 'batch', 0.1)
+    assert model['ema'] is False and model['ema_decay'] == 0.9999
+    assert (data['auto_augment'], data['color_jitter'], data['re_prob'], data['re_mode'], data['re_count']) == (
+        'rand-m9-mstd0.5-inc1', 0.4, 0.25, 'pixel', 1)
+    assert (data['interpolation'], data['image_size'], data['crop_pct']) == ('bicubic', 224, 0.875)
+    assert (trainer['max_epochs'], trainer['gradient_clip_val']) == (300, 5.0)
+    assert config['seed_everything'] == 0
+
+
+def test_recipe_optimizer_and_schedule():
+    task = ClassificationTask(model='msmlp_tiny')  # class defaults: the released tiny recipe
+    assert sum(p.numel() for p in task.model.parameters()) == pytest.approx(28.66e6, abs=0.005e6)
+    assert task.model.layers[3].blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    task.trainer = FakeTrainer()
+    config = task.configure_optimizers()
+    optimizer, scheduler = config['optimizer'], config['lr_scheduler']['scheduler']
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults['betas'] == (0.9, 0.999) and optimizer.defaults['eps'] == 1e-8
+
+    decay_of = {id(p): g['weight_decay'] for g in optimizer.param_groups for p in g['params']}
+    names = dict(task.named_parameters())
+    no_decay = sorted(n for n, p in names.items() if decay_of[id(p)] == 0)
+    decay = sorted(n for n, p in names.items() if decay_of[id(p)] == 0.05)
+    assert len(no_decay) + len(decay) == len(names)
+    assert 'model.layers.0.blocks.0.gamma' in no_decay and 'model.head.bias' in no_decay
+    assert 'model.norm.weight' in no_decay and 'model.layers.1.downsample.norm.weight' in no_decay
+    assert all(names[n].ndim > 1 for n in decay) and 'model.head.weight' in decay
+    assert 'model.layers.0.blocks.0.dwconv_lr.2.weight' in decay and 'model.patch_embed.proj.weight' in decay
+
+    # lr x 1024/512; warm-up from 1e-6 over 20 epochs; one cosine over the whole run to 1e-5
+    steps = 1251
+    lr_at = lambda step: scheduler._get_lr(step)[0]  # noqa: E731
+    assert lr_at(0) == pytest.approx(1e-6)
+    assert lr_at(10 * steps) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)  # linear towards the base lr
+    peak = 1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 20 / 300))
+    assert lr_at(20 * steps) == pytest.approx(peak)
+    assert lr_at(300 * steps) == pytest.approx(1e-5)
+    assert optimizer.param_groups[0]['lr'] == pytest.approx(1e-6)  # the first step's lr
+
+
+def test_recipe_losses_and_mixup():
+    from timm.loss import SoftTargetCrossEntropy
+    task = ClassificationTask(model='msmlp_tiny', num_classes=10, embed_dim=20, depths=[1, 1, 1, 1])
+    assert isinstance(task.train_loss, SoftTargetCrossEntropy)
+    mixup = task.mixup
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.mode,
+            mixup.label_smoothing) == (0.8, 1.0, 1.0, 0.5, 'batch', 0.1)
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    _, soft = mixup(images, targets)
+    assert soft.shape == (4, 10) and torch.allclose(soft.sum(1), torch.ones(4))
+    assert soft.min() >= 0.1 / 10 * 0.99  # label smoothing inside the soft targets
+
+    plain = ClassificationTask(num_classes=10, embed_dim=20, depths=[1, 1, 1, 1], mixup_alpha=0, cutmix_alpha=0)
+    assert plain.mixup is None and type(plain.train_loss).__name__ == 'LabelSmoothingCrossEntropy'
+    assert plain.train_loss.smoothing == 0.1
+
+
+def test_class_names_must_match_num_classes():
+    with pytest.raises(InputError, match='class_names has 2 names but num_classes=3'):
+        ClassificationTask(num_classes=3, class_names=['a', 'b'], embed_dim=20, depths=[1, 1, 1, 1])
+
+
+# ----- the CLI on a tiny folder: training, checkpoints, validate, resume, predict ---------------
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """One short ``msmlp fit`` on a tiny folder: its run folder and data."""
+    tmp = tmp_path_factory.mktemp('trained')
+    data = write_folder(tmp / 'data', per_class=4)
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        status = cli.main(fit_args(data, '--trainer.max_epochs=1'))
+    finally:
+        os.chdir(cwd)
+    assert status == 0
+    run = tmp / 'runs' / 'cls' / 'version_0'
+    return {'tmp': tmp, 'data': data, 'run': run, 'last': run / 'checkpoints' / 'last.ckpt',
+            'best': next((run / 'checkpoints').glob('best-*.ckpt'))}
+
+
+def test_fit_writes_best_and_last_checkpoints_and_logs(trained):
+    run = trained['run']
+    assert trained['last'].is_file() and trained['best'].is_file()
+    assert (run / 'metrics.csv').is_file() and list(run.glob('events.out.tfevents.*'))
+    assert (run / 'config.yaml').is_file() and 'ImageFolderDataModule' in (run / 'config.yaml').read_text()
+    assert any(row['val/top1'] for row in read_metrics(run))
+
+
+def test_fit_reports_where_outputs_went(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder', per_class=2)
+    status, out, _ = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.init_args.batch_size=2'))
+    assert status == 0
+    assert 'best checkpoint: runs/cls/version_0/checkpoints/best-epoch000.ckpt' in out
+    assert 'last checkpoint: runs/cls/version_0/checkpoints/last.ckpt' in out
+    assert 'runs/cls/version_0/metrics.csv' in out and 'tensorboard --logdir runs/cls/version_0' in out
+    status, out, _ = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.init_args.batch_size=2'))
+    assert 'runs/cls/version_1/checkpoints/last.ckpt' in out  # a new run never overwrites an old one
+
+
+def test_checkpoint_loads_weights_only_with_plain_class_names(trained):
+    checkpoint = torch.load(trained['best'], weights_only=True, map_location='cpu')
+    names = checkpoint['hyper_parameters']['class_names']
+    assert names == ['ant', 'bee', 'cat'] and all(type(n) is str for n in names)
+    assert all(k.startswith('model.') for k in checkpoint['state_dict'])
+
+
+def test_checkpoint_loads_through_msmlp_load_pretrained(trained):
+    task = ClassificationTask.load_from_checkpoint(trained['best'], map_location='cpu').eval()
+    backbone = msmlp.MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1)).eval()
+    report = msmlp.load_pretrained(backbone, trained['best'])
+    assert report['dropped'] == []
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone(images), task(images))
+
+
+def test_validate_from_checkpoint_reproduces_the_figure(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained['tmp'])
+    fitted = [float(r['val/top1']) for r in read_metrics(trained['run']) if r['val/top1']][-1]
+    status, out, _ = msmlp_run(capsys, 'validate', '--task', 'cls', f'--data.init_args.root={trained["data"]}',
+                               f'--ckpt_path={trained["last"]}')
+    assert status == 0
+    validated = float(re.search(r'val/top1\s*[│|]\s*([0-9.]+)', out).group(1))
+    assert validated == pytest.approx(fitted, abs=1e-6)
+
+
+def test_test_subcommand(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained['tmp'])
+    status, out, _ = msmlp_run(capsys, 'test', '--task', 'cls', f'--data.init_args.root={trained["data"]}',
+                               f'--ckpt_path={trained["last"]}')
+    assert status == 0 and 'test/top1' in out
+
+
+def test_fit_resumes_from_the_last_checkpoint(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained['tmp'])
+    status, _, _ = msmlp_run(capsys, *fit_args(trained['data'], '--trainer.max_epochs=2',
+                                               f'--ckpt_path={trained["last"]}'))
+    assert status == 0
+    resumed = max(int(p.name.split('_')[1]) for p in (trained['tmp'] / 'runs' / 'cls').glob('version_*'))
+    rows = read_metrics(trained['tmp'] / 'runs' / 'cls' / f'version_{resumed}')
+    assert {int(r['epoch']) for r in rows} == {1}  # only the second epoch ran
+
+
+@pytest.mark.parametrize('target', ['image', 'folder'])
+def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained['tmp'])
+    folder = trained['data'] / 'val' / 'bee'
+    path = folder / '0.png' if target == 'image' else folder
+    status, out, _ = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                               f'--data.predict_path={path}')
+    assert status == 0
+    images = [folder / '0.png'] if target == 'image' else sorted(folder.iterdir())
+    for image in images:
+        block = out[out.index(str(image)):].splitlines()[1:4]
+        ranked = [re.fullmatch(r'\s+(\d)\. ([0-9.]+)  (\w+)', line).groups() for line in block]
+        assert [r[0] for r in ranked] == ['1', '2', '3']  # 3 classes: top-3
+        assert sorted(r[2] for r in ranked) == ['ant', 'bee', 'cat']
+        probabilities = [float(r[1]) for r in ranked]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1, abs=2e-4)
+
+
+def test_predict_shows_at_most_five_classes(in_tmp, capsys):
+    task = ClassificationTask(num_classes=7, class_names=list('abcdefg'), embed_dim=20, depths=[1, 1, 1, 1])
+    results = task.predict_step((torch.randn(2, 3, 32, 32), ['x.png', 'y.png']), 0)
+    assert [len(r['top5']) for r in results] == [5, 5]
+    assert set(capsys.readouterr().out.splitlines()[1:6]) and results[0]['path'] == 'x.png'
+
+
+def test_ema_weights_are_kept_beside_the_model(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder', per_class=2)
+    status, _, _ = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.init_args.batch_size=2',
+                                               '--model.init_args.ema=true', '--model.init_args.ema_decay=0.5'))
+    assert status == 0
+    path = in_tmp / 'runs/cls/version_0/checkpoints/last.ckpt'
+    checkpoint = torch.load(path, weights_only=True)
+    assert all(k.startswith('model.') for k in checkpoint['state_dict'])
+    ema = checkpoint['ema_state_dict']
+    key = 'layers.0.blocks.0.pwconv1.weight'
+    assert not torch.equal(ema[f'ema.module.{key}'], checkpoint['state_dict'][f'model.{key}'])
+    assert any(r.get('val/top1_ema') for r in read_metrics(in_tmp / 'runs/cls/version_0'))
+    task = ClassificationTask.load_from_checkpoint(path)
+    assert torch.equal(task.ema.module.state_dict()[key], ema[f'ema.module.{key}'])
+    msmlp.load_pretrained(msmlp.MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1)), path)
+
+
+def test_embedded_default_fast_dev_run(in_tmp, capsys):
+    status, out, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--trainer.fast_dev_run=true')
+    assert status == 0, err
+    assert (in_tmp / 'data' / shapes.DIRNAME / 'train' / 'circle').is_dir()
+
+
+def test_recipe_config_trains_fast_dev_run(in_tmp, capsys):
+    """The full recipe machinery (RandAugment, erasing, Mixup/CutMix, soft-target loss,
+    clipping, scaled lr) runs end to end."""
+    data = write_folder(in_tmp / 'folder', classes=('a', 'b', 'c', 'd'), per_class=2)
+    status, _, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--config',
+                               str(REPO / 'configs/cls/msmlp_tiny_in1k.yaml'), f'--data.init_args.root={data}',
+                               '--data.init_args.image_size=32', '--data.init_args.batch_size=4',
+                               '--data.init_args.num_workers=0', '--model.init_args.num_classes=4', *SMALL_MODEL,
+                               '--trainer.fast_dev_run=true')
+    assert status == 0, err
+
+
+# ----- bad input -----------------------------------------------------------------------------
+def test_missing_data_folder_is_named(in_tmp, capsys):
+    status, _, err = msmlp_run(capsys, *fit_args(in_tmp / 'nowhere', '--trainer.fast_dev_run=true'))
+    assert status == 1
+    assert f'data folder not found: {in_tmp / "nowhere" / "train"}' in err
+    assert 'Traceback' not in err
+
+
+def test_empty_class_folder_is_named(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder')
+    (data / 'train' / 'dog').mkdir()
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true',
+                                                 '--model.init_args.num_classes=4'))
+    assert status == 1 and f'empty class folder: {data / "train" / "dog"}' in err
+
+
+def test_folder_without_class_folders_is_named(in_tmp, capsys):
+    data = in_tmp / 'flat'
+    (data / 'train').mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(data / 'train' / 'loose.png')
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true'))
+    assert status == 1 and f'no class folders in {data / "train"}' in err
+
+
+def test_num_classes_differing_from_the_data_is_named(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder', classes=('ant', 'bee', 'cat'))
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true',
+                                                 '--model.init_args.num_classes=5'))
+    assert status == 1
+    assert 'num_classes=5' in err and '3 class folders' in err and str(data / 'train') in err
+
+
+def test_class_folders_differing_from_the_checkpoint_are_refused(trained, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    other = write_folder(tmp_path / 'other', classes=('dog', 'eel', 'fox'), per_class=1)
+    status, _, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--data.init_args.root={other}',
+                               f'--ckpt_path={trained["best"]}')
+    assert status == 1 and 'differ from the model' in err and "'dog'" in err
+
+
+def test_val_class_outside_training_classes_is_named(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder')
+    write_folder(data, classes=('yak',), splits=('val',), per_class=1)
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true'))
+    assert status == 1 and str(data / 'val') in err and "['yak']" in err
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'empty'])
+@pytest.mark.parametrize('workers', [0, 1])
+def test_unreadable_image_fails_naming_the_file(damage, workers, in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder', per_class=2)
+    bad = data / 'val' / 'ant' / 'broken.png'  # in the first validation batch
+    if damage == 'garbage':
+        bad.write_bytes(b'this is not a png at all')
+    elif damage == 'truncated':
+        bad.write_bytes((data / 'val' / 'ant' / '0.png').read_bytes()[:200])
+    else:
+        bad.write_bytes(b'')
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true',
+                                                 f'--data.init_args.num_workers={workers}'))
+    assert status == 1
+    assert f'cannot read image {bad}' in err
+    assert err.strip().count('\n') == 0  # one line, no traceback
+
+
+def test_predict_path_missing_or_without_images(trained, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                               f'--data.predict_path={tmp_path / "missing.png"}')
+    assert status == 1 and f'predict_path not found: {tmp_path / "missing.png"}' in err
+    (tmp_path / 'empty').mkdir()
+    status, _, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                               f'--data.predict_path={tmp_path / "empty"}')
+    assert status == 1 and f'no image files under predict_path {tmp_path / "empty"}' in err
+
+
+def test_missing_or_broken_checkpoint_is_named(in_tmp, capsys):
+    status, _, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--ckpt_path={in_tmp / "gone.ckpt"}')
+    assert status == 1 and f'checkpoint not found: {in_tmp / "gone.ckpt"}' in err
+    (in_tmp / 'broken.ckpt').write_bytes(b'PK\x03\x04 truncated')
+    status, _, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--ckpt_path={in_tmp / "broken.ckpt"}')
+    assert status == 1 and f'cannot read {in_tmp / "broken.ckpt"}' in err
+    assert not (in_tmp / 'data').exists()  # failed before any work
+
+
+# ----- the real run on the embedded default ------------------------------------------------------
+@pytest.mark.slow
+def test_embedded_default_trains_to_90_percent_and_validate_reproduces_it(tmp_path):
+    """``msmlp fit --task cls`` with nothing else: >= 0.9 top-1 (chance 0.25) within 5 minutes
+    on 2 CPU cores; ``msmlp validate --ckpt_path`` gives the same figure."""
+    script = Path(sys.executable).parent / 'msmlp'
+    msmlp_cmd = [str(script)] if script.exists() else [sys.executable, '-m', 'cli']
+    env = dict(os.environ, MSMLP_DATA=str(tmp_path / 'data'), PYTHONPATH=str(REPO))
+    start = time.perf_counter()
+    fit = subprocess.run([*msmlp_cmd, 'fit', '--task', 'cls'], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=900)
+    minutes = (time.perf_counter() - start) / 60
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    best = re.search(r'best checkpoint: (\S+) \(val/top1 = ([0-9.]+)\)', fit.stdout)
+    assert best, fit.stdout[-3000:]
+    top1 = float(best.group(2))
+    print(f'embedded default: val/top1 {top1:.4f} in {minutes:.2f} min')
+    assert top1 >= 0.9
+    assert minutes <= 5
+    assert 'last checkpoint: runs/cls/version_0/checkpoints/last.ckpt' in fit.stdout
+    assert 'runs/cls/version_0/metrics.csv' in fit.stdout
+
+    checkpoint = tmp_path / best.group(1)
+    validate = subprocess.run([*msmlp_cmd, 'validate', '--task', 'cls', f'--ckpt_path={checkpoint}'],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    assert float(re.search(r'val/top1\s*[│|]\s*([0-9.]+)', validate.stdout).group(1)) == pytest.approx(top1, abs=1e-4)
+
+    image = tmp_path / 'data' / shapes.DIRNAME / 'val' / 'triangle' / 'triangle_0000.png'
+    predict = subprocess.run([*msmlp_cmd, 'predict', '--task', 'cls', f'--ckpt_path={checkpoint}',
+                              f'--data.predict_path={image}'], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    assert re.search(r'1\. [0-9.]+  triangle', predict.stdout), predict.stdout[-2000:]

@@ -1,0 +1,153 @@
+"""The ``msmlp`` command line: task selection, config layering, help, dispatch, install."""
+import os
+import subprocess
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def print_config(capsys, *args):
+    """The merged config ``msmlp fit --task cls ... --print_config`` prints, as a dict."""
+    assert cli.main(['fit', '--task', 'cls', *args, '--print_config']) == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_configs_are_found_beside_the_installed_module():
+    assert cli.CONFIGS_DIR == Path(cli.__file__).resolve().parent / 'configs'
+    assert cli.task_config('cls').is_file()
+
+
+def test_task_default_is_the_first_config(capsys):
+    config = print_config(capsys)
+    assert config['task'] == 'cls'
+    assert config['model']['class_path'] == 'tasks.classification.ClassificationTask'
+    assert config['model']['init_args']['embed_dim'] == 40  # the embedded default's small MS-MLP
+    assert config['data']['init_args']['root'] is None  # the embedded dataset
+    assert config['checkpoint']['monitor'] == 'val/top1' and config['checkpoint']['save_last'] is True
+    assert [logger['class_path'].rsplit('.', 1)[1] for logger in config['trainer']['logger']] == [
+        'CSVLogger', 'TensorBoardLogger']
+
+
+def test_config_file_then_flags_override_the_task_default(capsys, tmp_path):
+    override = tmp_path / 'override.yaml'
+    override.write_text('data:\n  init_args:\n    batch_size: 8\n    image_size: 48\ntrainer:\n  max_epochs: 3\n')
+    config = print_config(capsys, '--config', str(override))
+    assert config['data']['init_args']['batch_size'] == 8
+    assert config['data']['init_args']['image_size'] == 48
+    assert config['trainer']['max_epochs'] == 3
+    assert config['model']['init_args']['embed_dim'] == 40  # untouched values keep the task default
+
+    config = print_config(capsys, '--config', str(override), '--data.init_args.batch_size=16', '--trainer.max_epochs', '5')
+    assert config['data']['init_args']['batch_size'] == 16
+    assert config['data']['init_args']['image_size'] == 48
+    assert config['trainer']['max_epochs'] == 5
+
+
+def test_short_flags_without_init_args(capsys):
+    config = print_config(capsys, '--data.predict_path', 'some/image.png', '--model.lr=0.01')
+    assert config['data']['init_args']['predict_path'] == 'some/image.png'
+    assert config['model']['init_args']['lr'] == 0.01
+
+
+def test_recipe_config_layers_over_the_default(capsys):
+    config = print_config(capsys, '--config', str(REPO / 'configs/cls/msmlp_small_in1k.yaml'))
+    model = config['model']['init_args']
+    assert model['model'] == 'msmlp_small' and model['embed_dim'] is None and model['depths'] is None
+    assert model['num_classes'] == 1000
+    assert config['data']['init_args']['image_size'] == 224
+    assert config['trainer']['max_epochs'] == 300
+
+
+@pytest.mark.parametrize('argv', [['--help'], ['fit', '--help'], ['fit', '--task', 'cls', '--help'],
+                                  ['predict', '--help']])
+def test_help(argv, capsys):
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert '--task' in out
+    if argv[0] == 'fit':
+        assert '--config' in out and '--print_config' in out and '--trainer.max_epochs' in out
+
+
+def test_no_arguments_prints_usage_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert 'usage: msmlp' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('task', ['det', 'seg'])
+def test_task_without_default_config_is_not_available_yet(task, capsys, monkeypatch, tmp_path):
+    (tmp_path / 'cls').mkdir()
+    (tmp_path / 'cls' / 'default.yaml').write_text((REPO / 'configs/cls/default.yaml').read_text())
+    monkeypatch.setattr(cli, 'CONFIGS_DIR', tmp_path)
+    assert cli.main(['fit', '--task', task]) == 2
+    err = capsys.readouterr().err
+    assert 'not available yet' in err and f'{task}/default.yaml' in err
+
+    (tmp_path / task).mkdir()
+    (tmp_path / task / 'default.yaml').write_text((REPO / 'configs/cls/default.yaml').read_text())
+    assert cli.main(['fit', f'--task={task}', '--print_config']) == 0  # available once its config exists
+    assert f'task: {task}' in capsys.readouterr().out
+
+
+def test_unknown_task(capsys):
+    assert cli.main(['fit', '--task', 'pose']) == 2
+    assert "unknown task 'pose'" in capsys.readouterr().err
+
+
+def test_bad_flag_value_exits_with_the_parser_error(capsys):
+    assert cli.main(['fit', '--task', 'cls', '--trainer.max_epochs=many']) != 0
+    assert 'max_epochs' in capsys.readouterr().err
+
+
+def test_benchmark_is_dispatched_with_its_arguments(monkeypatch):
+    calls = []
+    fake = types.ModuleType('msmlp.benchmark')
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, 'msmlp.benchmark', fake)
+    assert cli.main(['benchmark', '--model', 'msmlp_tiny', '--batch-size', '4']) == 0
+    assert calls == [['--model', 'msmlp_tiny', '--batch-size', '4']]
+
+
+def test_console_entry_point_runs_in_a_fresh_process(tmp_path):
+    script = Path(sys.executable).parent / 'msmlp'
+    command = [str(script)] if script.exists() else [sys.executable, '-m', 'cli']
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([*command, 'fit', '--task', 'cls', '--print_config'], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 'tasks.classification.ImageFolderDataModule' in done.stdout
+
+
+def test_wheel_installs_cli_tasks_and_configs(tmp_path):
+    """``pip install .`` (not editable) ships cli.py beside the configs package."""
+    built = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q',
+                            '-w', str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300)
+    if built.returncode != 0 and 'No module named' in built.stderr:
+        pytest.skip(f'cannot build a wheel here: {built.stderr.strip().splitlines()[-1]}')
+    assert built.returncode == 0, built.stderr
+    wheel, = tmp_path.glob('msmlp-*.whl')
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ['cli.py', 'tasks/classification.py', 'tasks/embedded/imagenet.py', 'configs/cls/default.yaml',
+                 'configs/cls/msmlp_tiny_in1k.yaml', 'configs/cls/msmlp_small_in1k.yaml',
+                 'configs/cls/msmlp_base_in1k.yaml']:
+        assert name in names, f'{name} missing from {wheel.name}'
+
+    site = tmp_path / 'site'
+    zipfile.ZipFile(wheel).extractall(site)  # what pip install puts in site-packages
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site))
+    code = ('import cli, sys; assert cli.__file__.startswith(sys.argv[1]), cli.__file__; '
+            'sys.exit(cli.main(sys.argv[2:]))')
+    done = subprocess.run([sys.executable, '-c', code, str(site), 'fit', '--task', 'cls', '--print_config'],
+                          cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 'embed_dim: 40' in done.stdout
