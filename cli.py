@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -74,7 +75,11 @@ def run_lightning(task: str, argv: List[str]) -> None:
             check_checkpoint(self.config[self.config.subcommand].get('ckpt_path'))
 
         def before_instantiate_classes(self) -> None:
-            share_log_version(self.config[self.subcommand].trainer)
+            self.pinned_versions = share_log_version(self.config[self.subcommand].trainer)
+
+        def after_instantiate_classes(self) -> None:
+            for logger_args in self.pinned_versions:  # the saved config.yaml stays reusable
+                logger_args['version'] = None
 
         def before_fit(self) -> None:
             print(f'msmlp: task {task}; logs and checkpoints go to {self.trainer.log_dir}')
@@ -84,11 +89,14 @@ def run_lightning(task: str, argv: List[str]) -> None:
 
     prog_argv, sys.argv = sys.argv, ['msmlp']  # argv goes in as args: no clash with sys.argv
     try:
-        MSMLPCLI(BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 seed_everything_default=0, args=argv,
-                 parser_kwargs={cmd: {'default_config_files': [str(task_config(task))], 'prog': f'msmlp {cmd}'}
-                                for cmd in SUBCOMMANDS},
-                 save_config_kwargs={'overwrite': True})
+        with warnings.catch_warnings():
+            if argv[:1] != ['fit']:  # a checkpoint's own run folder does not matter here
+                warnings.filterwarnings('ignore', message='The dirpath has changed')
+            MSMLPCLI(BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     seed_everything_default=0, args=argv,
+                     parser_kwargs={cmd: {'default_config_files': [str(task_config(task))],
+                                          'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS},
+                     save_config_kwargs={'overwrite': True})
     finally:
         sys.argv = prog_argv
 
@@ -102,24 +110,25 @@ def check_checkpoint(path: Optional[str]) -> None:
     read_checkpoint(path)  # CheckpointError naming the file; nothing pickled is executed
 
 
-def share_log_version(trainer_config) -> None:
-    """Give every logger that has no version the same next free ``version_N`` under its
-    save_dir, so CSV and TensorBoard logs and the checkpoints share one run folder."""
+def share_log_version(trainer_config) -> list:
+    """Give the loggers that have no version the next free ``version_N`` of their folder,
+    the same for loggers sharing a folder, so CSV and TensorBoard logs and the checkpoints
+    share one run folder. Returns the logger ``init_args`` it changed."""
     loggers = trainer_config.get('logger')
     if not isinstance(loggers, list):
-        return
-    for logger in loggers:
-        args = logger.get('init_args') if hasattr(logger, 'get') else None
-        if args is None or args.get('version') is not None or args.get('save_dir') is None:
-            continue
+        return []
+    unversioned = [logger.get('init_args') for logger in loggers if hasattr(logger, 'get')]
+    unversioned = [args for args in unversioned if args is not None and args.get('save_dir') is not None
+                   and args.get('version') is None]
+    folders = {}
+    for args in unversioned:
         folder = Path(args['save_dir']) / (args.get('name') or '')
-        taken = [int(m.group(1)) for p in folder.glob('version_*') if (m := re.fullmatch(r'version_(\d+)', p.name))]
-        args['version'] = f'version_{max(taken, default=-1) + 1}'
-        for other in loggers:  # the others in the same folder take the same version
-            other_args = other.get('init_args')
-            if other_args is not None and other_args.get('version') is None and \
-                    Path(other_args.get('save_dir') or '') / (other_args.get('name') or '') == folder:
-                other_args['version'] = args['version']
+        if folder not in folders:
+            taken = [int(m.group(1)) for p in folder.glob('version_*')
+                     if (m := re.fullmatch(r'version_(\d+)', p.name))]
+            folders[folder] = f'version_{max(taken, default=-1) + 1}'
+        args['version'] = folders[folder]
+    return unversioned
 
 
 def report_outputs(trainer) -> None:

@@ -184,7 +184,8 @@ class ImageFolderDataModule(LightningDataModule):
         return Path(root).expanduser() if root is not None else ensure_dataset('imagenet')
 
     def prepare_data(self) -> None:
-        self.root  # writes the embedded dataset once (rank 0 only)
+        if self.hparams.root is None:
+            ensure_dataset('imagenet')  # written once, by rank 0 only
 
     def train_transform(self) -> Any:
         hp = self.hparams

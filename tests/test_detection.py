@@ -306,3 +306,16 @@ def test_embedded_default_reaches_ap50(tmp_path, monkeypatch, capsys):
     assert 'bbox_AP50=' in out
     assert ap50[-1] >= 0.5
     assert elapsed <= 600
+
+
+@pytest.mark.parametrize('yaml', sorted(p.name for p in (Path(cli.__file__).parent / 'configs/det').glob('*.yaml')
+                                        if p.name != 'default.yaml'))
+def test_coco_yaml_configs_point_at_their_mmdet_config(yaml, capsys):
+    """Each configs/det/*.yaml parses on top of the default and names an existing mmdet config."""
+    from tasks.openmmlab import resolve_config
+    path = Path(cli.__file__).parent / 'configs' / 'det' / yaml
+    with pytest.raises(SystemExit):
+        cli.run_lightning('det', ['fit', '--config', str(path), '--print_config'])
+    printed = capsys.readouterr().out
+    assert f'config: mmdet/{yaml[:-len(".yaml")]}.py' in printed and 'root: data/coco' in printed
+    assert resolve_config(f'mmdet/{yaml[:-len(".yaml")]}.py').is_file()
