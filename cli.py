@@ -55,6 +55,17 @@ def _last_line(err: BaseException) -> str:
     return text.splitlines()[-1].split(': ', 1)[-1] if 'Original Traceback' in text else text
 
 
+def _rejected_init_args(err: ValueError) -> Optional[str]:
+    """The task's own complaint when jsonargparse wraps an error raised by a class's
+    ``__init__`` (e.g. arguments that contradict each other) in a union-type error."""
+    text = str(err)
+    if 'Does not validate against any of the Union subtypes' not in text:
+        return None
+    reasons = [m.group(1) for m in re.finditer(r'^\s+- (.+)$', text, re.MULTILINE)
+               if not m.group(1).startswith('Expected a ')]
+    return reasons[0] if reasons else None
+
+
 def run_lightning(task: str, argv: List[str]) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -72,7 +83,18 @@ def run_lightning(task: str, argv: List[str]) -> None:
 
         def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
             super().parse_arguments(parser, args)
+            self.explicit_model_keys = explicit_model_keys(args)
             check_checkpoint(self.config[self.config.subcommand].get('ckpt_path'))
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning lays the checkpoint's hyper-parameters over the whole parsed config;
+            # --model.* flags given on the command line must still win over them.
+            subcommand = self.config.get('subcommand')
+            given = {k: self.config[subcommand].get(k) for k in self.explicit_model_keys} if subcommand else {}
+            super()._parse_ckpt_path()
+            for key, value in given.items():
+                if value is not None:
+                    self.config[subcommand][key] = value
 
         def before_instantiate_classes(self) -> None:
             self.pinned_versions = share_log_version(self.config[self.subcommand].trainer)
@@ -99,6 +121,16 @@ def run_lightning(task: str, argv: List[str]) -> None:
                      save_config_kwargs={'overwrite': True})
     finally:
         sys.argv = prog_argv
+
+
+def explicit_model_keys(argv: Sequence[str]) -> List[str]:
+    """Config keys of the ``--model.X`` flags in ``argv`` (``model.init_args.X``)."""
+    keys = []
+    for arg in argv:
+        if isinstance(arg, str) and arg.startswith('--model.'):
+            key = arg[2:].split('=', 1)[0]
+            keys.append(key if key.startswith('model.init_args.') else 'model.init_args.' + key[len('model.'):])
+    return keys
 
 
 def check_checkpoint(path: Optional[str]) -> None:
@@ -174,6 +206,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_lightning(task, argv)
     except (InputError, CheckpointError) as err:
         print(f'msmlp: error: {_last_line(err)}', file=sys.stderr)
+        return 1
+    except ValueError as err:
+        reason = _rejected_init_args(err)
+        if reason is None:
+            raise
+        print(f'msmlp: error: {reason}', file=sys.stderr)
         return 1
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)

@@ -160,13 +160,17 @@ class CheckSegLabels:
                              f'{results.get("img_path")} is {width}x{height}')
         bad = (seg >= self.num_classes) & (seg != self.ignore_index)
         if bad.any():
-            values = np.unique(seg[bad])
+            # Values outside the classes passed reduce_zero_label (-1) and any class subset's
+            # label_map (which maps only the dataset's own classes) unchanged: report them as stored.
+            label_map = results.get('label_map')
+            stored = len(label_map) if label_map else self.num_classes
+            values = np.unique(seg[bad]).astype(np.int64)
             if results.get('reduce_zero_label'):
-                raw = f'{(values + 1).tolist()[:10]} (ADE20K encoding, 0 = other: classes are 1..{self.num_classes})'
+                found, valid = (values + 1).tolist(), f'0 = other, 1..{stored} = the classes'
             else:
-                raw = f'{values.tolist()[:10]} (classes are 0..{self.num_classes - 1})'
-            raise InputError(f'label map {path} holds values above the class count {self.num_classes} '
-                             f'(other than {self.ignore_index}, ignored): {raw}')
+                found, valid = values.tolist(), f'0..{stored - 1}'
+            raise InputError(f'label map {path} holds values above the class count {stored} (other than '
+                             f'{self.ignore_index}, ignored): {found[:10]}; valid values: {valid}')
         return results
 
     @staticmethod

@@ -339,6 +339,16 @@ def test_fit_resumes_from_the_last_checkpoint(trained, capsys, monkeypatch):
     assert {int(r['epoch']) for r in rows} == {1}  # only the second epoch ran
 
 
+def test_model_flags_win_over_checkpoint_hyperparameters(trained, capsys, monkeypatch):
+    # Lightning lays a checkpoint's hyper-parameters over the config; a flag given on the
+    # command line must still be the one used (here it contradicts the checkpoint, so it fails).
+    monkeypatch.chdir(trained['tmp'])
+    status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--data.init_args.root={trained["data"]}',
+                                 f'--ckpt_path={trained["best"]}', '--model.num_classes=5')
+    assert status != 0
+    assert '5' in err + out and 'class' in (err + out).lower()
+
+
 @pytest.mark.parametrize('target', ['image', 'folder'])
 def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, monkeypatch):
     monkeypatch.chdir(trained['tmp'])

@@ -22,7 +22,8 @@ def test_wheel_holds_every_part(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = ['cli.py', 'msmlp/model.py', 'msmlp/checkpoint.py', 'msmlp/mm.py', 'tasks/classification.py',
                 'tasks/openmmlab.py', 'tasks/embedded/__init__.py', 'configs/cls/default.yaml',
-                'configs/cls/msmlp_tiny_in1k.yaml', 'configs/det/default.yaml', 'configs/seg/default.yaml',
+                'configs/cls/msmlp_tiny_in1k.yaml', 'configs/cls/msmlp_small_in1k.yaml',
+                'configs/cls/msmlp_base_in1k.yaml', 'configs/det/default.yaml', 'configs/seg/default.yaml',
                 'configs/mmdet/mask-rcnn_msmlp-t_fpn_1x_coco.py',
                 'configs/mmseg/msmlp-t_upernet_8xb2-160k_ade20k-512x512.py']
     assert [n for n in expected if n not in names] == []

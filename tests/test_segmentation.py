@@ -164,7 +164,7 @@ def test_label_values_above_the_class_count_name_the_file(small_root):
     labels[0, 0] = 200
     Image.fromarray(labels).save(path)
     _first_item_error(small_root, split='val',
-                      match=r'ADE_val_00000001\.png holds values above the class count .*\[200\]')
+                      match=r"ADE_val_00000001\.png holds values above the class count 150 .*\[200\]; valid values: 0 = other, 1..150")
 
 
 def test_value_255_is_ignored_not_an_error(small_root):
