@@ -50,19 +50,22 @@ def mix_reference(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
 
 # ----- fast: the plan of one block at one input size --------------------------------------------
 class Run(NamedTuple):
-    """Consecutive channel groups sharing a kernel size."""
-    start: int   # first channel
-    end: int     # one past the last channel
-    kernel: int
+    """Consecutive channel groups whose weight gradients are computed together."""
+    start: int     # first channel
+    end: int       # one past the last channel
+    kernel: int    # the largest kernel of its groups
     groups: slice  # the groups' indices
 
 
 def kernel_runs(sizes: Sequence[int], kernels: Sequence[int]) -> Tuple[Run, ...]:
+    """Runs of consecutive groups with one kernel size, or all with kernels of at most 3
+    (oneDNN's fast 3x3 depthwise weight gradient covers 1x1 kernels embedded in 3x3)."""
     runs: List[Run] = []
     channel = 0
     for g, (size, k) in enumerate(zip(sizes, kernels)):
-        if runs and runs[-1].kernel == k:
-            runs[-1] = runs[-1]._replace(end=channel + size, groups=slice(runs[-1].groups.start, g + 1))
+        last = runs[-1] if runs else None
+        if last is not None and (last.kernel == k or max(last.kernel, k) <= 3):
+            runs[-1] = Run(last.start, channel + size, max(last.kernel, k), slice(last.groups.start, g + 1))
         else:
             runs.append(Run(channel, channel + size, k, slice(g, g + 1)))
         channel += size
@@ -71,7 +74,8 @@ def kernel_runs(sizes: Sequence[int], kernels: Sequence[int]) -> Tuple[Run, ...]
 
 class ShiftPlan(NamedTuple):
     runs: Tuple[Run, ...]
-    forward: Tuple[torch.Tensor, ...]  # per run: flat source index of [lr | td] (H*W*2c entries)
+    kernel: int                # the block's largest kernel
+    forward: torch.Tensor      # flat source index of [lr | td] in x (H*W*2C entries)
     backward_lr: torch.Tensor  # flat source index of the inverse rolls (H*W*C entries)
     backward_td: torch.Tensor
 
@@ -79,24 +83,20 @@ class ShiftPlan(NamedTuple):
 @functools.lru_cache(maxsize=8)
 def shift_plan(height: int, width: int, sizes: Tuple[int, ...], shifts: Tuple[int, ...],
                kernels: Tuple[int, ...], device: torch.device) -> ShiftPlan:
-    """Permutation indices of the rolls of an NHWC map of this size (cached: a few sizes)."""
-    runs = kernel_runs(sizes, kernels)
+    """The rolls of an NHWC map of this size as permutation indices (cached for a few sizes)."""
     channels = sum(sizes)
     shift = torch.repeat_interleave(torch.tensor(shifts), torch.tensor(sizes))  # per channel
     h = torch.arange(height)[:, None, None]
     w = torch.arange(width)[None, :, None]
     c = torch.arange(channels)
     row, col = width * channels, channels
-    lr_source = h * row + (w - shift) % width * col + c  # (H, W, C): lr[h, w, c] = x[lr_source]
-    td_source = (h - shift) % height * row + w * col + c
-    dtype = torch.int32 if height * width * channels * 2 < 2 ** 31 else torch.int64
-    forward = tuple(torch.cat((lr_source[..., r.start:r.end], td_source[..., r.start:r.end]), -1)
-                    .flatten().to(device, dtype) for r in runs)
-    # the inverse rolls, for the gradient: x[h, w, c] went to lr[h, w + s, c] and td[h + s, w, c]
+    # lr[h, w, c] = x[h, w - s, c] and td[h, w, c] = x[h - s, w, c], circularly (torch.roll)
+    forward = torch.cat((h * row + (w - shift) % width * col + c, (h - shift) % height * row + w * col + c), -1)
     backward_lr = h * row + (w + shift) % width * col + c
     backward_td = (h + shift) % height * row + w * col + c
-    return ShiftPlan(runs, forward, backward_lr.flatten().to(device, dtype),
-                     backward_td.flatten().to(device, dtype))
+    dtype = torch.int32 if forward.numel() < 2 ** 31 else torch.int64
+    return ShiftPlan(kernel_runs(sizes, kernels), max(kernels), *(
+        index.flatten().to(device, dtype) for index in (forward, backward_lr, backward_td)))
 
 
 def plan_for(block: 'MSMLPBlock', x: torch.Tensor) -> ShiftPlan:
@@ -104,132 +104,131 @@ def plan_for(block: 'MSMLPBlock', x: torch.Tensor) -> ShiftPlan:
 
 
 # ----- fast: the mixer -----------------------------------------------------------------------
-def _run_weights(block: 'MSMLPBlock', run: Run) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise weights and biases of the run's groups, branch lr then td: (2c, 1, k, k), (2c,)."""
-    convs = [*block.dwconv_lr[run.groups], *block.dwconv_td[run.groups]]
-    return torch.cat([conv.weight for conv in convs]), torch.cat([conv.bias for conv in convs])
-
-
 def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias, kernel: int) -> torch.Tensor:
-    """Depthwise conv of an NHWC map (NHWC out, channels-last kernels)."""
+    """Depthwise conv of an NHWC map (NHWC out, oneDNN's channels-last kernels)."""
     out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=kernel // 2, groups=x.shape[-1])
     return out.permute(0, 2, 3, 1)
 
 
-# Up to this width the weight gradient of a 5x5 or larger depthwise kernel is computed with
-# batched matrix products (below); wider maps use oneDNN's kernel.
-TOEPLITZ_MAX_WIDTH = 32
-
-
-def _pair_weight_grad(pair: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> List[torch.Tensor]:
-    """Gradients of a run's depthwise weights and biases, ``[lr | td]`` order: ``pair`` is
-    the run's rolled input (N, H, W, 2c), ``grad`` the gradient of ``lr + td`` (N, H, W, c)."""
-    k = weight.shape[-1]
-    grad_bias = grad.sum((0, 1, 2)).repeat(2)
-    if k >= 5 and pair.shape[2] <= TOEPLITZ_MAX_WIDTH:
-        return [_toeplitz_weight_grad(pair, grad, k), grad_bias]
-    both = torch.cat((grad, grad), dim=-1).permute(0, 3, 1, 2)
-    grad_weight = torch.ops.aten.convolution_backward(
-        both, pair.permute(0, 3, 1, 2), weight, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0],
-        weight.shape[0], [False, True, False])[1]
-    return [grad_weight, grad_bias]
-
-
-def _toeplitz_weight_grad(pair: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
-    """``dw[c, i, j] = sum_{n,h,w} pad(pair)[n, h + i, w + j, c] grad[n, h, w, c mod c_run]``.
-
-    oneDNN's weight gradient for 5x5 and 7x7 depthwise kernels runs far below the machine's
-    rate on small maps. Here, per channel, the images are stacked into one tall image (each
-    followed by zero rows): for kernel row ``i``, ``P = G^T X_i`` is a (W, W + 2p) matrix
-    product over all rows, and ``dw[c, i, j]`` is the sum of P's j-th diagonal.
-    """
-    n, h, w, channels = pair.shape
-    p = k // 2
-    rows = n * (h + 2 * p)
-    g = grad.new_zeros(2, channels // 2, w, n, h + 2 * p)
-    g[..., :h] = grad.permute(3, 2, 0, 1)  # both branches share the gradient
-    g = g.view(channels, w, rows)
-    x = pair.new_zeros(channels, rows + 2 * p, w + 2 * p)
-    x[:, :rows].view(channels, n, h + 2 * p, w + 2 * p)[:, :, p:p + h, p:p + w] = pair.permute(3, 0, 1, 2)
-    products = pair.new_empty(k, channels, w, w + 2 * p)
-    for i in range(k):
-        torch.bmm(g, x[:, i:i + rows], out=products[i])
-    diagonals = products.as_strided((channels, k, k, w), (w * (w + 2 * p), products.stride(0), 1, w + 2 * p + 1))
-    return diagonals.sum(-1).unsqueeze(1)
+def _embed(weights: Sequence[torch.Tensor], size: int) -> torch.Tensor:
+    """Per-group depthwise kernels, each zero-padded (centred) to ``size`` x ``size``, stacked."""
+    return torch.cat([F.pad(w, [(size - w.shape[-1]) // 2] * 4) for w in weights])
 
 
 class _ShiftMix(torch.autograd.Function):
-    """The fast token mixer on a contiguous NHWC map; weights and biases come run by run."""
+    """The fast token mixer of a contiguous NHWC map.
+
+    Forward: one ``index_select`` writes both branches' rolled copies (``[lr | td]``, 2C
+    channels), one depthwise conv with every group's kernel embedded in the largest, one add
+    of the halves. Backward: per branch, the transposed conv (the same conv with flipped
+    kernels) and the inverse roll; the weight gradients run by run at each run's own kernel.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: ShiftPlan, *params: torch.Tensor) -> torch.Tensor:
         n, h, w, c = x.shape
-        flat = x.reshape(n, -1)
-        out = x.new_empty(n, h, w, c)
-        rolled = []
-        for run, index, weight, bias in zip(plan.runs, plan.forward, params[0::2], params[1::2]):
-            pair = flat.index_select(1, index).view(n, h, w, -1)  # [lr | td] of the run
-            mixed = _depthwise(pair, weight, bias, run.kernel)
-            size = run.end - run.start
-            torch.add(mixed[..., :size], mixed[..., size:], out=out[..., run.start:run.end])
-            rolled.append(pair)
+        weight = _embed(params[0::2], plan.kernel)  # lr groups, then td groups
+        pair = x.reshape(n, -1).index_select(1, plan.forward).view(n, h, w, 2 * c)
+        mixed = _depthwise(pair, weight, torch.cat(params[1::2]), plan.kernel)
         ctx.plan = plan
-        ctx.save_for_backward(*rolled, *params[0::2])
-        return out
+        ctx.sizes = [p.shape[0] for p in params[0:len(params) // 2:2]]  # per group (lr and td alike)
+        ctx.kernels = [p.shape[-1] for p in params[0:len(params) // 2:2]]
+        ctx.save_for_backward(pair, weight)
+        return mixed[..., :c] + mixed[..., c:]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         plan = ctx.plan
-        runs = len(plan.runs)
-        rolled, weights = ctx.saved_tensors[:runs], ctx.saved_tensors[runs:]
+        pair, weight = ctx.saved_tensors
         n, h, w, c = grad.shape
         grad = grad.contiguous()
-        grad_params = []
-        for run, pair, weight in zip(plan.runs, rolled, weights):
-            grad_params += _pair_weight_grad(pair, grad[..., run.start:run.end], weight)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # per branch: the transposed conv (the conv with flipped kernels, all runs embedded
-            # in the largest kernel), then the inverse roll (the rolls are permutations)
-            size = max(r.kernel for r in plan.runs)
-            flat = grad_x = None
             for branch, index in enumerate((plan.backward_lr, plan.backward_td)):
-                kernels = []
-                for run, weight in zip(plan.runs, weights):
-                    half = weight[branch * (run.end - run.start):(branch + 1) * (run.end - run.start)]
-                    pad = (size - run.kernel) // 2
-                    kernels.append(F.pad(half, [pad] * 4).flip((2, 3)))
-                back = _depthwise(grad, torch.cat(kernels), None, size).reshape(n, -1)
-                if grad_x is None:
-                    grad_x = back.index_select(1, index)
-                else:
-                    grad_x += back.index_select(1, index)
+                flipped = weight[branch * c:(branch + 1) * c].flip((2, 3))
+                back = _depthwise(grad, flipped, None, plan.kernel).reshape(n, -1).index_select(1, index)
+                grad_x = back if grad_x is None else grad_x.add_(back)
             grad_x = grad_x.view(n, h, w, c)
-        return (grad_x, None, *grad_params)
+        sizes, kernels = ctx.sizes, ctx.kernels
+        grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
+        grad_weight: List[List[torch.Tensor]] = [[], []]
+        for run in plan.runs:
+            run_grad = _run_weight_grad(pair[..., run.start:run.end], pair[..., c + run.start:c + run.end],
+                                        grad[..., run.start:run.end], run.kernel)
+            for g, part in zip(range(run.groups.start, run.groups.stop),
+                               run_grad.split(sizes[run.groups], dim=1)):
+                crop = slice((run.kernel - kernels[g]) // 2, (run.kernel + kernels[g]) // 2)
+                for branch in range(2):
+                    grad_weight[branch].append(part[branch, :, None, crop, crop])
+        return (grad_x, None, *[t for branch in range(2) for pair_grads in zip(grad_weight[branch], grad_bias)
+                                for t in pair_grads])
 
 
-def _shift_mix_functional(x: torch.Tensor, block: 'MSMLPBlock', plan: ShiftPlan) -> torch.Tensor:
-    """The same computation in plain differentiable operations (for ``torch.compile``)."""
+# Up to this width, the weight gradient of a 5x5 or larger depthwise kernel is computed with
+# batched matrix products (see _toeplitz_weight_grad); wider maps use oneDNN's kernel.
+TOEPLITZ_MAX_WIDTH = 32
+
+
+def _run_weight_grad(x_lr: torch.Tensor, x_td: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
+    """Weight gradients (2, c, k, k) of a run's depthwise convs, branch lr then td, from the
+    run's rolled inputs (N, H, W, c) and the gradient of ``lr + td`` (N, H, W, c)."""
+    channels = grad.shape[-1]
+    if k >= 5 and grad.shape[2] <= TOEPLITZ_MAX_WIDTH:
+        return _toeplitz_weight_grad(x_lr, x_td, grad, k)
+    inputs = torch.cat((x_lr, x_td), dim=-1).permute(0, 3, 1, 2)
+    both = torch.cat((grad, grad), dim=-1).permute(0, 3, 1, 2)
+    shape = grad.new_empty(2 * channels, 1, k, k)
+    grad_weight = torch.ops.aten.convolution_backward(
+        both, inputs, shape, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 2 * channels,
+        [False, True, False])[1]
+    return grad_weight.view(2, channels, k, k)
+
+
+def _toeplitz_weight_grad(x_lr: torch.Tensor, x_td: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
+    """``dw[b, c, i, j] = sum_{n,h,w} pad(x_b)[n, h + i, w + j, c] * grad[n, h, w, c]``.
+
+    oneDNN computes the weight gradient of 5x5 and 7x7 depthwise kernels far below the
+    machine's rate, worst on small maps. Here, per channel, the padded images are stacked
+    into one tall image: for kernel row ``i``, ``P = G^T X_i`` is a (W, W + 2p) matrix
+    product over all image rows, and ``dw[..., i, j]`` is the sum of P's j-th diagonal.
+    """
+    n, h, w, channels = grad.shape
+    p = k // 2
+    rows = n * (h + 2 * p)  # the gradient's images, each followed by 2p zero rows
+    g = grad.new_zeros(2, channels, w, n, h + 2 * p)
+    g[..., :h] = grad.permute(3, 2, 0, 1)  # both branches share the gradient
+    g = g.view(2 * channels, w, rows)
+    x = grad.new_zeros(2, channels, rows + 2 * p, w + 2 * p)
+    images = x[:, :, :rows].view(2, channels, n, h + 2 * p, w + 2 * p)[..., p:p + h, p:p + w]
+    images[0] = x_lr.permute(3, 0, 1, 2)
+    images[1] = x_td.permute(3, 0, 1, 2)
+    x = x.view(2 * channels, rows + 2 * p, w + 2 * p)
+    products = grad.new_empty(k, 2 * channels, w, w + 2 * p)
+    for i in range(k):
+        torch.bmm(g, x[:, i:i + rows], out=products[i])
+    diagonals = products.as_strided((2 * channels, k, k, w),
+                                    (w * (w + 2 * p), products.stride(0), 1, w + 2 * p + 1))
+    return diagonals.sum(-1).view(2, channels, k, k)
+
+
+def _shift_mix_functional(x: torch.Tensor, block: 'MSMLPBlock', kernel: int) -> torch.Tensor:
+    """The same function in plain differentiable operations (what ``torch.compile`` traces)."""
     parts = torch.split(x, block.group_sizes, dim=3)
-    lr = torch.cat([torch.roll(p, s, dims=2) for p, s in zip(parts, block.shift_dist)], dim=3)
-    td = torch.cat([torch.roll(p, s, dims=1) for p, s in zip(parts, block.shift_dist)], dim=3)
-    out = []
-    for run in plan.runs:
-        mixed = _depthwise(torch.cat((lr[..., run.start:run.end], td[..., run.start:run.end]), dim=3),
-                           *_run_weights(block, run), run.kernel)
-        size = run.end - run.start
-        out.append(mixed[..., :size] + mixed[..., size:])
-    return torch.cat(out, dim=3)
+    rolled = [torch.roll(p, s, dims=d) for d in (2, 1) for p, s in zip(parts, block.shift_dist)]
+    convs = [*block.dwconv_lr, *block.dwconv_td]
+    mixed = _depthwise(torch.cat(rolled, dim=3), _embed([conv.weight for conv in convs], kernel),
+                       torch.cat([conv.bias for conv in convs]), kernel)
+    c = x.shape[-1]
+    return mixed[..., :c] + mixed[..., c:]
 
 
 def mix_fast_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
     """The token mixer on a contiguous NHWC map; returns a contiguous NHWC map."""
-    plan = plan_for(block, x)
     if torch.compiler.is_compiling():
-        return _shift_mix_functional(x, block, plan)
-    params = [t for run in plan.runs for t in _run_weights(block, run)]
-    return _ShiftMix.apply(x, plan, *params)
+        return _shift_mix_functional(x, block, max(block.mix_size))
+    params = [t for convs in (block.dwconv_lr, block.dwconv_td) for conv in convs for t in (conv.weight, conv.bias)]
+    return _ShiftMix.apply(x, plan_for(block, x), *params)
 
 
 def mix_fast(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
@@ -245,7 +244,7 @@ def _as_nhwc(x: torch.Tensor) -> torch.Tensor:
 # ----- fast: the block -----------------------------------------------------------------------
 # Rows of the channel MLP processed at once on the CPU without autograd: the 4x-wide hidden
 # activations of a chunk stay in cache and no large buffer is allocated per block.
-MLP_CHUNK_BYTES = 2 ** 24
+MLP_CHUNK_BYTES = 30 * 2 ** 20
 
 
 def _folded_pwconv2(block: 'MSMLPBlock') -> Tuple[torch.Tensor, torch.Tensor]:
@@ -253,10 +252,42 @@ def _folded_pwconv2(block: 'MSMLPBlock') -> Tuple[torch.Tensor, torch.Tensor]:
     return block.pwconv2.weight * gamma[:, None], block.pwconv2.bias * gamma
 
 
+def _fused_linear_available() -> bool:
+    """oneDNN's fused linear + GELU and linear + add (what the compiler uses on the CPU)."""
+    try:
+        x = torch.ones(2, 2)
+        linear = torch.ops.mkldnn._linear_pointwise
+        return torch.equal(linear.binary(linear(x, x, x[0], 'gelu', [], 'none'), x, x, x[0], 'add'),
+                           F.linear(F.gelu(F.linear(x, x, x[0])), x, x[0]) + x)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+FUSED_LINEAR = _fused_linear_available()
+
+
+def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int) -> torch.Tensor:
+    """``x + gelu(norm(mixed) w1' + b1) w2' + b2`` over row chunks of 2-D inputs (no autograd):
+    per chunk, a norm and two oneDNN products with the GELU and the residual add fused."""
+    c = x.shape[1]
+    fused = FUSED_LINEAR and x.dtype in (torch.float32, torch.bfloat16)
+    outs = []
+    for start in range(0, x.shape[0], rows):
+        part = slice(start, start + rows)
+        z = F.layer_norm(mixed[part], (c,), norm_weight, norm_bias, eps)
+        if fused:
+            linear = torch.ops.mkldnn._linear_pointwise
+            outs.append(linear.binary(linear(z, w1, b1, 'gelu', [], 'none'), x[part], w2, b2, 'add'))
+        else:
+            hidden = torch.ops.aten.gelu_(torch.addmm(b1, z, w1.t()))
+            outs.append(torch.add(x[part], b2).addmm_(hidden, w2.t()))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int,
-                pre=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x + scale * (gelu(norm(mixed) w1' + b1) w2' + b2)`` over row chunks of 2-D inputs;
-    with ``pre``, also writes the pre-activations there and returns the norm statistics."""
+                pre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x + scale * (gelu(norm(mixed) w1' + b1) w2' + b2)`` over row chunks of 2-D inputs,
+    writing the pre-activations into ``pre``; returns the output and the norm statistics."""
     c = x.shape[1]
     out = torch.empty_like(x)
     means, rstds = [], []
@@ -264,18 +295,13 @@ def _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: fl
     for start in range(0, x.shape[0], rows):
         part = slice(start, start + rows)
         z, mean, rstd = torch.native_layer_norm(mixed[part], (c,), norm_weight, norm_bias, eps)
-        if pre is None:
-            hidden = torch.ops.aten.gelu_(torch.addmm(b1, z, w1t))
-        else:
-            hidden = F.gelu(torch.addmm(b1, z, w1t, out=pre[part]))
-            means.append(mean)
-            rstds.append(rstd)
+        hidden = F.gelu(torch.addmm(b1, z, w1t, out=pre[part]))
+        means.append(mean)
+        rstds.append(rstd)
         if scale is None:
             torch.add(x[part], b2, out=out[part]).addmm_(hidden, w2t)
         else:
             torch.addcmul(x[part], torch.addmm(b2, hidden, w2t), scale[part, None], out=out[part])
-    if pre is None:
-        return out, None, None
     return out, torch.cat(means), torch.cat(rstds)
 
 
@@ -357,9 +383,12 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
         if scale is not None:
             scale = scale.repeat_interleave(h * w)
         rows = max(64, MLP_CHUNK_BYTES // (block.pwconv1.out_features * x.element_size()))
-        args = (mixed.reshape(-1, c), x.reshape(-1, c), scale, block.norm.weight, block.norm.bias,
+        args = (mixed.reshape(-1, c), x.reshape(-1, c), block.norm.weight, block.norm.bias,
                 block.pwconv1.weight, block.pwconv1.bias, w2, b2, block.norm.eps, rows)
-        out = _ChannelMLP.apply(*args) if torch.is_grad_enabled() else _mlp_chunks(*args)[0]
+        if torch.is_grad_enabled() or scale is not None:
+            out = _ChannelMLP.apply(args[0], args[1], scale, *args[2:])
+        else:
+            out = _mlp_inference(*args)
         return out.view(n, h, w, c).permute(0, 3, 1, 2)
     y = F.linear(block.act(block.pwconv1(block.norm(mixed))), w2, b2)
     return (x + block.drop_path(y)).permute(0, 3, 1, 2)

@@ -293,16 +293,17 @@ class DetectionTask(OpenMMLabTask):
         cfg_options: Overrides merged into the config (mmengine dotted keys).
         pretrained: Backbone checkpoint replacing ``model.backbone.init_cfg``; ``''`` for none.
         predict_dir: Where ``predict`` writes its PNGs (default ``<default_root_dir>/predictions``).
+        num_threads: PyTorch's intra-op CPU threads (None: PyTorch's default; see OpenMMLabTask).
         score_thr: Detections drawn by ``predict`` score at least this.
     """
 
     scope = 'mmdet'
-    runtime_args = ('predict_dir', 'score_thr')
+    runtime_args = ('predict_dir', 'num_threads', 'score_thr')
 
     def __init__(self, config: str = 'mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py',
                  cfg_options: Optional[Dict[str, Any]] = None, pretrained: Optional[str] = None,
-                 predict_dir: Optional[str] = None, score_thr: float = 0.3):
-        super().__init__(config, cfg_options, pretrained, predict_dir)
+                 predict_dir: Optional[str] = None, num_threads: Optional[int] = None, score_thr: float = 0.3):
+        super().__init__(config, cfg_options, pretrained, predict_dir, num_threads)
         self.score_thr = score_thr
         self._visualizer = None
 
