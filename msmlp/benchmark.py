@@ -68,6 +68,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
     parser.add_argument('--no-reference', action='store_true', help='skip the reference-path row')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--output', default=None, metavar='FILE', help='also append the table to FILE')
     args = parser.parse_args(argv)
     for name in ('batch_size', 'runs', 'steps_per_run'):
         if getattr(args, name) < 1:
@@ -199,7 +200,7 @@ def count_gmacs(model: nn.Module, args: argparse.Namespace, device: torch.device
 
 def measure_peak_mb(step: Callable[[], None], device: torch.device) -> float:
     """Peak bytes of live tensors (parameters, gradients, optimizer state, activations) over
-    one step, in MB; NaN where they cannot be tracked."""
+    one step, in MiB; NaN where they cannot be tracked."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -218,23 +219,37 @@ def measure_peak_mb(step: Callable[[], None], device: torch.device) -> float:
 
 
 def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -> None:
-    """The model's GMACs (an MS-MLP counted on its reference path) and those the row executes
-    (the fast path's depthwise kernels are zero-padded to the stage's largest)."""
-    row.executed_gmacs = row.gmacs = count_gmacs(row.model, args, device)
+    """The model's GMACs (an MS-MLP's counted on its reference path) and, for the fast path,
+    those it executes: its depthwise kernels are zero-padded to the block's largest."""
     owner = mix_owner(row.model)
-    if owner is not None:
-        impl = next(m.mix_impl for m in owner.modules() if hasattr(m, 'mix_impl'))
-        owner.set_mix_impl('reference')
+    if owner is None:
+        row.gmacs = row.executed_gmacs = count_gmacs(row.model, args, device)
+        return
+    impl = next(m.mix_impl for m in owner.modules() if hasattr(m, 'mix_impl'))
+    zero_taps = []
+
+    def count_zero_taps(block, inputs):
+        _, _, h, w = inputs[0].shape
+        size = max(block.mix_size)
+        zero_taps.append(2 * h * w * sum(c * (size ** 2 - k ** 2) for c, k in zip(block.group_sizes, block.mix_size)))
+
+    hooks = [m.register_forward_pre_hook(count_zero_taps) for m in owner.modules() if hasattr(m, 'mix_size')]
+    owner.set_mix_impl('reference')
+    try:
         row.gmacs = count_gmacs(row.model, args, device)
+    finally:
         owner.set_mix_impl(impl)
+        for hook in hooks:
+            hook.remove()
+    row.executed_gmacs = row.gmacs + (sum(zero_taps) / 1e9 if impl == 'fast' else 0.)
 
 
 def measure(rows: List[Row], args: argparse.Namespace, device: torch.device, log=print) -> None:
     for row in rows:
         try:
             row.params = sum(p.numel() for p in row.model.parameters()) / 1e6
-            count_both_gmacs(row, args, device)
             row.step = make_step(row.model, args, device)
+            count_both_gmacs(row, args, device)
             log(f'warm-up: {row.label}', file=sys.stderr)
             for _ in range(args.warmup):
                 row.step()
@@ -266,7 +281,7 @@ def format_table(rows: List[Row], args: argparse.Namespace) -> str:
     reference = next((r for r in rows if r.label.endswith('(reference)')), None)
     compared = [r for r in rows if r is not rows[0] and r is not reference]
     ratio_to = ([reference] if reference else []) + compared
-    header = ['model', 'params (M)', 'GMACs', 'images/s', 'peak memory (MB)'] + [
+    header = ['model', 'params (M)', 'GMACs', 'images/s', 'peak memory (MiB)'] + [
         f'x {r.label}' for r in ratio_to]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for row in rows:
@@ -313,15 +328,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device)
     rows = build_rows(args)
     measure(rows, args, device)
-    print(describe_setting(args, device))
-    print(format_table(rows, args))
-    fast = rows[0]
-    if not math.isclose(fast.executed_gmacs, fast.gmacs, rel_tol=1e-3) and not math.isnan(fast.executed_gmacs):
-        print(f'GMACs are the model\'s (reference path); the fast path executes {fast.executed_gmacs:.2f}, '
-              'its depthwise kernels zero-padded to the stage\'s largest.')
-    if any(math.isnan(r.peak_mb) for r in rows if not r.error) and not args.no_memory:
-        print('peak memory "-": not tracked (compiled models, or torch without torch.distributed).')
+    report = '\n'.join([describe_setting(args, device), format_table(rows, args), *notes(rows, args)])
+    print(report)
+    if args.output:
+        with open(args.output, 'a') as f:
+            f.write(report + '\n\n')
     return 1 if any(r.error for r in rows) else 0
+
+
+def notes(rows: List[Row], args: argparse.Namespace) -> List[str]:
+    out = []
+    fast = rows[0]
+    if not math.isnan(fast.executed_gmacs) and not math.isclose(fast.executed_gmacs, fast.gmacs, rel_tol=1e-3):
+        out.append(f"GMACs: the model's (an MS-MLP's counted on its reference path); the fast path executes "
+                   f"{fast.executed_gmacs:.2f}, its depthwise kernels zero-padded to the block's largest.")
+    if not args.no_memory and any(math.isnan(r.peak_mb) for r in rows if not r.error):
+        out.append('peak memory "-": not tracked here (compiled on the CPU, or torch without torch.distributed).')
+    return out
 
 
 if __name__ == '__main__':

@@ -1,24 +1,30 @@
 """Shift-mix token mixing of an MS-MLP block, in two implementations of one function.
 
-The released block splits channels into groups with ``torch.chunk``, rolls group g
+The released block splits channels into five groups with ``torch.chunk``, rolls group g
 circularly by ``shift_dist[g]`` along W (branch ``lr``) and along H (branch ``td``),
-applies a depthwise conv of kernel ``mix_size[g]`` per group and branch, and adds the
-two branches. ``reference`` does exactly that, in NCHW, as released (ten rolls, ten
-convs, two concatenations per block). ``fast`` computes the same function channels-last
-(NHWC), in a few large operations:
+applies a depthwise conv of kernel ``mix_size[g]`` per group and branch, adds the two
+branches, then runs a channel MLP (LayerNorm, Linear, GELU, Linear, layer scale) and a
+residual add. ``reference`` does exactly that, in NCHW, as released: ten rolls, ten
+convs, two concatenations and two permute copies per block. ``fast`` computes the same
+function channels-last (NHWC) in a few large operations:
 
-1. Groups are taken in *runs*: consecutive groups with the same kernel size (the released
-   mix sizes ``[1, 1, 3, 5, 7]`` give the runs {1, 1}, {3}, {5}, {7}).
-2. For each run, one ``index_select`` with a precomputed permutation writes both branches'
-   rolled copies of the run's channels side by side (``[lr | td]``). A roll is a
-   permutation, so the circular wrap is exact, and its gradient is the inverse permutation.
-3. For each run, one depthwise conv over those ``2 * channels`` at the run's own kernel size
-   (oneDNN's channels-last kernels; no zero taps), then the two halves are added.
-4. The channel MLP runs on the same NHWC rows with no permute copies; the layer scale is
-   folded into ``pwconv2`` (``gamma * (W h + b) == (gamma W) h + gamma b``). On the CPU
-   without autograd it runs in row chunks, so that the 4x-wide hidden activations stay in
-   cache (and the allocator does not map and fault a fresh large buffer per block).
+* Mixer (``_ShiftMix``): one ``index_select`` with a precomputed permutation writes both
+  branches' rolled copies side by side (``[lr | td]``, 2C channels; a roll is a
+  permutation, so the circular wrap is exact), one depthwise conv over the 2C channels
+  with every group's kernel zero-padded (centred) to the block's largest (the zero taps
+  add exact zeros), one add of the halves. Its backward is the transposed conv per branch
+  and the inverse permutation; the weight gradients are computed run by run (groups
+  sharing a kernel size) at each run's own kernel size, with batched matrix products on
+  small maps (oneDNN's 5x5/7x7 depthwise weight gradient is slow there).
+* Channel MLP: on the same NHWC rows, no permute copies, the layer scale folded into
+  ``pwconv2`` (``gamma * (W h + b) == (gamma W) h + gamma b``). On the CPU it runs in
+  row chunks of at most ``MLP_CHUNK_BYTES`` of hidden activations: without autograd
+  through oneDNN's fused Linear+GELU and Linear+residual-add; with autograd as one
+  function that keeps only the pre-activations and recomputes the GELU in its backward.
+  Chunks keep the 4x-wide hidden activations in cache and out of freshly mapped pages.
 
+Autocast keeps the mixer (convs run in the autocast dtype) and takes the plain MLP
+operations; ``torch.compile`` traces a functional version of the same computation.
 Both paths read the block's released parameters (``dwconv_lr``/``dwconv_td``, ``gamma``,
 ``pwconv2``...), so gradients reach the same tensors and checkpoints load into either.
 """
@@ -29,8 +35,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Sequence, Tu
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.layers import DropPath
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
@@ -140,9 +146,9 @@ class _ShiftMix(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         plan = ctx.plan
-        pair, weight = ctx.saved_tensors
-        n, h, w, c = grad.shape
         grad = grad.contiguous()
+        pair, weight = (t.to(grad.dtype) for t in ctx.saved_tensors)  # autocast ran the conv in grad's dtype
+        n, h, w, c = grad.shape
         grad_x = None
         if ctx.needs_input_grad[0]:
             for branch, index in enumerate((plan.backward_lr, plan.backward_td)):
@@ -150,6 +156,8 @@ class _ShiftMix(torch.autograd.Function):
                 back = _depthwise(grad, flipped, None, plan.kernel).reshape(n, -1).index_select(1, index)
                 grad_x = back if grad_x is None else grad_x.add_(back)
             grad_x = grad_x.view(n, h, w, c)
+        if not any(ctx.needs_input_grad[2:]):  # frozen mixer
+            return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
         sizes, kernels = ctx.sizes, ctx.kernels
         grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
         grad_weight: List[List[torch.Tensor]] = [[], []]
@@ -165,8 +173,8 @@ class _ShiftMix(torch.autograd.Function):
                                 for t in pair_grads])
 
 
-# Up to this width, the weight gradient of a 5x5 or larger depthwise kernel is computed with
-# batched matrix products (see _toeplitz_weight_grad); wider maps use oneDNN's kernel.
+# On the CPU up to this width, the weight gradient of a 5x5 or larger depthwise kernel is
+# computed with batched matrix products (see _toeplitz_weight_grad); elsewhere by the library.
 TOEPLITZ_MAX_WIDTH = 32
 
 
@@ -174,7 +182,7 @@ def _run_weight_grad(x_lr: torch.Tensor, x_td: torch.Tensor, grad: torch.Tensor,
     """Weight gradients (2, c, k, k) of a run's depthwise convs, branch lr then td, from the
     run's rolled inputs (N, H, W, c) and the gradient of ``lr + td`` (N, H, W, c)."""
     channels = grad.shape[-1]
-    if k >= 5 and grad.shape[2] <= TOEPLITZ_MAX_WIDTH:
+    if k >= 5 and grad.shape[2] <= TOEPLITZ_MAX_WIDTH and grad.device.type == 'cpu':
         return _toeplitz_weight_grad(x_lr, x_td, grad, k)
     inputs = torch.cat((x_lr, x_td), dim=-1).permute(0, 3, 1, 2)
     both = torch.cat((grad, grad), dim=-1).permute(0, 3, 1, 2)
@@ -242,8 +250,9 @@ def _as_nhwc(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----- fast: the block -----------------------------------------------------------------------
-# Rows of the channel MLP processed at once on the CPU without autograd: the 4x-wide hidden
-# activations of a chunk stay in cache and no large buffer is allocated per block.
+# Hidden activations of the channel MLP computed at once on the CPU. Below the allocator's
+# largest mmap threshold (32 MiB in glibc), chunk buffers are reused instead of freshly mapped
+# and faulted in, while the chunks stay few.
 MLP_CHUNK_BYTES = 30 * 2 ** 20
 
 
@@ -252,8 +261,10 @@ def _folded_pwconv2(block: 'MSMLPBlock') -> Tuple[torch.Tensor, torch.Tensor]:
     return block.pwconv2.weight * gamma[:, None], block.pwconv2.bias * gamma
 
 
-def _fused_linear_available() -> bool:
-    """oneDNN's fused linear + GELU and linear + add (what the compiler uses on the CPU)."""
+@functools.lru_cache(maxsize=None)
+def fused_linear_available() -> bool:
+    """Whether oneDNN's fused Linear+GELU and Linear+add (the ops the compiler emits on the
+    CPU) exist in this torch build and agree exactly with the plain operations."""
     try:
         x = torch.ones(2, 2)
         linear = torch.ops.mkldnn._linear_pointwise
@@ -263,14 +274,11 @@ def _fused_linear_available() -> bool:
         return False
 
 
-FUSED_LINEAR = _fused_linear_available()
-
-
 def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int) -> torch.Tensor:
     """``x + gelu(norm(mixed) w1' + b1) w2' + b2`` over row chunks of 2-D inputs (no autograd):
     per chunk, a norm and two oneDNN products with the GELU and the residual add fused."""
     c = x.shape[1]
-    fused = FUSED_LINEAR and x.dtype in (torch.float32, torch.bfloat16)
+    fused = x.dtype in (torch.float32, torch.bfloat16) and fused_linear_available()
     outs = []
     for start in range(0, x.shape[0], rows):
         part = slice(start, start + rows)
@@ -385,7 +393,9 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
         rows = max(64, MLP_CHUNK_BYTES // (block.pwconv1.out_features * x.element_size()))
         args = (mixed.reshape(-1, c), x.reshape(-1, c), block.norm.weight, block.norm.bias,
                 block.pwconv1.weight, block.pwconv1.bias, w2, b2, block.norm.eps, rows)
-        if torch.is_grad_enabled() or scale is not None:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or mixed.requires_grad or any(
+            p.requires_grad for p in (block.norm.weight, block.pwconv1.weight, w2)))
+        if needs_grad or scale is not None:
             out = _ChannelMLP.apply(args[0], args[1], scale, *args[2:])
         else:
             out = _mlp_inference(*args)

@@ -6,7 +6,7 @@ preprocessor, and trains it the way mmengine's ``Runner`` does:
 
 * training: ``data_preprocessor(batch, True)``, ``model(**data, mode='loss')``,
   ``model.parse_losses``; Lightning runs backward and the optimizer step;
-* validation / test / predict: ``model.val_step`` / ``test_step`` (``mode='predict'``);
+* validation / test / predict: ``forward_test`` (``model.test_step``, ``mode='predict'``);
 * the optimizer is the config's ``optim_wrapper`` built by mmengine's optimizer wrapper
   constructor (AdamW with ``paramwise_cfg``: no weight decay on norms and layer scale),
   gradient clipping from its ``clip_grad``;
@@ -30,6 +30,8 @@ Task
     ``draw(data_sample, out_file)``: write the PNG of one prediction.
     ``forward_test(batch) -> data samples``: inference for validate/test/predict (default
     ``model.test_step``, i.e. ``mode='predict'``; e.g. test-time augmentation).
+    ``runtime_args``: ``__init__`` arguments that are run-time options (output folders,
+    thresholds, threads), kept out of the checkpoint's hyper-parameters.
 DataModule
     ``embedded_root() -> Path``: write (once) and return the embedded default dataset.
     ``prepare_dataset_cfg(split, dataset_cfg)``: adjust one split's dataset config in
@@ -333,9 +335,10 @@ class OpenMMLabTask(BaseTask):
         values = self.compute_metrics(metrics)
         metrics.reset()
         self.log_dict({f'{stage}/{k}': v for k, v in values.items()}, sync_dist=False)
-        where = f'epoch {self.current_epoch}' if stage == 'val' and not self.trainer.sanity_checking else stage
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            print(f'[msmlp] {where} {stage}: ' + '  '.join(f'{k}={v:.4f}' for k, v in values.items()), flush=True)
+            fitting = self.trainer.state.fn == 'fit'
+            where = f'epoch {self.current_epoch} {stage}' if fitting else stage
+            print(f'[msmlp] {where}: ' + '  '.join(f'{k}={v:.4f}' for k, v in values.items()), flush=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, 'val')

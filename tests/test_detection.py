@@ -3,7 +3,6 @@ import copy
 import csv
 import json
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +257,8 @@ def test_optimizer_and_schedule_come_from_the_config(root, tmp_path):
             [s.step() for s in schedulers if not s.by_epoch]
         [s.step() for s in schedulers if s.by_epoch]
     assert groups[0]['lr'] == pytest.approx(reference.param_groups[0]['lr'])
-    assert groups[0]['lr'] == pytest.approx(1e-3 * 0.1)  # warm-up done (3 steps), then one step at epoch 1
+    base_lr = task.cfg.optim_wrapper.optimizer.lr
+    assert groups[0]['lr'] == pytest.approx(base_lr * 0.1)  # warm-up done (3 steps), then one step at epoch 1
 
 
 # ----- the CLI -----------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_fit_fast_dev_run_through_the_cli(root, tmp_path, monkeypatch, capsys):
     assert 'val: bbox_AP=' in out and 'segm_AP50=' in out
 
 
-def test_fit_checkpoint_then_predict_writes_pngs(root, tmp_path, monkeypatch, capsys):
+def test_fit_checkpoint_then_validate_test_and_predict(root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--trainer.max_epochs=1',
                      '--trainer.limit_train_batches=1', '--trainer.check_val_every_n_epoch=1']) == 0
@@ -280,6 +280,11 @@ def test_fit_checkpoint_then_predict_writes_pngs(root, tmp_path, monkeypatch, ca
     from msmlp import MSMLP, load_pretrained
     backbone = MSMLP(num_classes=0, embed_dim=32, depths=(1, 1, 2, 1), out_indices=(0, 1, 2, 3))
     load_pretrained(backbone, checkpoints[-1])
+
+    capsys.readouterr()
+    for subcommand in ('validate', 'test'):
+        assert cli.main([subcommand, '--task', 'det', f'--data.root={root}', f'--ckpt_path={checkpoints[-1]}']) == 0
+        assert f'{"val" if subcommand == "validate" else "test"}: bbox_AP=' in capsys.readouterr().out
 
     out_dir = tmp_path / 'pngs'
     assert cli.main(['predict', '--task', 'det', f'--data.root={root}', f'--ckpt_path={checkpoints[-1]}',

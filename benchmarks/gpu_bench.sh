@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU check of the speed issue, as one prepared run for a lent GPU machine:
+# msmlp_tiny (fast and reference paths) against timm's convnext_tiny, batch 128 at 224x224,
+# bf16 autocast, inference and a training step (forward, backward, AdamW), with NCHW and
+# with channels_last input. Every table is measured in one process by `msmlp benchmark`.
+#
+# Needs only python3 with torch and timm, as on the device image; nothing is installed and
+# the repository is used in place. Tables go to $OUT/gpu_bench.md (./gpu_bench.md without
+# $OUT), the log to $OUT/gpu_bench.log. About two minutes on an H100.
+#
+#   benchmarks/gpu_bench.sh                                   # on the GPU machine
+#   DEVICE=cpu BATCH=2 SIZE=32 RUNS=1 PYTHON=.venv/bin/python benchmarks/gpu_bench.sh  # dry run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out_dir="${OUT:-.}"
+table="$out_dir/gpu_bench.md"
+log="$out_dir/gpu_bench.log"
+: >"$table"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+device="${DEVICE:-cuda}"
+python="${PYTHON:-python3}"  # the device image's python3 holds torch and timm
+
+{
+  echo "# msmlp_tiny vs convnext_tiny on $(hostname), $(date -u +%Y-%m-%dT%H:%MZ)"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$python" -c 'import sys, torch, timm; print("python", sys.version.split()[0], "| torch", torch.__version__,
+"| cuda", torch.version.cuda, "| timm", timm.__version__)'
+  echo
+} | tee -a "$table"
+
+status=0
+for layout in "" "--channels-last"; do
+  for mode in "" "--train"; do
+    echo "== ${mode:-inference} ${layout:-NCHW}" | tee -a "$log"
+    timeout "${STEP_TIMEOUT:-240}" "$python" -m msmlp.benchmark --device "$device" \
+      --model msmlp_tiny --compare convnext_tiny --precision bf16 \
+      --batch-size "${BATCH:-128}" --img-size "${SIZE:-224}" \
+      --runs "${RUNS:-10}" --warmup 3 --steps-per-run "${STEPS:-5}" \
+      $mode $layout --output "$table" 2>&1 | tee -a "$log" || status=1
+  done
+done
+echo "tables: $table"
+exit $status

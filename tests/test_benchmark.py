@@ -1,0 +1,91 @@
+"""``msmlp benchmark`` runs and prints its table (no timing assertions: the benchmark
+reports speed, the tests check that it measures what it says)."""
+import pytest
+import torch
+
+from msmlp import benchmark
+
+TINY = ['--batch-size', '1', '--img-size', '32', '--runs', '1', '--warmup', '0', '--threads', '1']
+
+
+def table_rows(output: str):
+    lines = [line for line in output.splitlines() if line.startswith('|')]
+    header = [cell.strip() for cell in lines[0].strip('|').split('|')]
+    rows = [[cell.strip() for cell in line.strip('|').split('|')] for line in lines[2:]]
+    return header, {row[0]: dict(zip(header, row)) for row in rows}
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_inference_table_has_every_column_and_the_ratios(capsys):
+    assert benchmark.main(['--model', 'msmlp_tiny', '--compare', 'convnext_tiny', *TINY]) == 0
+    out = capsys.readouterr().out
+    header, rows = table_rows(out)
+    assert header == ['model', 'params (M)', 'GMACs', 'images/s', 'peak memory (MiB)',
+                      'x msmlp_tiny (reference)', 'x convnext_tiny']
+    assert list(rows) == ['msmlp_tiny (fast)', 'msmlp_tiny (reference)', 'convnext_tiny']
+    fast, reference = rows['msmlp_tiny (fast)'], rows['msmlp_tiny (reference)']
+    assert fast['params (M)'] == reference['params (M)'] == '28.66'
+    assert float(fast['GMACs']) == pytest.approx(4.44 * (32 / 224) ** 2, abs=0.01)
+    assert reference['x msmlp_tiny (reference)'] == '1.00' and rows['convnext_tiny']['x convnext_tiny'] == '1.00'
+    assert float(fast['images/s']) > 0 and float(fast['peak memory (MiB)']) > 100  # the weights alone: 109 MiB
+    assert 'inference, classifier, batch 1 at 32x32, fp32, eager' in out
+    assert 'the fast path executes' in out
+
+
+def test_training_step_and_prefix_names(capsys):
+    assert benchmark.main(['--model', 'msmlp_tiny', '--train', '--no-memory', '--compare', 'swin_tiny', *TINY]) == 0
+    out = capsys.readouterr().out
+    _, rows = table_rows(out)
+    assert 'training step (forward, backward, AdamW)' in out
+    assert 'swin_tiny_patch4_window7_224' in rows  # the prefix resolved to a timm model
+    assert rows['msmlp_tiny (fast)']['peak memory (MiB)'] == '-'
+
+
+def test_backbone_features_at_a_detection_shape_in_bf16(capsys, tmp_path):
+    output = tmp_path / 'table.md'
+    argv = ['--model', 'msmlp_tiny', '--features-only', '--precision', 'bf16', '--no-reference',
+            '--output', str(output), *TINY[:2], '--img-size', '40x56', *TINY[4:]]
+    assert benchmark.main(argv) == 0
+    out = capsys.readouterr().out
+    header, rows = table_rows(out)
+    assert 'backbone features (4 stages), batch 1 at 40x56, bf16' in out
+    assert list(rows) == ['msmlp_tiny (fast)'] and header[-1] == 'peak memory (MiB)'
+    assert output.read_text().strip() == out.strip()
+
+
+def test_a_model_that_cannot_run_the_setting_gets_a_failed_row(capsys, monkeypatch):
+    real = benchmark.make_step
+
+    def make_step(model, args, device):
+        if type(model).__name__ == 'ConvNeXt':
+            raise RuntimeError('no kernel for this shape')
+        return real(model, args, device)
+    monkeypatch.setattr(benchmark, 'make_step', make_step)
+    assert benchmark.main(['--model', 'msmlp_tiny', '--no-memory', '--compare', 'convnext_tiny', *TINY]) == 1
+    _, rows = table_rows(capsys.readouterr().out)
+    assert rows['convnext_tiny']['images/s'] == 'failed: RuntimeError: no kernel for this shape'
+    assert float(rows['msmlp_tiny (fast)']['x msmlp_tiny (reference)']) > 0
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--img-size', '800x'], '--img-size must be N or HxW'),
+    (['--batch-size', '0'], '--batch-size must be at least 1'),
+    (['--model', 'no_such_model_xyz'], "unknown timm model 'no_such_model_xyz'"),
+])
+def test_bad_arguments_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert message in capsys.readouterr().err + str(exit_info.value.code)
+
+
+def test_cli_dispatches_to_the_benchmark(capsys):
+    import cli
+    assert cli.main(['benchmark', '--model', 'msmlp_tiny', '--no-reference', '--no-memory', *TINY]) == 0
+    _, rows = table_rows(capsys.readouterr().out)
+    assert list(rows) == ['msmlp_tiny (fast)']
