@@ -2,7 +2,8 @@
 # The GPU check of the speed issue, as one prepared run for a lent GPU machine:
 # msmlp_tiny (fast and reference paths) against timm's convnext_tiny, batch 128 at 224x224,
 # bf16 autocast, inference and a training step (forward, backward, AdamW), with NCHW and
-# with channels_last input. Every table is measured in one process by `msmlp benchmark`.
+# with channels_last input. Every table is measured in one process by `msmlp benchmark`;
+# first, benchmarks/gpu_check.py checks that the fast path equals the reference path there.
 #
 # Needs only python3 with torch and timm, as on the device image; nothing is installed and
 # the repository is used in place. Tables go to $OUT/gpu_bench.md (./gpu_bench.md without
@@ -29,10 +30,12 @@ python="${PYTHON:-python3}"  # the device image's python3 holds torch and timm
 } | tee -a "$table"
 
 status=0
+"$python" benchmarks/gpu_check.py --device "$device" 2>&1 | tee -a "$table" "$log" || status=1
+echo | tee -a "$table"
 for layout in "" "--channels-last"; do
   for mode in "" "--train"; do
     echo "== ${mode:-inference} ${layout:-NCHW}" | tee -a "$log"
-    timeout "${STEP_TIMEOUT:-240}" "$python" -m msmlp.benchmark --device "$device" \
+    timeout "${STEP_TIMEOUT:-150}" "$python" -m msmlp.benchmark --device "$device" \
       --model msmlp_tiny --compare convnext_tiny --precision bf16 \
       --batch-size "${BATCH:-128}" --img-size "${SIZE:-224}" \
       --runs "${RUNS:-10}" --warmup 3 --steps-per-run "${STEPS:-5}" \

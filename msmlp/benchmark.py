@@ -326,6 +326,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
     rows = build_rows(args)
     measure(rows, args, device)
     report = '\n'.join([describe_setting(args, device), format_table(rows, args), *notes(rows, args)])

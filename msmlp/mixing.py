@@ -336,7 +336,7 @@ class _ChannelMLP(torch.autograd.Function):
         c = mixed.shape[1]
         grad = grad.contiguous()
         grad_y = grad if scale is None else grad * scale[:, None]
-        grad_mixed = torch.empty_like(mixed)
+        grad_mixed = []
         grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
         grad_b1 = w1.new_zeros(w1.shape[0])
         grad_norm_weight, grad_norm_bias = torch.zeros_like(norm_weight), torch.zeros_like(norm_bias)
@@ -351,9 +351,10 @@ class _ChannelMLP(torch.autograd.Function):
             grad_in, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
                 torch.mm(grad_pre, w1), mixed[part], (c,), mean[part], rstd[part], norm_weight, norm_bias,
                 [True, True, True])
-            grad_mixed[part] = grad_in
+            grad_mixed.append(grad_in)
             grad_norm_weight += grad_nw
             grad_norm_bias += grad_nb
+        grad_mixed = grad_mixed[0] if len(grad_mixed) == 1 else torch.cat(grad_mixed)
         return (grad_mixed, grad, None, grad_norm_weight, grad_norm_bias, grad_w1, grad_b1,
                 grad_w2, grad_y.sum(0), None, None)
 
