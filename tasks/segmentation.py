@@ -278,14 +278,17 @@ class SegmentationTask(OpenMMLabTask):
         tta: Multi-scale + flip evaluation (validate, test, predict) with the config's
             ``tta_pipeline`` and mmseg's ``SegTTAModel`` (softmax averaged over the views).
         overlay_alpha: Opacity of the class colours in the predicted overlays.
+        num_threads: PyTorch's intra-op CPU threads (None: PyTorch's default).
     """
 
     scope = 'mmseg'
 
     def __init__(self, config: str = DEFAULT_CONFIG, cfg_options: Optional[Dict[str, Any]] = None,
                  pretrained: Optional[str] = None, predict_dir: Optional[str] = None,
-                 inference: Optional[str] = None, tta: bool = False, overlay_alpha: float = 0.5):
-        super().__init__(config=config, cfg_options=cfg_options, pretrained=pretrained, predict_dir=predict_dir)
+                 inference: Optional[str] = None, tta: bool = False, overlay_alpha: float = 0.5,
+                 num_threads: Optional[int] = None):
+        super().__init__(config=config, cfg_options=cfg_options, pretrained=pretrained, predict_dir=predict_dir,
+                         num_threads=num_threads)
 
     def configure_models(self) -> None:
         super().configure_models()

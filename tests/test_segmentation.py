@@ -111,8 +111,10 @@ def test_dataset_items_follow_the_config_pipelines(small_root):
     dm.setup('fit')
     assert dm.classes == scenes.CLASSES
     item = dm.datasets['train'][0]
-    assert item['inputs'].shape == (3, 128, 128)
+    # RandomResize may shrink a scene below the 128 crop; the batch preprocessor pads it later
+    assert item['inputs'].shape[0] == 3 and max(item['inputs'].shape[1:]) <= 128
     seg = item['data_samples'].gt_sem_seg.data
+    assert seg.shape[1:] == item['inputs'].shape[1:]
     assert set(seg.unique().tolist()) <= {0, 1, 2, 3, 4, 255}
     val = dm.datasets['val'][0]['data_samples']
     assert val.gt_sem_seg.data.shape[1:] == val.ori_shape  # evaluated at the original size
