@@ -9,7 +9,7 @@
 # the repository is used in place. Tables go to $OUT/gpu_bench.md (./gpu_bench.md without
 # $OUT), the log to $OUT/gpu_bench.log. About two minutes on an H100.
 #
-#   benchmarks/gpu_bench.sh                                   # on the GPU machine
+#   benchmarks/gpu_bench.sh                                   # on the GPU machine (LAYOUTS=nchw: skip channels_last)
 #   DEVICE=cpu BATCH=2 SIZE=32 RUNS=1 PYTHON=.venv/bin/python benchmarks/gpu_bench.sh  # dry run
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +32,8 @@ python="${PYTHON:-python3}"  # the device image's python3 holds torch and timm
 status=0
 "$python" benchmarks/gpu_check.py --device "$device" 2>&1 | tee -a "$table" "$log" || status=1
 echo | tee -a "$table"
-for layout in "" "--channels-last"; do
+for layout in ${LAYOUTS:-nchw channels-last}; do  # LAYOUTS=nchw: NCHW input only
+  [[ $layout == nchw ]] && layout="" || layout="--$layout"
   for mode in "" "--train"; do
     echo "== ${mode:-inference} ${layout:-NCHW}" | tee -a "$log"
     timeout "${STEP_TIMEOUT:-150}" "$python" -m msmlp.benchmark --device "$device" \

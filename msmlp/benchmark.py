@@ -220,7 +220,7 @@ def measure_peak_mb(step: Callable[[], None], device: torch.device) -> float:
 
 def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     """The model's GMACs (an MS-MLP's counted on its reference path) and, for the fast path,
-    those it executes: its depthwise kernels are zero-padded to the block's largest."""
+    those it executes: groups sharing a conv have their kernels zero-padded to the largest among them."""
     owner = mix_owner(row.model)
     if owner is None:
         row.gmacs = row.executed_gmacs = count_gmacs(row.model, args, device)
@@ -343,7 +343,7 @@ def notes(rows: List[Row], args: argparse.Namespace) -> List[str]:
     fast = rows[0]
     if not math.isnan(fast.executed_gmacs) and not math.isclose(fast.executed_gmacs, fast.gmacs, rel_tol=1e-3):
         out.append(f"GMACs: the model's (an MS-MLP's counted on its reference path); the fast path executes "
-                   f"{fast.executed_gmacs:.2f}, its depthwise kernels zero-padded to the block's largest.")
+                   f"{fast.executed_gmacs:.2f}, small kernels zero-padded where groups share a conv.")
     if not args.no_memory and any(math.isnan(r.peak_mb) for r in rows if not r.error):
         out.append('peak memory "-": not tracked here (compiled on the CPU, or torch without torch.distributed).')
     return out

@@ -8,23 +8,27 @@ residual add. ``reference`` does exactly that, in NCHW, as released: ten rolls, 
 convs, two concatenations and two permute copies per block. ``fast`` computes the same
 function channels-last (NHWC) in a few large operations:
 
-* Mixer (``_ShiftMix``): one ``index_select`` with a precomputed permutation writes both
-  branches' rolled copies side by side (``[lr | td]``, 2C channels; a roll is a
-  permutation, so the circular wrap is exact), one depthwise conv over the 2C channels
-  with every group's kernel zero-padded (centred) to the block's largest (the zero taps
-  add exact zeros), one add of the halves. Its backward is the transposed conv per branch
-  and the inverse permutation; the weight gradients are computed run by run (groups
-  sharing a kernel size) at each run's own kernel size, with batched matrix products on
-  small maps (oneDNN's 5x5/7x7 depthwise weight gradient is slow there).
+* Mixer (``_ShiftMix``): run by run (consecutive groups sharing a kernel size, 1x1 kernels
+  joining 3x3 ones), the run's rolled copies of both branches are written side by side (on
+  the CPU as two slice copies per group and branch, on a GPU as one gather with a
+  precomputed index; a roll moves values, so the circular wrap is exact), one depthwise
+  conv applies the groups' kernels zero-padded (centred) to the run's largest (the zero
+  taps add exact zeros), and the halves are added into the run's channels of the output. Its backward is one ``convolution_backward`` per run and
+  the inverse rolls; the weight gradients of large kernels on small maps are batched
+  matrix products (oneDNN's 5x5/7x7 depthwise weight gradient is slow there).
 * Channel MLP: on the same NHWC rows, no permute copies, the layer scale folded into
   ``pwconv2`` (``gamma * (W h + b) == (gamma W) h + gamma b``). On the CPU it runs in
   row chunks of at most ``MLP_CHUNK_BYTES`` of hidden activations: without autograd
   through oneDNN's fused Linear+GELU and Linear+residual-add; with autograd as one
   function that keeps only the pre-activations and recomputes the GELU in its backward.
-  Chunks keep the 4x-wide hidden activations in cache and out of freshly mapped pages.
+  Chunks keep the 4x-wide hidden activations in cache and out of freshly mapped pages
+  (glibc maps every allocation above 32 MiB afresh, and faulting those pages in costs as
+  much as the work on them).
 
-Autocast keeps the mixer (convs run in the autocast dtype) and takes the plain MLP
-operations; ``torch.compile`` traces a functional version of the same computation.
+Autocast runs the convs and products in its dtype, as the plain operations would (training
+under autocast takes the plain MLP operations); ``torch.compile`` traces the released
+per-group mixer on the channels-last map (the compiler fuses its rolls and concatenations
+itself) and the plain MLP operations.
 Both paths read the block's released parameters (``dwconv_lr``/``dwconv_td``, ``gamma``,
 ``pwconv2``...), so gradients reach the same tensors and checkpoints load into either.
 """
@@ -54,18 +58,19 @@ def mix_reference(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
     return torch.cat(lr, dim=1) + torch.cat(td, dim=1)
 
 
-# ----- fast: the plan of one block at one input size --------------------------------------------
+# ----- fast: the runs of one block -----------------------------------------------------------
 class Run(NamedTuple):
-    """Consecutive channel groups whose weight gradients are computed together."""
+    """Consecutive channel groups mixed by one depthwise conv at ``kernel``."""
     start: int     # first channel
     end: int       # one past the last channel
     kernel: int    # the largest kernel of its groups
     groups: slice  # the groups' indices
 
 
-def kernel_runs(sizes: Sequence[int], kernels: Sequence[int]) -> Tuple[Run, ...]:
+@functools.lru_cache(maxsize=None)
+def kernel_runs(sizes: Tuple[int, ...], kernels: Tuple[int, ...]) -> Tuple[Run, ...]:
     """Runs of consecutive groups with one kernel size, or all with kernels of at most 3
-    (oneDNN's fast 3x3 depthwise weight gradient covers 1x1 kernels embedded in 3x3)."""
+    (oneDNN's fast 3x3 depthwise kernels cover 1x1 kernels embedded in 3x3)."""
     runs: List[Run] = []
     channel = 0
     for g, (size, k) in enumerate(zip(sizes, kernels)):
@@ -78,35 +83,88 @@ def kernel_runs(sizes: Sequence[int], kernels: Sequence[int]) -> Tuple[Run, ...]
     return tuple(runs)
 
 
-class ShiftPlan(NamedTuple):
-    runs: Tuple[Run, ...]
-    kernel: int                # the block's largest kernel
-    forward: torch.Tensor      # flat source index of [lr | td] in x (H*W*2C entries)
-    backward_lr: torch.Tensor  # flat source index of the inverse rolls (H*W*C entries)
+def _roll_into(dst: torch.Tensor, src: torch.Tensor, shift: int, dim: int, accumulate: bool = False) -> None:
+    """``dst = torch.roll(src, shift, dim)`` (or ``+=``) as two slice copies, for strided views."""
+    length = src.shape[dim]
+    k = shift % length
+    for target, source in ((dst.narrow(dim, k, length - k), src.narrow(dim, 0, length - k)),
+                           (dst.narrow(dim, 0, k), src.narrow(dim, length - k, k))):
+        if target.numel():
+            target.add_(source) if accumulate else target.copy_(source)
+
+
+# NHWC dimensions the two branches roll along: lr along W, td along H
+BRANCH_DIMS = (2, 1)
+
+
+class RunIndex(NamedTuple):
+    forward: torch.Tensor      # flat source in x of the run's [lr | td] rolled copy (H*W*2c entries)
+    backward_lr: torch.Tensor  # flat source in that copy of each x entry's lr image (H*W*c entries)
     backward_td: torch.Tensor
 
 
-@functools.lru_cache(maxsize=8)
-def shift_plan(height: int, width: int, sizes: Tuple[int, ...], shifts: Tuple[int, ...],
-               kernels: Tuple[int, ...], device: torch.device) -> ShiftPlan:
-    """The rolls of an NHWC map of this size as permutation indices (cached for a few sizes)."""
+@functools.lru_cache(maxsize=64)
+def _run_index(height: int, width: int, sizes: Tuple[int, ...], shifts: Tuple[int, ...], start: int, end: int,
+               device: torch.device) -> RunIndex:
+    """The rolls of one run's channels of an NHWC map as gather indices (cached for a few sizes)."""
     channels = sum(sizes)
-    shift = torch.repeat_interleave(torch.tensor(shifts), torch.tensor(sizes))  # per channel
+    shift = torch.repeat_interleave(torch.tensor(shifts), torch.tensor(sizes))[start:end]  # per channel
     h = torch.arange(height)[:, None, None]
     w = torch.arange(width)[None, :, None]
-    c = torch.arange(channels)
+    c = torch.arange(start, end)
     row, col = width * channels, channels
     # lr[h, w, c] = x[h, w - s, c] and td[h, w, c] = x[h - s, w, c], circularly (torch.roll)
     forward = torch.cat((h * row + (w - shift) % width * col + c, (h - shift) % height * row + w * col + c), -1)
-    backward_lr = h * row + (w + shift) % width * col + c
-    backward_td = (h + shift) % height * row + w * col + c
-    dtype = torch.int32 if forward.numel() < 2 ** 31 else torch.int64
-    return ShiftPlan(kernel_runs(sizes, kernels), max(kernels), *(
-        index.flatten().to(device, dtype) for index in (forward, backward_lr, backward_td)))
+    half = end - start
+    pair_row, pair_col, j = width * 2 * half, 2 * half, c - start
+    backward_lr = h * pair_row + (w + shift) % width * pair_col + j
+    backward_td = (h + shift) % height * pair_row + w * pair_col + half + j
+    dtype = torch.int32 if height * width * channels * 2 < 2 ** 31 else torch.int64
+    return RunIndex(*(index.flatten().to(device, dtype) for index in (forward, backward_lr, backward_td)))
 
 
-def plan_for(block: 'MSMLPBlock', x: torch.Tensor) -> ShiftPlan:
-    return shift_plan(x.shape[1], x.shape[2], block.group_sizes, block.shift_dist, block.mix_size, x.device)
+def _gathers(x: torch.Tensor) -> bool:
+    """Whether rolls run as one gather (off the CPU) rather than as slice copies."""
+    return x.device.type != 'cpu'
+
+
+def _rolled_pair(x: torch.Tensor, run: Run, sizes: Tuple[int, ...], shifts: Tuple[int, ...]) -> torch.Tensor:
+    """The run's channels of ``x`` rolled per group, lr then td: ``(N, H, W, 2 c)``.
+
+    On the CPU as slice copies (no index to read; faster there), elsewhere as one gather (one
+    kernel launch, where a dozen small copies would be launch-bound)."""
+    n, h, w, _ = x.shape
+    half = run.end - run.start
+    if _gathers(x):
+        index = _run_index(h, w, sizes, shifts, run.start, run.end, x.device)
+        return x.reshape(n, -1).index_select(1, index.forward).view(n, h, w, 2 * half)
+    pair = x.new_empty(n, h, w, 2 * half)
+    for g in range(run.groups.start, run.groups.stop):
+        channels = slice(sum(sizes[:g]), sum(sizes[:g + 1]))
+        for branch, dim in enumerate(BRANCH_DIMS):
+            offset = branch * half - run.start
+            _roll_into(pair[..., channels.start + offset:channels.stop + offset], x[..., channels], shifts[g], dim)
+    return pair
+
+
+def _unroll_pair_into(grad_x: torch.Tensor, grad_pair: torch.Tensor, run: Run, sizes: Tuple[int, ...],
+                      shifts: Tuple[int, ...]) -> None:
+    """The adjoint of ``_rolled_pair``: the inverse rolls of both branches, summed into the
+    run's channels of ``grad_x``."""
+    n, h, w, _ = grad_x.shape
+    half = run.end - run.start
+    if _gathers(grad_x):
+        index = _run_index(h, w, sizes, shifts, run.start, run.end, grad_x.device)
+        flat = grad_pair.reshape(n, -1)
+        torch.add(flat.index_select(1, index.backward_lr).view(n, h, w, half),
+                  flat.index_select(1, index.backward_td).view(n, h, w, half), out=grad_x[..., run.start:run.end])
+        return
+    for g in range(run.groups.start, run.groups.stop):
+        channels = slice(sum(sizes[:g]), sum(sizes[:g + 1]))
+        for branch, dim in enumerate(BRANCH_DIMS):
+            offset = branch * half - run.start
+            _roll_into(grad_x[..., channels], grad_pair[..., channels.start + offset:channels.stop + offset],
+                       -shifts[g], dim, accumulate=branch > 0)
 
 
 # ----- fast: the mixer -----------------------------------------------------------------------
@@ -124,53 +182,88 @@ def _embed(weights: Sequence[torch.Tensor], size: int) -> torch.Tensor:
 class _ShiftMix(torch.autograd.Function):
     """The fast token mixer of a contiguous NHWC map.
 
-    Forward: one ``index_select`` writes both branches' rolled copies (``[lr | td]``, 2C
-    channels), one depthwise conv with every group's kernel embedded in the largest, one add
-    of the halves. Backward: per branch, the transposed conv (the same conv with flipped
-    kernels) and the inverse roll; the weight gradients run by run at each run's own kernel.
+    Forward, run by run (groups sharing a kernel size): ``_rolled_pair`` writes the run's
+    rolled copies of both branches side by side (``[lr | td]``), one depthwise conv applies the
+    groups' kernels embedded in the run's largest, and the halves are added into the run's
+    channels of the output. Each run's tensors stay small (below glibc's mmap threshold at
+    batch 16 and 224x224, so they are reused rather than freshly mapped and faulted in).
+    Backward, per run: one ``convolution_backward`` for the input and weight gradients
+    (batched matrix products for large kernels on small maps, see ``_toeplitz_weight_grad``),
+    then the inverse rolls (``_unroll_pair_into``).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, plan: ShiftPlan, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, block: 'MSMLPBlock', *params: torch.Tensor) -> torch.Tensor:
         n, h, w, c = x.shape
-        weight = _embed(params[0::2], plan.kernel)  # lr groups, then td groups
-        pair = x.reshape(n, -1).index_select(1, plan.forward).view(n, h, w, 2 * c)
-        mixed = _depthwise(pair, weight, torch.cat(params[1::2]), plan.kernel)
-        ctx.plan = plan
-        ctx.sizes = [p.shape[0] for p in params[0:len(params) // 2:2]]  # per group (lr and td alike)
-        ctx.kernels = [p.shape[-1] for p in params[0:len(params) // 2:2]]
-        ctx.save_for_backward(pair, weight)
-        return mixed[..., :c] + mixed[..., c:]
+        sizes, shifts = block.group_sizes, block.shift_dist
+        lr_weights, lr_biases = params[0:len(params) // 2:2], params[1:len(params) // 2:2]
+        td_weights, td_biases = params[len(params) // 2::2], params[len(params) // 2 + 1::2]
+        runs = kernel_runs(sizes, block.mix_size)
+        out = None
+        pairs, weights = [], []
+        for run in runs:
+            groups, half = run.groups, run.end - run.start
+            pair = _rolled_pair(x, run, sizes, shifts)
+            weight = _embed(lr_weights[groups] + td_weights[groups], run.kernel)
+            mixed = _depthwise(pair, weight, torch.cat(lr_biases[groups] + td_biases[groups]), run.kernel)
+            if out is None:
+                out = mixed.new_empty(n, h, w, c)  # autocast may have run the conv in another dtype
+            torch.add(mixed[..., :half], mixed[..., half:], out=out[..., run.start:run.end])
+            pairs.append(pair)
+            weights.append(weight)
+        ctx.runs, ctx.sizes, ctx.shifts, ctx.kernels = runs, sizes, shifts, block.mix_size
+        ctx.save_for_backward(*pairs, *weights)
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        plan = ctx.plan
+        runs, sizes, shifts, kernels = ctx.runs, ctx.sizes, ctx.shifts, ctx.kernels
+        saved = [t.to(grad.dtype) for t in ctx.saved_tensors]  # autocast ran the convs in grad's dtype
+        pairs, weights = saved[:len(runs)], saved[len(runs):]
+        need_x, need_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
         grad = grad.contiguous()
-        pair, weight = (t.to(grad.dtype) for t in ctx.saved_tensors)  # autocast ran the conv in grad's dtype
-        n, h, w, c = grad.shape
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            for branch, index in enumerate((plan.backward_lr, plan.backward_td)):
-                flipped = weight[branch * c:(branch + 1) * c].flip((2, 3))
-                back = _depthwise(grad, flipped, None, plan.kernel).reshape(n, -1).index_select(1, index)
-                grad_x = back if grad_x is None else grad_x.add_(back)
-            grad_x = grad_x.view(n, h, w, c)
-        if not any(ctx.needs_input_grad[2:]):  # frozen mixer
-            return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
-        sizes, kernels = ctx.sizes, ctx.kernels
-        grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
+        grad_x = torch.empty_like(grad) if need_x else None
         grad_weight: List[List[torch.Tensor]] = [[], []]
-        for run in plan.runs:
-            run_grad = _run_weight_grad(pair[..., run.start:run.end], pair[..., c + run.start:c + run.end],
-                                        grad[..., run.start:run.end], run.kernel)
-            for g, part in zip(range(run.groups.start, run.groups.stop),
-                               run_grad.split(sizes[run.groups], dim=1)):
-                crop = slice((run.kernel - kernels[g]) // 2, (run.kernel + kernels[g]) // 2)
-                for branch in range(2):
-                    grad_weight[branch].append(part[branch, :, None, crop, crop])
+        for run, pair, weight in zip(runs, pairs, weights):
+            half = run.end - run.start
+            run_grad = grad[..., run.start:run.end]
+            both = torch.cat((run_grad, run_grad), dim=-1)  # d(lr + td)/d lr and /d td
+            toeplitz = need_params and _toeplitz_suits(grad, run.kernel)
+            grad_pair, run_weight_grad = _depthwise_backward(both, pair, weight, run.kernel, need_x,
+                                                             need_params and not toeplitz)
+            if toeplitz:
+                run_weight_grad = _toeplitz_weight_grad(pair[..., :half], pair[..., half:], run_grad, run.kernel)
+            if need_x:
+                _unroll_pair_into(grad_x, grad_pair, run, sizes, shifts)
+            if need_params:
+                _split_weight_grad(run_weight_grad.view(2, half, run.kernel, run.kernel), run, sizes, kernels,
+                                   grad_weight)
+        if not need_params:  # frozen mixer
+            return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
+        grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
         return (grad_x, None, *[t for branch in range(2) for pair_grads in zip(grad_weight[branch], grad_bias)
                                 for t in pair_grads])
+
+
+def _depthwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel: int,
+                        need_input: bool, need_weight: bool):
+    """Input (NHWC) and weight gradients of ``_depthwise`` as asked, in one library call."""
+    if not (need_input or need_weight):
+        return None, None
+    channels = x.shape[-1]
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2), weight, None, [1, 1], [kernel // 2] * 2, [1, 1],
+        False, [0, 0], channels, [need_input, need_weight, False])
+    return (grad_input.permute(0, 2, 3, 1) if need_input else None), grad_weight
+
+
+def _split_weight_grad(run_grad: torch.Tensor, run: Run, sizes, kernels, grad_weight) -> None:
+    """Append each group's weight gradient (cropped to its own kernel) per branch."""
+    for g, part in zip(range(run.groups.start, run.groups.stop), run_grad.split(sizes[run.groups], dim=1)):
+        crop = slice((run.kernel - kernels[g]) // 2, (run.kernel + kernels[g]) // 2)
+        for branch in range(2):
+            grad_weight[branch].append(part[branch, :, None, crop, crop])
 
 
 # On the CPU up to this width, the weight gradient of a 5x5 or larger depthwise kernel is
@@ -178,19 +271,8 @@ class _ShiftMix(torch.autograd.Function):
 TOEPLITZ_MAX_WIDTH = 32
 
 
-def _run_weight_grad(x_lr: torch.Tensor, x_td: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
-    """Weight gradients (2, c, k, k) of a run's depthwise convs, branch lr then td, from the
-    run's rolled inputs (N, H, W, c) and the gradient of ``lr + td`` (N, H, W, c)."""
-    channels = grad.shape[-1]
-    if k >= 5 and grad.shape[2] <= TOEPLITZ_MAX_WIDTH and grad.device.type == 'cpu':
-        return _toeplitz_weight_grad(x_lr, x_td, grad, k)
-    inputs = torch.cat((x_lr, x_td), dim=-1).permute(0, 3, 1, 2)
-    both = torch.cat((grad, grad), dim=-1).permute(0, 3, 1, 2)
-    shape = grad.new_empty(2 * channels, 1, k, k)
-    grad_weight = torch.ops.aten.convolution_backward(
-        both, inputs, shape, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], 2 * channels,
-        [False, True, False])[1]
-    return grad_weight.view(2, channels, k, k)
+def _toeplitz_suits(grad: torch.Tensor, kernel: int) -> bool:
+    return kernel >= 5 and grad.shape[2] <= TOEPLITZ_MAX_WIDTH and grad.device.type == 'cpu'
 
 
 def _toeplitz_weight_grad(x_lr: torch.Tensor, x_td: torch.Tensor, grad: torch.Tensor, k: int) -> torch.Tensor:
@@ -220,23 +302,12 @@ def _toeplitz_weight_grad(x_lr: torch.Tensor, x_td: torch.Tensor, grad: torch.Te
     return diagonals.sum(-1).view(2, channels, k, k)
 
 
-def _shift_mix_functional(x: torch.Tensor, block: 'MSMLPBlock', kernel: int) -> torch.Tensor:
-    """The same function in plain differentiable operations (what ``torch.compile`` traces)."""
-    parts = torch.split(x, block.group_sizes, dim=3)
-    rolled = [torch.roll(p, s, dims=d) for d in (2, 1) for p, s in zip(parts, block.shift_dist)]
-    convs = [*block.dwconv_lr, *block.dwconv_td]
-    mixed = _depthwise(torch.cat(rolled, dim=3), _embed([conv.weight for conv in convs], kernel),
-                       torch.cat([conv.bias for conv in convs]), kernel)
-    c = x.shape[-1]
-    return mixed[..., :c] + mixed[..., c:]
-
-
 def mix_fast_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
     """The token mixer on a contiguous NHWC map; returns a contiguous NHWC map."""
-    if torch.compiler.is_compiling():
-        return _shift_mix_functional(x, block, max(block.mix_size))
+    if torch.compiler.is_compiling():  # the compiler fuses the released rolls and concatenations itself
+        return mix_reference(x.permute(0, 3, 1, 2), block).permute(0, 2, 3, 1)
     params = [t for convs in (block.dwconv_lr, block.dwconv_td) for conv in convs for t in (conv.weight, conv.bias)]
-    return _ShiftMix.apply(x, plan_for(block, x), *params)
+    return _ShiftMix.apply(x, block, *params)
 
 
 def mix_fast(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
@@ -266,34 +337,43 @@ def fused_linear_available() -> bool:
     """Whether oneDNN's fused Linear+GELU and Linear+add (the ops the compiler emits on the
     CPU) exist in this torch build and agree exactly with the plain operations."""
     try:
-        x = torch.ones(2, 2)
-        linear = torch.ops.mkldnn._linear_pointwise
-        return torch.equal(linear.binary(linear(x, x, x[0], 'gelu', [], 'none'), x, x, x[0], 'add'),
-                           F.linear(F.gelu(F.linear(x, x, x[0])), x, x[0]) + x)
+        with torch.autocast('cpu', enabled=False), torch.no_grad():
+            return _fused_matches_plain()
     except (AttributeError, RuntimeError):
         return False
 
 
+def _fused_matches_plain() -> bool:
+    x = torch.ones(2, 2)
+    linear = torch.ops.mkldnn._linear_pointwise
+    return torch.equal(linear.binary(linear(x, x, x[0], 'gelu', [], 'none'), x, x, x[0], 'add'),
+                       F.linear(F.gelu(F.linear(x, x, x[0])), x, x[0]) + x)
+
+
 def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int) -> torch.Tensor:
     """``x + gelu(norm(mixed) w1' + b1) w2' + b2`` over row chunks of 2-D inputs (no autograd):
-    per chunk, a norm and two oneDNN products with the GELU and the residual add fused."""
+    per chunk, a norm and two oneDNN products with the GELU and the residual add fused.
+    Under autocast the products run in its dtype and the residual add in ``x``'s, as the
+    plain operations would."""
     c = x.shape[1]
-    fused = x.dtype in (torch.float32, torch.bfloat16) and fused_linear_available()
+    dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else x.dtype
+    w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
+    fused = dtype in (torch.float32, torch.bfloat16) and fused_linear_available()
+    linear = torch.ops.mkldnn._linear_pointwise
     outs = []
     for start in range(0, x.shape[0], rows):
         part = slice(start, start + rows)
-        z = F.layer_norm(mixed[part], (c,), norm_weight, norm_bias, eps)
-        if fused:
-            linear = torch.ops.mkldnn._linear_pointwise
-            outs.append(linear.binary(linear(z, w1, b1, 'gelu', [], 'none'), x[part], w2, b2, 'add'))
+        z = F.layer_norm(mixed[part], (c,), norm_weight, norm_bias, eps).to(dtype)
+        hidden = linear(z, w1, b1, 'gelu', [], 'none') if fused else torch.ops.aten.gelu_(torch.addmm(b1, z, w1.t()))
+        if fused and dtype == x.dtype:
+            outs.append(linear.binary(hidden, x[part], w2, b2, 'add'))
         else:
-            hidden = torch.ops.aten.gelu_(torch.addmm(b1, z, w1.t()))
-            outs.append(torch.add(x[part], b2).addmm_(hidden, w2.t()))
+            outs.append(torch.add(x[part], torch.addmm(b2, hidden, w2.t())))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int,
-                pre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                pre: List[torch.Tensor], normed: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x + scale * (gelu(norm(mixed) w1' + b1) w2' + b2)`` over row chunks of 2-D inputs,
     writing the pre-activations into ``pre``; returns the output and the norm statistics."""
     c = x.shape[1]
@@ -303,7 +383,10 @@ def _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: fl
     for start in range(0, x.shape[0], rows):
         part = slice(start, start + rows)
         z, mean, rstd = torch.native_layer_norm(mixed[part], (c,), norm_weight, norm_bias, eps)
-        hidden = F.gelu(torch.addmm(b1, z, w1t, out=pre[part]))
+        normed.append(z)
+        pre.append(torch.addmm(b1, z, w1t))
+        hidden = F.gelu(pre[-1])
+        pre.append(hidden)
         means.append(mean)
         rstds.append(rstd)
         if scale is None:
@@ -323,16 +406,19 @@ class _ChannelMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int):
-        pre = x.new_empty(x.shape[0], w1.shape[0])
-        out, mean, rstd = _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps, rows, pre)
+        pre: List[torch.Tensor] = []  # per chunk: each below the mmap threshold, reused memory
+        normed: List[torch.Tensor] = []
+        out, mean, rstd = _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps, rows, pre, normed)
         ctx.eps, ctx.rows = eps, rows
-        ctx.save_for_backward(mixed, pre, mean, rstd, scale, norm_weight, norm_bias, w1, w2)
+        ctx.save_for_backward(mixed, mean, rstd, scale, norm_weight, norm_bias, w1, w2, *pre, *normed)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        mixed, pre, mean, rstd, scale, norm_weight, norm_bias, w1, w2 = ctx.saved_tensors
+        mixed, mean, rstd, scale, norm_weight, norm_bias, w1, w2, *pre = ctx.saved_tensors
+        chunks = len(pre) // 3
+        pre, normed = pre[:2 * chunks], pre[2 * chunks:]
         c = mixed.shape[1]
         grad = grad.contiguous()
         grad_y = grad if scale is None else grad * scale[:, None]
@@ -340,12 +426,11 @@ class _ChannelMLP(torch.autograd.Function):
         grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
         grad_b1 = w1.new_zeros(w1.shape[0])
         grad_norm_weight, grad_norm_bias = torch.zeros_like(norm_weight), torch.zeros_like(norm_bias)
-        for start in range(0, mixed.shape[0], ctx.rows):
+        for start, p, act, z in zip(range(0, mixed.shape[0], ctx.rows), pre[0::2], pre[1::2], normed):
             part = slice(start, start + ctx.rows)
-            g, p = grad_y[part], pre[part]
-            grad_w2.addmm_(g.t(), F.gelu(p))
+            g = grad_y[part]
+            grad_w2.addmm_(g.t(), act)
             grad_pre = torch.ops.aten.gelu_backward(torch.mm(g, w2), p)
-            z = torch.native_layer_norm(mixed[part], (c,), norm_weight, norm_bias, ctx.eps)[0]
             grad_w1.addmm_(grad_pre.t(), z)
             grad_b1 += grad_pre.sum(0)
             grad_in, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(
@@ -373,8 +458,8 @@ def _drop_path_scale(block: 'MSMLPBlock', x: torch.Tensor):
 
 def _fusable(block: 'MSMLPBlock', x: torch.Tensor) -> bool:
     """The chunked MLP covers the block as built (exact GELU, LayerNorm, timm DropPath) on
-    the CPU, without autocast or compilation (those take the plain operations)."""
-    return (x.device.type == 'cpu' and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()
+    the CPU, without compilation (which takes the plain operations)."""
+    return (x.device.type == 'cpu' and not torch.compiler.is_compiling()
             and type(block.act) is nn.GELU and block.act.approximate == 'none'
             and type(block.norm) is nn.LayerNorm and block.norm.weight is not None
             and isinstance(block.drop_path, (nn.Identity, DropPath)))
@@ -396,11 +481,11 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
                 block.pwconv1.weight, block.pwconv1.bias, w2, b2, block.norm.eps, rows)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or mixed.requires_grad or any(
             p.requires_grad for p in (block.norm.weight, block.pwconv1.weight, w2)))
-        if needs_grad or scale is not None:
+        if not (needs_grad or scale is not None):
+            return _mlp_inference(*args).view(n, h, w, c).permute(0, 3, 1, 2)
+        if not torch.is_autocast_enabled('cpu'):  # autocast training takes the plain operations
             out = _ChannelMLP.apply(args[0], args[1], scale, *args[2:])
-        else:
-            out = _mlp_inference(*args)
-        return out.view(n, h, w, c).permute(0, 3, 1, 2)
+            return out.view(n, h, w, c).permute(0, 3, 1, 2)
     y = F.linear(block.act(block.pwconv1(block.norm(mixed))), w2, b2)
     return (x + block.drop_path(y)).permute(0, 3, 1, 2)
 

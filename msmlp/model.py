@@ -140,8 +140,9 @@ class MSMLPBlock(nn.Module):
         return shift_mix(x, self, self._mix_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._mix_impl == 'fast':
+        if self._mix_impl == 'fast' and not torch.compiler.is_compiling():
             return forward_fast(self, x)  # same function, channels-last (see mixing.py)
+        # torch.compile: both paths trace the released operations, which inductor fuses best
         shortcut = x
         x = self.mix(x).permute(0, 2, 3, 1)
         x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))

@@ -87,6 +87,14 @@ def test_rolls_wrap_like_torch_roll_when_the_map_is_smaller_than_the_shift(size)
     assert_paths_agree(block, torch.randn(2, 96, *size))
 
 
+@pytest.mark.parametrize('size', [(7, 9), (1, 2), (3, 3)])
+def test_gathered_rolls_used_off_the_cpu_agree(monkeypatch, size):
+    monkeypatch.setattr(mixing, '_gathers', lambda x: True)  # the GPU's index_select rolls, here on the CPU
+    torch.manual_seed(0)
+    block = randomize(MSMLPBlock(96, MIX_SIZES[0]))
+    assert_paths_agree(block, torch.randn(2, 96, *size))
+
+
 def test_wide_maps_take_the_library_weight_gradient_and_agree():
     # wider than TOEPLITZ_MAX_WIDTH: the 5x5 and 7x7 weight gradients come from oneDNN
     torch.manual_seed(0)
@@ -194,3 +202,10 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
     assert close(inference, reference, tol=3e-2) and close(trained, reference, tol=3e-2)
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
+def test_inference_uses_the_fused_onednn_products_even_when_first_asked_under_autocast():
+    mixing.fused_linear_available.cache_clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert mixing.fused_linear_available()
