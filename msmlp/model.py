@@ -38,12 +38,20 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map (computed channels-last, as released)."""
+    """LayerNorm over the channels of an NCHW map (computed channels-last, as released).
+
+    With ``contiguous=False`` the result keeps its channels-last memory (an NCHW view of it),
+    which the fast blocks read without a copy; the reference blocks make their input contiguous.
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-6, contiguous: bool = True):
+        super().__init__(normalized_shape, eps=eps)
+        self.contiguous = contiguous
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2).contiguous()
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        return x.contiguous() if self.contiguous else x
 
 
 class PatchEmbed(nn.Module):
@@ -53,7 +61,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = LayerNorm2d(embed_dim, eps=1e-6)
+        self.norm = LayerNorm2d(embed_dim, eps=1e-6, contiguous=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(_pad_to_multiple(x, self.patch_size)))
@@ -65,7 +73,7 @@ class Downsample(nn.Module):
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(dim, out_dim, kernel_size=2, stride=2)
-        self.norm = LayerNorm2d(out_dim, eps=1e-6)
+        self.norm = LayerNorm2d(out_dim, eps=1e-6, contiguous=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(_pad_to_multiple(x, 2)))
@@ -143,6 +151,7 @@ class MSMLPBlock(nn.Module):
         if self._mix_impl == 'fast' and not torch.compiler.is_compiling():
             return forward_fast(self, x)  # same function, channels-last (see mixing.py)
         # torch.compile: both paths trace the released operations, which inductor fuses best
+        x = x.contiguous()  # the released NCHW layout, whatever the previous layer left
         shortcut = x
         x = self.mix(x).permute(0, 2, 3, 1)
         x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
