@@ -219,8 +219,10 @@ def measure_peak_mb(step: Callable[[], None], device: torch.device) -> float:
 
 
 def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -> None:
-    """The model's GMACs (an MS-MLP's counted on its reference path) and, for the fast path,
-    those it executes: groups sharing a conv have their kernels zero-padded to the largest among them."""
+    """The model's GMACs (an MS-MLP's counted on its reference path) and, for the eager fast
+    path, those it executes: the kernels of groups sharing a conv are zero-padded to the
+    largest among them (``kernel_runs``). Compiled, both paths run the released operations."""
+    from msmlp.mixing import kernel_runs
     owner = mix_owner(row.model)
     if owner is None:
         row.gmacs = row.executed_gmacs = count_gmacs(row.model, args, device)
@@ -230,8 +232,10 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
 
     def count_zero_taps(block, inputs):
         _, _, h, w = inputs[0].shape
-        size = max(block.mix_size)
-        zero_taps.append(2 * h * w * sum(c * (size ** 2 - k ** 2) for c, k in zip(block.group_sizes, block.mix_size)))
+        sizes, kernels = block.group_sizes, block.mix_size
+        zero_taps.append(2 * h * w * sum(sizes[g] * (run.kernel ** 2 - kernels[g] ** 2)
+                                         for run in kernel_runs(sizes, kernels)
+                                         for g in range(run.groups.start, run.groups.stop)))
 
     hooks = [m.register_forward_pre_hook(count_zero_taps) for m in owner.modules() if hasattr(m, 'mix_size')]
     owner.set_mix_impl('reference')
@@ -241,7 +245,8 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
         owner.set_mix_impl(impl)
         for hook in hooks:
             hook.remove()
-    row.executed_gmacs = row.gmacs + (sum(zero_taps) / 1e9 if impl == 'fast' else 0.)
+    padded = impl == 'fast' and not args.compile
+    row.executed_gmacs = row.gmacs + (sum(zero_taps) / 1e9 if padded else 0.)
 
 
 def measure(rows: List[Row], args: argparse.Namespace, device: torch.device, log=print) -> None:
