@@ -20,10 +20,10 @@ function channels-last (NHWC) in a few large operations:
   ``pwconv2`` (``gamma * (W h + b) == (gamma W) h + gamma b``). On the CPU it runs in
   row chunks of at most ``MLP_CHUNK_BYTES`` of hidden activations: without autograd
   through oneDNN's fused Linear+GELU and Linear+residual-add; with autograd as one
-  function that keeps only the pre-activations and recomputes the GELU in its backward.
-  Chunks keep the 4x-wide hidden activations in cache and out of freshly mapped pages
-  (glibc maps every allocation above 32 MiB afresh, and faulting those pages in costs as
-  much as the work on them).
+  function that keeps each chunk's normed input, pre-activation and activation for its
+  backward, which runs chunk by chunk too. Chunks keep the 4x-wide hidden activations in
+  cache and out of freshly mapped pages (glibc maps every allocation above 32 MiB afresh,
+  and faulting those pages in costs as much as the work on them).
 
 Autocast runs the convs and products in its dtype, as the plain operations would (training
 under autocast takes the plain MLP operations); ``torch.compile`` traces the released
@@ -128,6 +128,17 @@ def _gathers(x: torch.Tensor) -> bool:
     return x.device.type != 'cpu'
 
 
+def _group_branches(run: Run, sizes: Tuple[int, ...]):
+    """Per group of the run and per branch: ``(group, branch, channels in x, channels in the
+    run's [lr | td] copy, the NHWC dimension the branch rolls along)``."""
+    half = run.end - run.start
+    for g in range(run.groups.start, run.groups.stop):
+        start = sum(sizes[:g])
+        for branch, dim in enumerate(BRANCH_DIMS):
+            offset = start - run.start + branch * half
+            yield g, branch, slice(start, start + sizes[g]), slice(offset, offset + sizes[g]), dim
+
+
 def _rolled_pair(x: torch.Tensor, run: Run, sizes: Tuple[int, ...], shifts: Tuple[int, ...]) -> torch.Tensor:
     """The run's channels of ``x`` rolled per group, lr then td: ``(N, H, W, 2 c)``.
 
@@ -139,11 +150,8 @@ def _rolled_pair(x: torch.Tensor, run: Run, sizes: Tuple[int, ...], shifts: Tupl
         index = _run_index(h, w, sizes, shifts, run.start, run.end, x.device)
         return x.reshape(n, -1).index_select(1, index.forward).view(n, h, w, 2 * half)
     pair = x.new_empty(n, h, w, 2 * half)
-    for g in range(run.groups.start, run.groups.stop):
-        channels = slice(sum(sizes[:g]), sum(sizes[:g + 1]))
-        for branch, dim in enumerate(BRANCH_DIMS):
-            offset = branch * half - run.start
-            _roll_into(pair[..., channels.start + offset:channels.stop + offset], x[..., channels], shifts[g], dim)
+    for g, _, channels, in_pair, dim in _group_branches(run, sizes):
+        _roll_into(pair[..., in_pair], x[..., channels], shifts[g], dim)
     return pair
 
 
@@ -159,12 +167,8 @@ def _unroll_pair_into(grad_x: torch.Tensor, grad_pair: torch.Tensor, run: Run, s
         torch.add(flat.index_select(1, index.backward_lr).view(n, h, w, half),
                   flat.index_select(1, index.backward_td).view(n, h, w, half), out=grad_x[..., run.start:run.end])
         return
-    for g in range(run.groups.start, run.groups.stop):
-        channels = slice(sum(sizes[:g]), sum(sizes[:g + 1]))
-        for branch, dim in enumerate(BRANCH_DIMS):
-            offset = branch * half - run.start
-            _roll_into(grad_x[..., channels], grad_pair[..., channels.start + offset:channels.stop + offset],
-                       -shifts[g], dim, accumulate=branch > 0)
+    for g, branch, channels, in_pair, dim in _group_branches(run, sizes):
+        _roll_into(grad_x[..., channels], grad_pair[..., in_pair], -shifts[g], dim, accumulate=branch > 0)
 
 
 # ----- fast: the mixer -----------------------------------------------------------------------
@@ -373,9 +377,10 @@ def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float,
 
 
 def _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int,
-                pre: List[torch.Tensor], normed: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                saved: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x + scale * (gelu(norm(mixed) w1' + b1) w2' + b2)`` over row chunks of 2-D inputs,
-    writing the pre-activations into ``pre``; returns the output and the norm statistics."""
+    appending each chunk's normed input, pre-activation and activation to ``saved``; returns
+    the output and the norm statistics."""
     c = x.shape[1]
     out = torch.empty_like(x)
     means, rstds = [], []
@@ -383,10 +388,9 @@ def _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: fl
     for start in range(0, x.shape[0], rows):
         part = slice(start, start + rows)
         z, mean, rstd = torch.native_layer_norm(mixed[part], (c,), norm_weight, norm_bias, eps)
-        normed.append(z)
-        pre.append(torch.addmm(b1, z, w1t))
-        hidden = F.gelu(pre[-1])
-        pre.append(hidden)
+        pre = torch.addmm(b1, z, w1t)
+        hidden = F.gelu(pre)
+        saved += (z, pre, hidden)
         means.append(mean)
         rstds.append(rstd)
         if scale is None:
@@ -399,26 +403,23 @@ def _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: fl
 class _ChannelMLP(torch.autograd.Function):
     """The block's channel MLP and residual add over row chunks (see ``_mlp_chunks``).
 
-    The 4x-wide hidden activations exist only chunk by chunk: the forward keeps the
-    pre-activation alone, the backward recomputes the GELU from it, and GELU, its gradient
-    and the hidden gradients stay in cache.
+    The forward keeps each chunk's normed input, pre-activation and activation as tensors of
+    their own (each below the mmap threshold, so their memory is reused rather than freshly
+    mapped); the backward runs chunk by chunk, its 4x-wide gradients staying in cache.
     """
 
     @staticmethod
     def forward(ctx, mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int):
-        pre: List[torch.Tensor] = []  # per chunk: each below the mmap threshold, reused memory
-        normed: List[torch.Tensor] = []
-        out, mean, rstd = _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps, rows, pre, normed)
+        saved: List[torch.Tensor] = []
+        out, mean, rstd = _mlp_chunks(mixed, x, scale, norm_weight, norm_bias, w1, b1, w2, b2, eps, rows, saved)
         ctx.eps, ctx.rows = eps, rows
-        ctx.save_for_backward(mixed, mean, rstd, scale, norm_weight, norm_bias, w1, w2, *pre, *normed)
+        ctx.save_for_backward(mixed, mean, rstd, scale, norm_weight, norm_bias, w1, w2, *saved)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        mixed, mean, rstd, scale, norm_weight, norm_bias, w1, w2, *pre = ctx.saved_tensors
-        chunks = len(pre) // 3
-        pre, normed = pre[:2 * chunks], pre[2 * chunks:]
+        mixed, mean, rstd, scale, norm_weight, norm_bias, w1, w2, *saved = ctx.saved_tensors
         c = mixed.shape[1]
         grad = grad.contiguous()
         grad_y = grad if scale is None else grad * scale[:, None]
@@ -426,11 +427,12 @@ class _ChannelMLP(torch.autograd.Function):
         grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
         grad_b1 = w1.new_zeros(w1.shape[0])
         grad_norm_weight, grad_norm_bias = torch.zeros_like(norm_weight), torch.zeros_like(norm_bias)
-        for start, p, act, z in zip(range(0, mixed.shape[0], ctx.rows), pre[0::2], pre[1::2], normed):
+        chunks = zip(range(0, mixed.shape[0], ctx.rows), saved[0::3], saved[1::3], saved[2::3])
+        for start, z, pre, hidden in chunks:
             part = slice(start, start + ctx.rows)
             g = grad_y[part]
-            grad_w2.addmm_(g.t(), act)
-            grad_pre = torch.ops.aten.gelu_backward(torch.mm(g, w2), p)
+            grad_w2.addmm_(g.t(), hidden)
+            grad_pre = torch.ops.aten.gelu_backward(torch.mm(g, w2), pre)
             grad_w1.addmm_(grad_pre.t(), z)
             grad_b1 += grad_pre.sum(0)
             grad_in, grad_nw, grad_nb = torch.ops.aten.native_layer_norm_backward(

@@ -20,7 +20,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._registry import generate_default_cfgs
 
-from .mixing import MIX_IMPLS, forward_fast, shift_mix
+from .mixing import MIX_IMPLS, forward_fast, mix_reference, shift_mix
 
 __all__ = ['MSMLP', 'MIX_SIZES', 'SHIFT_DIST', 'checkpoint_filter_fn']
 
@@ -150,10 +150,10 @@ class MSMLPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._mix_impl == 'fast' and not torch.compiler.is_compiling():
             return forward_fast(self, x)  # same function, channels-last (see mixing.py)
-        # torch.compile: both paths trace the released operations, which inductor fuses best
+        # The released block; under torch.compile the fast path runs it too (inductor fuses it best).
         x = x.contiguous()  # the released NCHW layout, whatever the previous layer left
         shortcut = x
-        x = self.mix(x).permute(0, 2, 3, 1)
+        x = mix_reference(x, self).permute(0, 2, 3, 1)
         x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
         x = (self.gamma * x).permute(0, 3, 1, 2)
         return shortcut + self.drop_path(x)
