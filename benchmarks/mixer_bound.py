@@ -12,50 +12,35 @@ from unittest import mock
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import msmlp  # noqa: F401  (registers msmlp_*)
-from msmlp import mixing
-
-
-def step_fn(model, x, train: bool):
-    if not train:
-        def infer():
-            with torch.no_grad():
-                model(x)
-        return infer
-    target = torch.randint(0, 1000, (x.shape[0],))
-    optimizer = torch.optim.AdamW(model.parameters())
-
-    def step():
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), target).backward()
-        optimizer.step()
-    return step
+from msmlp import benchmark, mixing
 
 
 def measure(train: bool, runs: int = 5) -> dict:
+    """Images/s per row: the rows' steps (``msmlp benchmark``'s) interleaved, each timed step
+    right after an untimed one of the same row; run 0 only warms up."""
     torch.manual_seed(0)
-    x = torch.randn(16, 3, 224, 224)
+    args = benchmark.parse_args(['--train'] if train else [])  # batch 16, 224x224, fp32
+    device = torch.device(args.device)
     msmlp_tiny, convnext = timm.create_model('msmlp_tiny'), timm.create_model('convnext_tiny')
     identity = mock.patch.object(mixing, 'mix_fast_nhwc', lambda x, block: x * 1.0)
     rows = {  # name: (model, mix_impl, patch)
         'fast': (msmlp_tiny, 'fast', None), 'reference': (msmlp_tiny, 'reference', None),
         'identity mixer': (msmlp_tiny, 'fast', identity), 'convnext_tiny': (convnext, None, None)}
+    steps = {name: benchmark.make_step(model, args, device) for name, (model, _, _) in rows.items()}
     times = {name: [] for name in rows}
-    for run in range(runs + 1):  # run 0 warms up
+    for run in range(runs + 1):
         for name, (model, impl, patch) in rows.items():
             if impl:
                 model.set_mix_impl(impl)
-            model.train(train)
             with patch or contextlib.nullcontext():
-                step = step_fn(model, x, train)
-                step()
+                steps[name]()
                 start = time.perf_counter()
-                step()
+                steps[name]()
                 if run:
                     times[name].append(time.perf_counter() - start)
-    return {name: x.shape[0] / statistics.median(t) for name, t in times.items()}
+    return {name: args.batch_size / statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
