@@ -40,11 +40,16 @@ def close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> bool:
     return (ours.float() - ref.float()).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
 
 
-def run(module: torch.nn.Module, impl: str, x: torch.Tensor, grad: torch.Tensor, seed: int = 0):
-    """Output, input gradient and parameter gradients of ``module`` on the given path."""
+def use_path(module: torch.nn.Module, impl: str) -> None:
+    """Every block of ``module`` (a block alone, a model, a compiled model) on one path."""
     for m in module.modules():
         if isinstance(m, MSMLPBlock):
             m.mix_impl = impl
+
+
+def run(module: torch.nn.Module, impl: str, x: torch.Tensor, grad: torch.Tensor, seed: int = 0):
+    """Output, input gradient and parameter gradients of ``module`` on the given path."""
+    use_path(module, impl)
     module.zero_grad()
     x = x.detach().requires_grad_()
     torch.manual_seed(seed)  # the same drop-path draws on both paths
@@ -65,9 +70,7 @@ def assert_paths_agree(module: torch.nn.Module, x: torch.Tensor, tol: float = 1e
 
 
 def run_no_grad(module: torch.nn.Module, impl: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    for m in module.modules():
-        if isinstance(m, MSMLPBlock):
-            m.mix_impl = impl
+    use_path(module, impl)
     torch.manual_seed(seed)
     with torch.no_grad():
         return module(x)
@@ -161,8 +164,8 @@ def test_reference_weights_give_the_same_outputs_and_gradients_on_both_paths(cas
 
 
 def test_compiled_fast_path_matches_eager():
-    # dynamo traces the fast path in one graph; aot_eager keeps the test fast (the
-    # inductor compile is in the slow test below)
+    # compiled, the fast blocks trace the released operations in one graph; aot_eager keeps
+    # the test fast (the inductor compile is in the slow test below)
     torch.manual_seed(0)
     model = randomize(MSMLP(num_classes=5, embed_dim=24, depths=(1, 1, 1, 1)))
     x = torch.randn(2, 3, 40, 56)
@@ -193,9 +196,7 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         inference = run_no_grad(model, 'fast', x)
         model.zero_grad()
-        for m in model.modules():
-            if isinstance(m, MSMLPBlock):
-                m.mix_impl = 'fast'
+        use_path(model, 'fast')
         trained = model(x)
     trained.float().sum().backward()
     assert inference.dtype == torch.bfloat16
