@@ -89,3 +89,13 @@ def test_cli_dispatches_to_the_benchmark(capsys):
     assert cli.main(['benchmark', '--model', 'msmlp_tiny', '--no-reference', '--no-memory', *TINY]) == 0
     _, rows = table_rows(capsys.readouterr().out)
     assert list(rows) == ['msmlp_tiny (fast)']
+
+
+def test_executed_gmacs_count_the_zero_taps_of_the_convs_the_fast_path_runs():
+    args = benchmark.parse_args(['--batch-size', '1'])
+    row = benchmark.build_rows(args)[0]
+    benchmark.count_both_gmacs(row, args, torch.device('cpu'))
+    # msmlp_tiny pads only its 1x1 kernels, into the 3x3 conv they share: stage 0 groups 0-1
+    # (20 channels each, 56x56) and stage 1 group 0 (39 channels, 28x28); 3 blocks, 2 branches.
+    zero_taps = 3 * 2 * (56 * 56 * 2 * 20 + 28 * 28 * 39) * (3 * 3 - 1)
+    assert row.executed_gmacs - row.gmacs == pytest.approx(zero_taps / 1e9, rel=1e-9)
