@@ -26,9 +26,10 @@ function channels-last (NHWC) in a few large operations:
   and faulting those pages in costs as much as the work on them).
 
 Autocast runs the convs and products in its dtype, as the plain operations would (training
-under autocast takes the plain MLP operations); ``torch.compile`` traces the released
-per-group mixer on the channels-last map (the compiler fuses its rolls and concatenations
-itself) and the plain MLP operations.
+under autocast takes the plain MLP operations). Under ``torch.compile`` a fast block runs the
+released block (``MSMLPBlock.forward``), whose rolls and concatenations inductor fuses
+itself; the fast functions called directly fall back to the released mixer and the plain
+MLP operations.
 Both paths read the block's released parameters (``dwconv_lr``/``dwconv_td``, ``gamma``,
 ``pwconv2``...), so gradients reach the same tensors and checkpoints load into either.
 """
