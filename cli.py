@@ -8,11 +8,14 @@
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
+
+from lightning.pytorch.cli import LightningCLI
 
 # The configs are installed beside this module (the ``configs`` package), as in the repository.
 CONFIGS_DIR = Path(__file__).resolve().parent / 'configs'
@@ -66,61 +69,120 @@ def _rejected_init_args(err: ValueError) -> Optional[str]:
     return reasons[0] if reasons else None
 
 
+class MSMLPCLI(LightningCLI):
+    """LightningCLI with ``--task``, the ``--checkpoint.*`` callback and the run-folder rules."""
+
+    def __init__(self, *args: Any, task: str = DEFAULT_TASK, **kwargs: Any) -> None:
+        self.task = task
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        from tasks.checkpointing import RunCheckpoint
+        parser.add_argument('--task', choices=TASKS, default=self.task,
+                            help='Task whose configs/TASK/default.yaml is the first config')
+        parser.add_lightning_class_args(RunCheckpoint, 'checkpoint')
+        parser.set_defaults({'checkpoint.filename': 'best-epoch{epoch:03d}', 'checkpoint.save_last': True,
+                             'checkpoint.auto_insert_metric_name': False})
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self.explicit_model_keys = explicit_model_keys(args)
+        config = self.config[self.config.subcommand]
+        if config.get('ckpt_path') == 'last':
+            config['ckpt_path'] = latest_last_checkpoint(config.trainer, self.config.subcommand)
+        self.resumed = check_checkpoint(config.get('ckpt_path'))
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning lays the checkpoint's hyper-parameters over the whole parsed config;
+        # --model.* flags given on the command line must still win over them.
+        subcommand = self.config.get('subcommand')
+        given = {k: self.config[subcommand].get(k) for k in self.explicit_model_keys} if subcommand else {}
+        super()._parse_ckpt_path()
+        for key, value in given.items():
+            if value is not None:
+                self.config[subcommand][key] = value
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        refuse_spawn(config.trainer.get('strategy'))
+        resuming = self.subcommand == 'fit' and self.resumed is not None
+        self.run_folder = resumed_run_folder(config.get('ckpt_path'), config.trainer) if resuming else None
+        self.pinned_versions = share_log_version(config.trainer, self.run_folder)
+
+    def after_instantiate_classes(self) -> None:
+        for logger_args in self.pinned_versions:  # the saved config.yaml stays reusable
+            logger_args['version'] = None
+        if self.run_folder is not None:
+            continue_logs(self.trainer.loggers, self.run_folder, self.resumed)
+
+    def before_fit(self) -> None:
+        if first_process():
+            where = 'continue in' if self.run_folder is not None else 'go to'
+            print(f'msmlp: task {self.task}; logs and checkpoints {where} {self.trainer.log_dir}', flush=True)
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            report_outputs(self.trainer)
+
+
 def run_lightning(task: str, argv: List[str]) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
     from lightning.pytorch import LightningDataModule
 
     from tasks.base import BaseTask
 
-    class MSMLPCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            parser.add_argument('--task', choices=TASKS, default=task,
-                                help='Task whose configs/TASK/default.yaml is the first config')
-            parser.add_lightning_class_args(ModelCheckpoint, 'checkpoint')
-            parser.set_defaults({'checkpoint.filename': 'best-epoch{epoch:03d}', 'checkpoint.save_last': True,
-                                 'checkpoint.auto_insert_metric_name': False})
+    quiet_other_processes()
+    with relaunchable_as(['--task', task, *argv]), warnings.catch_warnings():
+        if argv[:1] != ['fit']:  # a checkpoint's own run folder does not matter here
+            warnings.filterwarnings('ignore', message='The dirpath has changed')
+        warnings.filterwarnings('ignore', message="LightningCLI's args parameter")  # sys.argv is the same command
+        # Lightning 2.6 calls torch's deprecated LeafSpec check on every fit (not ours to fix)
+        warnings.filterwarnings('ignore', message=r'`isinstance\(treespec, LeafSpec\)` is deprecated')
+        MSMLPCLI(BaseTask, LightningDataModule, task=task, subclass_mode_model=True, subclass_mode_data=True,
+                 seed_everything_default=0, args=argv,
+                 parser_kwargs={cmd: {'default_config_files': [str(task_config(task))],
+                                      'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS},
+                 save_config_kwargs={'overwrite': True})
 
-        def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-            super().parse_arguments(parser, args)
-            self.explicit_model_keys = explicit_model_keys(args)
-            check_checkpoint(self.config[self.config.subcommand].get('ckpt_path'))
 
-        def _parse_ckpt_path(self) -> None:
-            # Lightning lays the checkpoint's hyper-parameters over the whole parsed config;
-            # --model.* flags given on the command line must still win over them.
-            subcommand = self.config.get('subcommand')
-            given = {k: self.config[subcommand].get(k) for k in self.explicit_model_keys} if subcommand else {}
-            super()._parse_ckpt_path()
-            for key, value in given.items():
-                if value is not None:
-                    self.config[subcommand][key] = value
+def quiet_other_processes() -> None:
+    """One report per run: Lightning's informational lines (seeding, process group set-up)
+    only from the first process; warnings and errors from every process."""
+    import logging
+    if not first_process():
+        for name in ('lightning.pytorch', 'lightning.fabric'):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
-        def before_instantiate_classes(self) -> None:
-            self.pinned_versions = share_log_version(self.config[self.subcommand].trainer)
 
-        def after_instantiate_classes(self) -> None:
-            for logger_args in self.pinned_versions:  # the saved config.yaml stays reusable
-                logger_args['version'] = None
+@contextlib.contextmanager
+def relaunchable_as(args: List[str]):
+    """Make the command line re-runnable as ``python cli.py ARGS`` while the block runs.
 
-        def before_fit(self) -> None:
-            print(f'msmlp: task {task}; logs and checkpoints go to {self.trainer.log_dir}')
-
-        def after_fit(self) -> None:
-            report_outputs(self.trainer)
-
-    prog_argv, sys.argv = sys.argv, ['msmlp']  # argv goes in as args: no clash with sys.argv
+    Lightning's ``ddp`` launcher starts the other processes of a run by re-running
+    ``sys.argv`` (or ``python -m`` the main module) with the same Python and environment.
+    However ``msmlp`` was started (console script, ``python -m cli``, or ``cli.main([...])``
+    from Python), each child then runs this same command.
+    """
+    import __main__
+    saved_argv, saved_spec = sys.argv, getattr(__main__, '__spec__', None)
+    sys.argv = [str(Path(__file__).resolve()), *args]
+    __main__.__spec__ = None
     try:
-        with warnings.catch_warnings():
-            if argv[:1] != ['fit']:  # a checkpoint's own run folder does not matter here
-                warnings.filterwarnings('ignore', message='The dirpath has changed')
-            MSMLPCLI(BaseTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                     seed_everything_default=0, args=argv,
-                     parser_kwargs={cmd: {'default_config_files': [str(task_config(task))],
-                                          'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS},
-                     save_config_kwargs={'overwrite': True})
+        yield
     finally:
-        sys.argv = prog_argv
+        sys.argv = saved_argv
+        __main__.__spec__ = saved_spec
+
+
+def refuse_spawn(strategy: Any) -> None:
+    """``ddp_spawn`` pickles the trainer with everything the CLI built; refuse it in one line."""
+    from tasks.base import InputError
+    name = strategy if isinstance(strategy, str) else ''
+    if hasattr(strategy, 'get'):
+        name = f"{strategy.get('class_path', '')} {(strategy.get('init_args') or {}).get('start_method', '')}"
+    if 'spawn' in name.lower():
+        raise InputError(f'--trainer.strategy {strategy if isinstance(strategy, str) else name.strip()} is not '
+                         'supported: use --trainer.strategy ddp, which starts each process by re-running this '
+                         'msmlp command (under torchrun or SLURM, every process runs it already)')
 
 
 def explicit_model_keys(argv: Sequence[str]) -> List[str]:
@@ -133,34 +195,122 @@ def explicit_model_keys(argv: Sequence[str]) -> List[str]:
     return keys
 
 
-def check_checkpoint(path: Optional[str]) -> None:
+def check_checkpoint(path: Optional[str]) -> Optional[dict]:
     """Fail early, naming the file, on a ``--ckpt_path`` that is missing or not a checkpoint
-    (Lightning's own keywords such as ``last`` pass through)."""
+    (Lightning's own keywords such as ``last`` pass through). Returns what the checkpoint
+    recorded of its run's logs (``tasks.checkpointing.LOG_STATE_KEY``; ``{}`` if nothing), or
+    None when there is no file to read."""
     if path is None or path in ('last', 'best', 'hpc', 'registry') or '://' in str(path):
-        return
+        return None
     from msmlp import read_checkpoint
-    read_checkpoint(path)  # CheckpointError naming the file; nothing pickled is executed
+    from tasks.checkpointing import LOG_STATE_KEY
+    checkpoint = read_checkpoint(path)  # CheckpointError naming the file; nothing pickled is executed
+    state = checkpoint.get(LOG_STATE_KEY) if isinstance(checkpoint, dict) else None
+    return dict(state) if isinstance(state, dict) else {}
 
 
-def share_log_version(trainer_config) -> list:
-    """Give the loggers that have no version the next free ``version_N`` of their folder,
-    the same for loggers sharing a folder, so CSV and TensorBoard logs and the checkpoints
-    share one run folder. Returns the logger ``init_args`` it changed."""
+def _logger_args(trainer_config) -> list:
     loggers = trainer_config.get('logger')
     if not isinstance(loggers, list):
         return []
-    unversioned = [logger.get('init_args') for logger in loggers if hasattr(logger, 'get')]
-    unversioned = [args for args in unversioned if args is not None and args.get('save_dir') is not None
-                   and args.get('version') is None]
+    found = [logger.get('init_args') for logger in loggers if hasattr(logger, 'get')]
+    return [args for args in found if args is not None and args.get('save_dir') is not None]
+
+
+def _logger_folder(args) -> Path:
+    return Path(args['save_dir']) / (args.get('name') or '')
+
+
+def latest_last_checkpoint(trainer_config, subcommand: str) -> Optional[str]:
+    """``--ckpt_path last``: the ``last.ckpt`` of the newest run folder of this config's loggers
+    (``<save_dir>/<name>/version_N/checkpoints/last.ckpt``). ``fit`` without one starts a new
+    run (so one command both starts and resumes a job); other subcommands need one."""
+    from tasks.base import InputError
+    found = []
+    for folder in {_logger_folder(args) for args in _logger_args(trainer_config)}:
+        for run in folder.glob('version_*'):
+            if re.fullmatch(r'version_\d+', run.name) and (run / 'checkpoints' / 'last.ckpt').is_file():
+                found.append((int(run.name[len('version_'):]), run / 'checkpoints' / 'last.ckpt'))
+    if found:
+        return str(max(found)[1])
+    where = ', '.join(sorted(str(_logger_folder(args)) for args in _logger_args(trainer_config)))
+    where = where or "the loggers' folders"
+    if subcommand != 'fit':
+        raise InputError(f'--ckpt_path last: no run under {where} has checkpoints/last.ckpt')
+    if first_process():
+        print(f'msmlp: --ckpt_path last: no run under {where} has a last.ckpt yet; starting a new run', flush=True)
+    return None
+
+
+def resumed_run_folder(ckpt_path: Optional[str], trainer_config) -> Optional[Path]:
+    """The ``<save_dir>/<name>/version_N`` folder of a resumed run's ``last.ckpt``, when this
+    run's loggers log to ``<save_dir>/<name>``: the run then continues in that folder. Any other
+    checkpoint (a ``best-*.ckpt``: an earlier point) starts a new run folder, so that no log of
+    the first run is overwritten."""
+    if not ckpt_path:
+        return None
+    ckpt = Path(ckpt_path).resolve()
+    if (not ckpt.name.startswith('last') or ckpt.parent.name != 'checkpoints'
+            or not re.fullmatch(r'version_\d+', ckpt.parent.parent.name)):
+        return None
+    folder = ckpt.parent.parent
+    if any(_logger_folder(args).resolve() == folder.parent for args in _logger_args(trainer_config)):
+        return folder
+    return None
+
+
+def share_log_version(trainer_config, run_folder: Optional[Path] = None) -> list:
+    """Give the loggers that have no version the next free ``version_N`` of their folder
+    (or ``run_folder``'s, for a resumed run logging there), the same for loggers sharing a
+    folder, so CSV and TensorBoard logs and the checkpoints share one run folder. Returns the
+    logger ``init_args`` it changed."""
+    unversioned = [args for args in _logger_args(trainer_config) if args.get('version') is None]
     folders = {}
     for args in unversioned:
-        folder = Path(args['save_dir']) / (args.get('name') or '')
+        folder = _logger_folder(args)
         if folder not in folders:
-            taken = [int(m.group(1)) for p in folder.glob('version_*')
-                     if (m := re.fullmatch(r'version_(\d+)', p.name))]
-            folders[folder] = f'version_{max(taken, default=-1) + 1}'
+            if run_folder is not None and folder.resolve() == run_folder.parent:
+                folders[folder] = int(run_folder.name[len('version_'):])
+            else:
+                taken = [int(m.group(1)) for p in folder.glob('version_*')
+                         if (m := re.fullmatch(r'version_(\d+)', p.name))]
+                folders[folder] = max(taken, default=-1) + 1  # Lightning names the folder version_N
         args['version'] = folders[folder]
     return unversioned
+
+
+def continue_logs(loggers: Sequence, run_folder: Path, log_state: dict) -> None:
+    """Let a resumed run's loggers continue the logs of its folder from the checkpoint on:
+    ``metrics.csv`` keeps the rows written before the checkpoint (Lightning's CSVLogger
+    would delete the file), TensorBoard hides the killed run's events after its step."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from tasks.checkpointing import truncate_csv
+    rows, purge_step = log_state.get('csv_rows'), log_state.get('purge_step')
+    for logger in loggers:
+        if Path(logger.log_dir).resolve() != run_folder:
+            continue
+        if isinstance(logger, TensorBoardLogger) and purge_step is not None and logger._experiment is None:
+            # the killed run's events from this step on came after the checkpoint; they are redone
+            logger._kwargs.setdefault('purge_step', int(purge_step))
+        elif isinstance(logger, CSVLogger) and first_process():
+            metrics = Path(logger.log_dir) / 'metrics.csv'
+            kept = metrics.read_bytes() if metrics.is_file() else None
+            with warnings.catch_warnings():
+                warnings.filterwarnings('ignore', message='Experiment logs directory')
+                writer = logger.experiment  # Lightning's writer deletes metrics.csv here
+            if kept is not None:
+                metrics.write_bytes(kept)
+                writer.metrics_keys = truncate_csv(metrics, sys.maxsize if rows is None else rows)
+
+
+def first_process() -> bool:
+    """Whether this is the run's first process, before Lightning has set up its ranks (its
+    ``ddp`` launcher starts the others with LOCAL_RANK and NODE_RANK; torchrun sets RANK,
+    SLURM SLURM_PROCID, which Lightning's ``rank_zero_only.rank`` reads at import)."""
+    import os
+    from lightning.pytorch.utilities import rank_zero_only
+    return rank_zero_only.rank == 0 and int(os.environ.get('NODE_RANK', os.environ.get('GROUP_RANK', 0))) == 0
 
 
 def report_outputs(trainer) -> None:

@@ -6,7 +6,9 @@ YAML configs set) and fills in three hooks: ``configure_models``, ``configure_lo
 checkpoints load with ``torch.load(weights_only=True)``) and builds the optimiser the MS-MLP
 recipes use: AdamW without weight decay on norms, biases, 1-D parameters and layer scale,
 a linear warm-up then cosine decay per step (timm's scheduler), with the learning rates
-scaled by the total batch.
+scaled by the total batch. It also saves every process's random generator states in
+checkpoints and restores them when training resumes, so that a resumed run draws the same
+drop-path masks, Mixup factors and proposal samples as an uninterrupted one.
 
 Hyper-parameters ``configure_optimizers`` reads (subclasses declare those they use):
 ``lr``, ``weight_decay`` (0), ``betas`` ((0.9, 0.999)), ``eps`` (1e-8), ``warmup_epochs`` (0),
@@ -18,12 +20,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
+
+from tasks.checkpointing import rng_states, set_rng_states
 
 __all__ = ['BaseTask', 'InputError']
 
@@ -45,6 +50,7 @@ class BaseTask(LightningModule, ABC):
     def __init__(self, ignore: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=['ignore', *(ignore or ())])
+        self._rng_states_to_restore: Optional[List[Dict[str, Any]]] = None
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -107,3 +113,37 @@ class BaseTask(LightningModule, ABC):
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # timm schedulers take the number of optimiser steps taken so far.
         scheduler.step_update(num_updates=self.trainer.global_step)
+
+    # ----- exact resumption ----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        """Store the random generator states of every process (the saving process writes them all)."""
+        states = rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+        else:
+            gathered = [states]
+        checkpoint['rng_states'] = gathered
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self._rng_states_to_restore = checkpoint.get('rng_states')
+
+    def on_train_start(self) -> None:
+        # Lightning 2.6 restores a resumable loader's position only if the training data is set
+        # up after the checkpoint is read; configure_optimizers (estimated_stepping_batches)
+        # sets it up before, so the position restored with the loops is applied here (the
+        # loader starts its epoch on the first batch, after this hook).
+        load_positions = getattr(self.trainer.fit_loop, '_load_combined_loader_states', None)
+        if load_positions is not None:
+            load_positions()
+        # Restored here, after the sanity check and data set-up, right before the first step.
+        states, self._rng_states_to_restore = self._rng_states_to_restore, None
+        if not states:
+            return
+        rank = self.global_rank
+        if len(states) != self.trainer.world_size:
+            from lightning.pytorch.utilities import rank_zero_warn
+            rank_zero_warn(f'the checkpoint holds the random generator states of {len(states)} processes, this run '
+                           f'has {self.trainer.world_size}: training continues from the checkpoint but does not repeat '
+                           'the uninterrupted run exactly (each process now sees other samples)')
+        set_rng_states(states[rank % len(states)])

@@ -6,7 +6,12 @@ ImageNet transforms. ``ClassificationTask`` trains with the released MS-MLP reci
 defaults are the ImageNet-1K recipe of ``msmlp_tiny`` (see ``configs/cls/*.yaml``).
 
 An image that cannot be read stops the run with an error naming the file (nothing is
-skipped silently); the last checkpoint of the previous epoch is kept for resuming.
+skipped silently); the last checkpoint is kept for resuming.
+
+Training batches come from :class:`tasks.loading.ResumableLoader` (the same order and
+augmentations on any number of workers, resumable mid-epoch); validation and test see every
+image once on any number of processes, and their loss, top-1 and top-5 are summed over
+processes, so they do not depend on the process count.
 """
 from __future__ import annotations
 
@@ -18,23 +23,38 @@ import timm
 import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import msmlp  # noqa: F401  (registers the msmlp_* models with timm)
 from tasks.base import BaseTask, InputError
 from tasks.embedded import ensure_dataset
+from tasks.loading import ResumableLoader, eval_loader, gather_in_order, world
 
 __all__ = ['ClassificationTask', 'ImageFolderDataModule', 'ImageFiles', 'load_rgb', 'scan_image_folder',
            'find_images']
 
 _EMA_PREFIX = 'ema.'
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's RandAugment posterize, also at 0 bits: the top magnitudes of the released
+    ``rand-m9-mstd0.5-inc1`` policy ask for 0 bits, which Pillow 13 refuses ("bits must be
+    between or equal to 1 and 8") and older Pillow turned into a black image."""
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+    if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 # ----- data -------------------------------------------------------------------------------
@@ -223,26 +243,29 @@ class ImageFolderDataModule(LightningDataModule):
         if stage == 'test':
             self.datasets['test'] = self._split(hp.test_split, self.eval_transform())
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
+    def _loader_args(self, persistent: bool = True) -> Dict[str, Any]:
         workers = self.hparams.num_workers
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=train, drop_last=train,
-                          num_workers=workers, persistent_workers=workers > 0 and split != 'predict',
-                          pin_memory=torch.cuda.is_available())
+        return dict(num_workers=workers, persistent_workers=workers > 0 and persistent,
+                    pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        if len(self.datasets['train']) < self.batch_size:
-            raise InputError(f'{self.root / self.hparams.train_split} has {len(self.datasets["train"])} images, '
-                             f'fewer than one batch (batch_size={self.batch_size})')
-        return self._loader('train', train=True)
+        train, (processes, _) = self.datasets['train'], world()
+        if len(train) < self.batch_size * processes:
+            raise InputError(f'{self.root / self.hparams.train_split} has {len(train)} images, fewer than one batch '
+                             f'(batch_size={self.batch_size}' + (f' on each of {processes} processes)' if processes > 1
+                                                                 else ')'))
+        return ResumableLoader(train, batch_size=self.batch_size, seed=int(os.environ.get('PL_GLOBAL_SEED', 0)),
+                               drop_last=True, **self._loader_args())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader('val')
+        return eval_loader(self.datasets['val'], self.batch_size, **self._loader_args())
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader('test')
+        return eval_loader(self.datasets['test'], self.batch_size, **self._loader_args())
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader('predict')
+        # Lightning gives each process its share of a plain loader for predict, without repeats.
+        return DataLoader(self.datasets['predict'], batch_size=self.batch_size, **self._loader_args(persistent=False))
 
 
 # ----- model ------------------------------------------------------------------------------
@@ -324,7 +347,6 @@ class ClassificationTask(BaseTask):
             self.train_loss = LabelSmoothingCrossEntropy(smoothing=hp.label_smoothing)
         else:
             self.train_loss = nn.CrossEntropyLoss()
-        self.eval_loss = nn.CrossEntropyLoss()
 
     def configure_metrics(self) -> None:
         n = self.hparams.num_classes
@@ -334,6 +356,10 @@ class ClassificationTask(BaseTask):
         self.val_metrics = MetricCollection(metrics, prefix='val/')
         self.test_metrics = self.val_metrics.clone(prefix='test/')
         self.ema_metrics = self.val_metrics.clone(postfix='_ema') if self.ema is not None else None
+        # The mean loss over every image of the split, summed over processes (in float64, so
+        # that the order of the sums does not show).
+        self.val_loss = MeanMetric().set_dtype(torch.float64)
+        self.test_loss = MeanMetric().set_dtype(torch.float64)
 
     # ----- data checks -----------------------------------------------------------------------
     @property
@@ -371,14 +397,19 @@ class ClassificationTask(BaseTask):
         self.log('lr', self.optimizers().param_groups[0]['lr'], prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: a checkpoint written at the end of this batch (which
+        # happens before that hook) must hold the EMA of these very weights.
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 
     def _evaluate(self, batch: Tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:
         images, targets = batch
         logits = self(images)
-        self.log(f'{prefix}/loss', self.eval_loss(logits, targets))
+        loss = getattr(self, f'{prefix}_loss')
+        loss.update(nn.functional.cross_entropy(logits.double(), targets, reduction='none'))
+        self.log(f'{prefix}/loss', loss)
         metrics.update(logits, targets)
         self.log_dict(metrics, prog_bar=True)
         if prefix == 'val' and self.ema is not None:
@@ -392,7 +423,8 @@ class ClassificationTask(BaseTask):
         self._evaluate(batch, self.test_metrics, 'test')
 
     def predict_step(self, batch: Tuple[torch.Tensor, List[str]], batch_idx: int) -> List[Dict[str, Any]]:
-        """Top-5 (or all, if fewer) classes per image, printed and returned."""
+        """Top-5 (or all, if fewer) classes per image, printed and returned. On several
+        processes they are printed at the end, by the first, in the order of the images."""
         images, paths = batch
         probs = self(images).softmax(dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
@@ -401,9 +433,25 @@ class ClassificationTask(BaseTask):
         for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
             ranked = [(names[i], p) for i, p in zip(indices, values)]
             results.append({'path': path, 'top5': ranked})
-            self._print('\n'.join([path] + [f'  {rank}. {p:.4f}  {name}' for rank, (name, p) in
-                                            enumerate(ranked, 1)]))
+        if world()[0] == 1:
+            for result in results:
+                self._print(_ranking(result['path'], result['top5']))
+        else:
+            self._predicted.extend(results)
         return results
+
+    def on_predict_epoch_start(self) -> None:
+        self._predicted: List[Dict[str, Any]] = []
+
+    def on_predict_epoch_end(self) -> None:
+        if world()[0] == 1:
+            return
+        dataset = getattr(self.trainer.datamodule, 'datasets', {}).get('predict')
+        order = {path: i for i, (path, _) in enumerate(dataset.samples)} if dataset is not None else {}
+        ranked = gather_in_order([(order[r['path']] if order else r['path'], r) for r in self._predicted])
+        if self.trainer.is_global_zero:
+            for result in ranked:
+                self._print(_ranking(result['path'], result['top5']))
 
     def _print(self, text: str) -> None:
         bar = self.trainer.progress_bar_callback if self._trainer is not None else None
@@ -414,6 +462,7 @@ class ClassificationTask(BaseTask):
 
     # ----- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         # The EMA weights go beside the model's, so that 'state_dict' is the trained model
         # alone (msmlp.load_pretrained reads it).
         state = checkpoint['state_dict']
@@ -422,6 +471,7 @@ class ClassificationTask(BaseTask):
             checkpoint['ema_state_dict'] = ema
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint['state_dict']
         ema = checkpoint.get('ema_state_dict')
         if self.ema is not None:
@@ -433,3 +483,7 @@ class ClassificationTask(BaseTask):
             names = checkpoint.get('hyper_parameters', {}).get('class_names')
             if names:
                 self.hparams.class_names = list(names)
+
+
+def _ranking(path: str, ranked: Sequence[Tuple[str, float]]) -> str:
+    return '\n'.join([path] + [f'  {rank}. {p:.4f}  {name}' for rank, (name, p) in enumerate(ranked, 1)])

@@ -8,7 +8,9 @@ embedded shapes dataset when ``root`` is null.
 
 Metrics are COCO's box and mask AP (AP, AP50, AP75, APs, APm, APl) from torchmetrics'
 ``MeanAveragePrecision`` with the pycocotools backend, against the annotation file itself,
-as mmdet's ``CocoMetric`` computes them.
+as mmdet's ``CocoMetric`` computes them. On several processes the per-image predictions are
+gathered in dataset order, each image once, and evaluated by the first process
+(:class:`CocoEvaluation`), so the AP does not depend on the number of processes.
 
 Annotation files are checked before training; these stop the run with an error naming the
 file and the id: a missing file, a file that is not COCO instances JSON (missing keys or
@@ -31,20 +33,21 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
 from tasks.base import InputError
+from tasks.loading import broadcast, gather_in_order, world
 from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask
 
 __all__ = ['DetectionTask', 'CocoDataModule', 'read_coco', 'check_coco', 'CocoTargets', 'coco_map_metric',
-           'coco_map_names', 'predictions']
+           'coco_map_names', 'predictions', 'CocoEvaluation']
 
 _REQUIRED = {
     'images': ('id', 'file_name', 'height', 'width'),
@@ -172,8 +175,8 @@ def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks:
                              'masks (LoadAnnotations with_mask=True)')
     report['unannotated'] = [i for i in images if i not in annotated]
     if report['skipped'] and training:
-        warnings.warn(f'{ann_file}: {len(report["skipped"])} annotation(s) with zero area or outside their image '
-                      f'are skipped in training (ids {_ids(report["skipped"])})', stacklevel=2)
+        rank_zero_warn(f'{ann_file}: {len(report["skipped"])} annotation(s) with zero area or outside their image '
+                       f'are skipped in training (ids {_ids(report["skipped"])})')
     return report
 
 
@@ -224,7 +227,8 @@ class CocoTargets:
 
 
 class _WithTargets(Dataset):
-    """An mmdet dataset whose items also carry their COCO ground truth (``'targets'``)."""
+    """An mmdet dataset whose items also carry their COCO ground truth (``'targets'``) and
+    their position in the dataset (``'index'``)."""
 
     def __init__(self, dataset: Dataset, targets: CocoTargets):
         self.dataset, self.targets = dataset, targets
@@ -235,6 +239,7 @@ class _WithTargets(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
         item['targets'] = self.targets(item['data_samples'].img_id)
+        item['index'] = index
         return item
 
     def __getattr__(self, name: str):
@@ -251,11 +256,12 @@ _MAP_NAMES = {'map': 'AP', 'map_50': 'AP50', 'map_75': 'AP75', 'map_small': 'APs
 def coco_map_metric(iou_types: Sequence[str]):
     """torchmetrics' ``MeanAveragePrecision`` computing exactly what pycocotools' ``COCOeval``
     (and mmdet's ``CocoMetric``) computes: pycocotools backend, and its float64 IoU and recall
-    thresholds (torchmetrics' defaults are float32, which moves AP by up to ~1e-3)."""
+    thresholds (torchmetrics' defaults are float32, which moves AP by up to ~1e-3). It never
+    synchronises over processes itself (:class:`CocoEvaluation` gathers in dataset order)."""
     from torchmetrics.detection import MeanAveragePrecision
     iou_thresholds = np.linspace(.5, .95, int(np.round((.95 - .5) / .05)) + 1).tolist()
     rec_thresholds = np.linspace(.0, 1., int(np.round(1. / .01)) + 1).tolist()
-    return MeanAveragePrecision(iou_type=tuple(iou_types), backend='pycocotools',
+    return MeanAveragePrecision(iou_type=tuple(iou_types), backend='pycocotools', sync_on_compute=False,
                                 iou_thresholds=iou_thresholds, rec_thresholds=rec_thresholds)
 
 
@@ -267,6 +273,57 @@ def coco_map_names(values: Dict[str, torch.Tensor], iou_types: Sequence[str]) ->
         for key, name in _MAP_NAMES.items():
             out[f'{iou_type}_{name}'] = float(values[prefix + key])
     return out
+
+
+def _compact(item: Dict[str, torch.Tensor]) -> Dict[str, Any]:
+    """``item`` with its HxW boolean ``masks`` as COCO RLE (small enough to gather)."""
+    if 'masks' not in item:
+        return item
+    from pycocotools import mask as mask_utils
+    masks = item['masks']
+    rle = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8))) if len(masks) else []
+    return dict(item, masks=(tuple(masks.shape), rle))
+
+
+def _expand(item: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`_compact`."""
+    if 'masks' not in item:
+        return item
+    from pycocotools import mask as mask_utils
+    shape, rle = item['masks']
+    masks = torch.from_numpy(mask_utils.decode(rle)).permute(2, 0, 1) if rle else torch.zeros(shape)
+    return dict(item, masks=masks.bool().reshape(shape))
+
+
+class CocoEvaluation:
+    """COCO AP of a whole split, the same on any number of processes.
+
+    Each process keeps its images' predictions and ground truth (masks as RLE) with their
+    index in the dataset; :meth:`compute` gathers them in dataset order, each image once,
+    evaluates them on the first process with :func:`coco_map_metric` and gives every process
+    the result (as mmengine's evaluator collects results before ``CocoMetric`` runs).
+    """
+
+    def __init__(self, iou_types: Sequence[str]) -> None:
+        self.iou_types = tuple(iou_types)
+        self.records: List[tuple] = []
+
+    def update(self, indices: Sequence[int], preds: Sequence[dict], targets: Sequence[dict]) -> None:
+        for index, pred, target in zip(indices, preds, targets):
+            self.records.append((int(index), (_compact(pred), _compact(target))))
+
+    def reset(self) -> None:
+        self.records = []
+
+    def compute(self) -> Dict[str, float]:
+        ordered = gather_in_order(self.records, to_rank=0)
+        values = None
+        if world()[1] == 0:
+            metric = coco_map_metric(self.iou_types)
+            for pred, target in ordered:
+                metric.update([_expand(pred)], [_expand(target)])
+            values = coco_map_names(metric.compute(), self.iou_types)
+        return broadcast(values)
 
 
 def predictions(data_samples: Sequence, with_masks: bool) -> List[Dict[str, torch.Tensor]]:
@@ -316,7 +373,7 @@ class DetectionTask(OpenMMLabTask):
         return ('bbox', 'segm') if self.with_masks else ('bbox',)
 
     def configure_metrics(self) -> None:
-        self.val_metrics, self.test_metrics = coco_map_metric(self.iou_types), coco_map_metric(self.iou_types)
+        self.val_metrics, self.test_metrics = CocoEvaluation(self.iou_types), CocoEvaluation(self.iou_types)
 
     def check_classes(self, classes: Sequence[str]) -> None:
         heads = getattr(self.model, 'roi_head', None) or getattr(self.model, 'bbox_head', None)
@@ -332,10 +389,10 @@ class DetectionTask(OpenMMLabTask):
         targets = batch['targets']
         if isinstance(targets, dict):  # pseudo_collate turned the list of dicts into a dict of lists
             targets = [dict(zip(targets, values)) for values in zip(*targets.values())]
-        metrics.update(predictions(outputs, self.with_masks), list(targets))
+        metrics.update(batch['index'], predictions(outputs, self.with_masks), list(targets))
 
-    def compute_metrics(self, metrics) -> Dict[str, float]:
-        return coco_map_names(metrics.compute(), self.iou_types)
+    def compute_metrics(self, metrics: CocoEvaluation) -> Dict[str, float]:
+        return metrics.compute()
 
     def draw(self, data_sample, out_file: str) -> None:
         import mmcv

@@ -12,7 +12,13 @@ preprocessor, and trains it the way mmengine's ``Runner`` does:
   gradient clipping from its ``clip_grad``;
 * ``param_scheduler`` is built by mmengine and stepped as its ``ParamSchedulerHook`` does
   (iteration-based ones after every optimizer step, epoch-based ones after every epoch),
-  so warm-up, steps and poly decay are the config's; their state is saved in checkpoints.
+  so warm-up, steps and poly decay are the config's; their state is saved in checkpoints;
+* on the CPU, ``SyncBN`` layers (the Cascade configs' heads) run as plain BatchNorm, which
+  is what SyncBN computes on one process (torch's SyncBatchNorm has no CPU kernels for
+  several processes); on GPUs they synchronise as configured;
+* evaluation sees every image once on any number of processes; subclasses gather what their
+  metrics need over processes (:func:`tasks.loading.gather_in_order`) or sum it (torchmetrics),
+  so the numbers do not depend on the process count.
 
 :class:`OpenMMLabDataModule` builds the config's ``{train,val,test}_dataloader.dataset``
 with ``DATASETS.build`` (the config's pipelines), ``data_root`` from ``root`` (or the
@@ -47,15 +53,16 @@ import glob
 import logging
 import math
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.base import BaseTask, InputError
+from tasks.loading import ResumableLoader, eval_loader
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'resolve_config', 'load_config']
 
@@ -149,7 +156,6 @@ class OpenMMLabTask(BaseTask):
         self.classes: Optional[Sequence[str]] = None
         self.param_schedulers: List[Any] = []
         self._scheduler_state: Optional[list] = None
-        self._stepped_at = 0
         self._predictions_written = 0
 
     # ----- building ----------------------------------------------------------------------
@@ -167,7 +173,7 @@ class OpenMMLabTask(BaseTask):
         with _quiet_mmengine():  # mmengine logs the initialisation of every parameter
             self.model.init_weights()
         if init and init.get('type') == 'Pretrained':
-            print(f'[msmlp] backbone weights: {init["checkpoint"]}', flush=True)
+            rank_zero_info(f'[msmlp] backbone weights: {init["checkpoint"]}')
 
     def configure_metrics(self) -> None:
         """Create ``self.val_metrics`` and ``self.test_metrics``."""
@@ -176,6 +182,8 @@ class OpenMMLabTask(BaseTask):
     def setup(self, stage: str) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)
+        if self.trainer.strategy.root_device.type == 'cpu':
+            self._sync_bn_to_bn()
         datamodule = getattr(self.trainer, 'datamodule', None)
         classes = getattr(datamodule, 'classes', None)
         if classes is not None:
@@ -186,6 +194,14 @@ class OpenMMLabTask(BaseTask):
     def check_classes(self, classes: Sequence[str]) -> None:
         """Raise ``InputError`` if the model's heads do not fit the dataset's classes."""
 
+    def _sync_bn_to_bn(self) -> None:
+        from mmengine.model import revert_sync_batchnorm
+        if any(isinstance(m, torch.nn.SyncBatchNorm) for m in self.model.modules()):
+            self.model = revert_sync_batchnorm(self.model)  # same parameters and keys
+            if self.trainer.world_size > 1:
+                rank_zero_info('[msmlp] SyncBN layers run as BatchNorm on the CPU (no CPU kernels to synchronise '
+                               'them): each process normalises over its own batch')
+
     # ----- optimisation ------------------------------------------------------------------
     def configure_optimizers(self):
         from mmengine.optim import build_optim_wrapper
@@ -195,9 +211,10 @@ class OpenMMLabTask(BaseTask):
         wrapper_cfg['type'] = 'OptimWrapper'  # precision is Lightning's (trainer.precision), not AmpOptimWrapper's
         for unsupported in ('accumulative_counts', 'loss_scale', 'dtype'):
             if wrapper_cfg.pop(unsupported, None) is not None:
-                warnings.warn(f'optim_wrapper.{unsupported} is not used on Lightning; use the Trainer flags '
-                              '(accumulate_grad_batches, precision)', stacklevel=2)
-        self.optim_wrapper = build_optim_wrapper(self.model, wrapper_cfg)
+                rank_zero_warn(f'optim_wrapper.{unsupported} is not used on Lightning; use the Trainer flags '
+                               '(accumulate_grad_batches, precision)')
+        with _quiet_mmengine():  # mmengine logs the decay and lr multiplier of every parameter
+            self.optim_wrapper = build_optim_wrapper(self.model, wrapper_cfg)
         self.param_schedulers = []
         for cfg in self.cfg.get('param_scheduler') or []:
             cfg = copy.deepcopy(dict(cfg))
@@ -226,12 +243,13 @@ class OpenMMLabTask(BaseTask):
             gradient_clip_val, gradient_clip_algorithm = clip['max_norm'], 'norm'
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.trainer.global_step > self._stepped_at:  # an optimizer step happened
-            self._stepped_at = self.trainer.global_step
-            for scheduler in self.param_schedulers:
-                if not scheduler.by_epoch:
-                    scheduler.step()
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: a checkpoint written at the end of this batch (which
+        # happens before that hook) must hold the schedulers' state after this step.
+        for scheduler in self.param_schedulers:
+            if not scheduler.by_epoch:
+                scheduler.step()
 
     def on_train_epoch_end(self) -> None:
         for scheduler in self.param_schedulers:
@@ -239,28 +257,31 @@ class OpenMMLabTask(BaseTask):
                 scheduler.step()
 
     def on_train_start(self) -> None:
-        self._stepped_at = self.trainer.global_step
+        super().on_train_start()
         train_cfg = self.cfg.get('train_cfg') or {}
         if self.trainer.fast_dev_run:
             return
         planned = train_cfg.get('max_epochs') or train_cfg.get('max_iters')
         actual = self.trainer.max_epochs if 'max_epochs' in train_cfg else self.trainer.max_steps
         if planned and actual != planned:
-            warnings.warn(f"the config's schedule is for {planned} {'epochs' if 'max_epochs' in train_cfg else 'iterations'}"
-                          f' but the trainer stops after {actual}: its milestones may not be reached', stacklevel=2)
+            unit = 'epochs' if 'max_epochs' in train_cfg else 'iterations'
+            rank_zero_warn(f"the config's schedule is for {planned} {unit} but the trainer stops after {actual}: "
+                           'its milestones may not be reached')
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint['param_schedulers'] = [_plain_state(s) for s in self.param_schedulers]
         checkpoint['openmmlab_config'] = self.cfg.pretty_text
         checkpoint['classes'] = list(self.classes) if self.classes is not None else None
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._scheduler_state = checkpoint.get('param_schedulers') or None
         saved = checkpoint.get('classes')
         if saved:
             if self.classes is not None and tuple(saved) != tuple(self.classes):
-                warnings.warn(f'the checkpoint was trained on classes {saved}, the data names {list(self.classes)}; '
-                              'drawing uses the checkpoint\'s', stacklevel=2)
+                rank_zero_warn(f'the checkpoint was trained on classes {saved}, the data names {list(self.classes)}; '
+                               'drawing uses the checkpoint\'s')
             self.classes = tuple(saved)
 
     # ----- steps -------------------------------------------------------------------------
@@ -317,9 +338,10 @@ class OpenMMLabTask(BaseTask):
         self._predictions_written = 0
 
     def on_predict_end(self) -> None:
+        # each process drew its share of the images
+        written = int(self.trainer.strategy.reduce(torch.tensor(self._predictions_written), reduce_op='sum'))
         if self.trainer.is_global_zero:
-            print(f'[msmlp] wrote {self._predictions_written} prediction images to {self._predict_dir().resolve()}',
-                  flush=True)
+            print(f'[msmlp] wrote {written} prediction images to {self._predict_dir().resolve()}', flush=True)
 
     # ----- metrics -----------------------------------------------------------------------
     def update_metrics(self, metrics, outputs: list, batch: dict) -> None:
@@ -332,9 +354,10 @@ class OpenMMLabTask(BaseTask):
     def _log_metrics(self, metrics, stage: str) -> None:
         if metrics is None:
             return
-        values = self.compute_metrics(metrics)
+        values = self.compute_metrics(metrics)  # the same on every process
         metrics.reset()
-        self.log_dict({f'{stage}/{k}': v for k, v in values.items()}, sync_dist=False)
+        # 'max' of equal values: synchronised without arithmetic, so they stay exact
+        self.log_dict({f'{stage}/{k}': v for k, v in values.items()}, sync_dist=True, reduce_fx='max')
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             fitting = self.trainer.state.fn == 'fit'
             where = f'epoch {self.current_epoch} {stage}' if fitting else stage
@@ -514,23 +537,24 @@ class OpenMMLabDataModule(LightningDataModule):
         return paths
 
     # ----- loaders -------------------------------------------------------------------------
-    def _loader(self, split: str, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader_args(self, split: str) -> Dict[str, Any]:
         from mmengine.dataset import pseudo_collate
         loader_cfg = self.cfg.get(f'{split}_dataloader') or self.cfg.get('val_dataloader')
         batch_size = self.batch_size if split == 'train' and self.batch_size else loader_cfg.get('batch_size', 1)
         workers = self.num_workers if self.num_workers is not None else loader_cfg.get('num_workers', 0)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                          collate_fn=pseudo_collate, persistent_workers=workers > 0 and split == 'train',
-                          drop_last=False)
+        return dict(batch_size=batch_size, num_workers=workers, collate_fn=pseudo_collate)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader('train', self.datasets['train'], shuffle=True)
+        args = self._loader_args('train')
+        return ResumableLoader(self.datasets['train'], seed=int(os.environ.get('PL_GLOBAL_SEED', 0)), drop_last=False,
+                               persistent_workers=args['num_workers'] > 0, **args)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader('val', self.datasets['val'], shuffle=False)
+        return eval_loader(self.datasets['val'], **self._loader_args('val'))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader('test', self.datasets['test'], shuffle=False)
+        return eval_loader(self.datasets['test'], **self._loader_args('test'))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader('test', self.datasets['predict'], shuffle=False)
+        # Lightning gives each process its share of a plain loader for predict, without repeats.
+        return DataLoader(self.datasets['predict'], shuffle=False, **self._loader_args('test'))

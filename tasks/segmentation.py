@@ -20,7 +20,7 @@ import copy
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -83,7 +83,11 @@ class SegmentationMetrics(MulticlassConfusionMatrix):
                     label_area=label_area, pred_area=pred_area)
 
     def compute(self) -> Dict[str, torch.Tensor]:
-        parts = self.per_class()
+        return self.summary(self.per_class())
+
+    @staticmethod
+    def summary(parts: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """mIoU, mAcc and aAcc from :meth:`per_class`."""
         return dict(mIoU=parts['IoU'].nanmean(), mAcc=parts['Acc'].nanmean(),
                     aAcc=parts['intersect'].sum() / parts['label_area'].sum())
 
@@ -348,14 +352,16 @@ class SegmentationTask(OpenMMLabTask):
                 raise InputError(f'{sample.get("seg_map_path", sample.img_path)}: {err}') from None
 
     def compute_metrics(self, metrics: SegmentationMetrics) -> Dict[str, float]:
-        values = {k: float(v) for k, v in metrics.compute().items()}
+        with metrics.sync_context():  # the confusion matrix summed over processes, for the table too
+            parts = metrics.per_class()
+        values = {k: float(v) for k, v in metrics.summary(parts).items()}
         if self.trainer is not None and not self.trainer.sanity_checking and self.trainer.state.fn != 'fit':
-            rank_zero_info(self.class_table(metrics))
+            rank_zero_info(self.class_table(parts))
         return values
 
-    def class_table(self, metrics: SegmentationMetrics) -> str:
-        """Per-class IoU and Acc (percent), for the classes present in labels or predictions."""
-        parts = metrics.per_class()
+    def class_table(self, parts: Dict[str, torch.Tensor]) -> str:
+        """Per-class IoU and Acc (percent) from ``SegmentationMetrics.per_class()``, for the
+        classes present in labels or predictions."""
         classes = self.classes or [str(i) for i in range(self.num_classes)]
         width = max(len(c) for c in classes)
         lines = [f'{"class":<{width}}    IoU    Acc']

@@ -329,14 +329,21 @@ def test_test_subcommand(trained, capsys, monkeypatch):
     assert status == 0 and 'test/top1' in out
 
 
-def test_fit_resumes_from_the_last_checkpoint(trained, capsys, monkeypatch):
-    monkeypatch.chdir(trained['tmp'])
-    status, _, _ = msmlp_run(capsys, *fit_args(trained['data'], '--trainer.max_epochs=2',
-                                               f'--ckpt_path={trained["last"]}'))
+def test_fit_resumes_from_the_last_checkpoint_in_its_run_folder(trained, capsys, monkeypatch, tmp_path):
+    import shutil
+    shutil.copytree(trained['tmp'] / 'runs', tmp_path / 'runs')
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / 'runs' / 'cls' / 'version_0'
+    before, folders = read_metrics(run), sorted((tmp_path / 'runs' / 'cls').glob('version_*'))
+    status, out, _ = msmlp_run(capsys, *fit_args(trained['data'], '--trainer.max_epochs=2',
+                                                 f'--ckpt_path={run / "checkpoints" / "last.ckpt"}'))
     assert status == 0
-    resumed = max(int(p.name.split('_')[1]) for p in (trained['tmp'] / 'runs' / 'cls').glob('version_*'))
-    rows = read_metrics(trained['tmp'] / 'runs' / 'cls' / f'version_{resumed}')
-    assert {int(r['epoch']) for r in rows} == {1}  # only the second epoch ran
+    assert f'logs and checkpoints continue in {Path("runs/cls/version_0")}' in out
+    assert sorted((tmp_path / 'runs' / 'cls').glob('version_*')) == folders  # no new run folder
+    rows = read_metrics(run)
+    # the first run's rows are kept (columns logged only by the resumed run added), then the second epoch's
+    assert [{k: row[k] for k in before[0]} for row in rows[:len(before)]] == before
+    assert {int(r['epoch']) for r in rows[len(before):]} == {1}
 
 
 def test_model_flags_win_over_checkpoint_hyperparameters(trained, capsys, monkeypatch):
@@ -533,3 +540,14 @@ def test_embedded_default_trains_to_90_percent_and_validate_reproduces_it(tmp_pa
                              text=True, timeout=300)
     assert predict.returncode == 0, predict.stderr[-3000:]
     assert re.search(r'1\. [0-9.]+  triangle', predict.stdout), predict.stdout[-2000:]
+
+
+def test_randaugment_posterize_at_zero_bits_is_a_black_image_not_an_error():
+    """The released policy rand-m9-mstd0.5-inc1 reaches 0 bits at its top magnitudes, which
+    Pillow 13 refuses ("bits must be between or equal to 1 and 8") mid-epoch."""
+    from PIL import ImageOps
+    from timm.data.auto_augment import NAME_TO_OP
+    image = Image.new('RGB', (8, 8), (200, 100, 50))
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        assert NAME_TO_OP[name](image, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+        assert NAME_TO_OP[name](image, 3).tobytes() == ImageOps.posterize(image, 3).tobytes()

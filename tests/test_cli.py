@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -123,3 +122,67 @@ def test_console_entry_point_runs_in_a_fresh_process(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert 'tasks.classification.ImageFolderDataModule' in done.stdout
+
+
+# ----- several processes, resuming ---------------------------------------------------------
+@pytest.mark.parametrize('strategy', ['ddp_spawn', 'ddp_spawn_find_unused_parameters_true'])
+def test_ddp_spawn_is_refused_in_one_line(strategy, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', 'cls', f'--trainer.strategy={strategy}', '--trainer.devices=2',
+                     '--trainer.accelerator=cpu']) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'use --trainer.strategy ddp' in err and strategy in err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_lightning_ddp_launcher_reruns_this_command():
+    """Lightning's ddp launcher starts the other processes with this command line: whichever
+    way msmlp was started, it is `python .../cli.py` with the --task and every flag."""
+    from lightning.fabric.strategies.launchers.subprocess_script import _basic_subprocess_cmd
+    with cli.relaunchable_as(['--task', 'det', 'fit', '--trainer.devices=2']):
+        command = _basic_subprocess_cmd()
+    assert command == [sys.executable, str(REPO / 'cli.py'), '--task', 'det', 'fit', '--trainer.devices=2']
+    assert sys.argv[0] != str(REPO / 'cli.py')  # put back afterwards
+
+
+def loggers_config(save_dir):
+    return {'logger': [{'class_path': 'lightning.pytorch.loggers.CSVLogger',
+                        'init_args': {'save_dir': str(save_dir), 'name': 'cls', 'version': None}},
+                       {'class_path': 'lightning.pytorch.loggers.TensorBoardLogger',
+                        'init_args': {'save_dir': str(save_dir), 'name': 'cls', 'version': None}}]}
+
+
+def make_run(save_dir, version, files=('last.ckpt',)):
+    folder = save_dir / 'cls' / f'version_{version}' / 'checkpoints'
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_bytes(b'')
+    return folder
+
+
+def test_ckpt_path_last_is_the_newest_runs_last_checkpoint(tmp_path, capsys):
+    trainer = loggers_config(tmp_path)
+    assert cli.latest_last_checkpoint(trainer, 'fit') is None  # no run yet: fit starts one
+    assert 'starting a new run' in capsys.readouterr().out
+    from tasks.base import InputError
+    with pytest.raises(InputError, match='no run under .* has checkpoints/last.ckpt'):
+        cli.latest_last_checkpoint(trainer, 'validate')
+    make_run(tmp_path, 0)
+    make_run(tmp_path, 10)
+    make_run(tmp_path, 2)
+    make_run(tmp_path, 11, files=('best-epoch003.ckpt',))  # newest, but never wrote last.ckpt
+    assert cli.latest_last_checkpoint(trainer, 'fit') == str(tmp_path / 'cls/version_10/checkpoints/last.ckpt')
+
+
+def test_a_resumed_last_checkpoint_continues_its_run_folder(tmp_path):
+    trainer = loggers_config(tmp_path)
+    checkpoints = make_run(tmp_path, 3, files=('last.ckpt', 'best-epoch001.ckpt'))
+    make_run(tmp_path, 7)
+    assert cli.resumed_run_folder(str(checkpoints / 'last.ckpt'), trainer) == checkpoints.parent
+    pinned = cli.share_log_version(trainer, cli.resumed_run_folder(str(checkpoints / 'last.ckpt'), trainer))
+    assert [args['version'] for args in pinned] == [3, 3]
+    # an earlier point (a best checkpoint) or another config's run: a new run folder
+    assert cli.resumed_run_folder(str(checkpoints / 'best-epoch001.ckpt'), trainer) is None
+    assert cli.resumed_run_folder(str(checkpoints / 'last.ckpt'), loggers_config(tmp_path / 'other')) is None
+    fresh = loggers_config(tmp_path)
+    assert [args['version'] for args in cli.share_log_version(fresh)] == [8, 8]

@@ -43,3 +43,23 @@ def test_installed_cli_finds_its_configs_outside_the_repo(wheel, tmp_path):
     first_line = result.stdout.splitlines()[0]
     assert first_line.startswith(str(target)) and first_line.endswith('configs/det/default.yaml')
     assert 'tasks.classification.ClassificationTask' in result.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_from_the_installed_package_outside_the_repo(wheel, tmp_path):
+    """Lightning's ddp launcher re-runs the command; with the package installed (not editable)
+    that is the installed cli.py, run from a folder that is not the repository."""
+    target = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ('import sys, cli; sys.exit(cli.main(["fit", "--task", "cls", "--trainer.strategy=ddp", '
+            '"--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_epochs=1", '
+            '"--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"]))')
+    env = dict(os.environ, PYTHONPATH=str(target), MSMLP_DATA=str(tmp_path / 'data'), OMP_NUM_THREADS='1')
+    work = tmp_path / 'work'
+    work.mkdir()
+    result = subprocess.run([sys.executable, '-c', code], cwd=work, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count('msmlp: run finished') == 1
+    assert (work / 'runs' / 'cls' / 'version_0' / 'checkpoints' / 'last.ckpt').is_file()
