@@ -4,12 +4,15 @@
     msmlp benchmark ...
 
 ``--task X`` makes ``configs/X/default.yaml`` the first config; ``--config`` files and
-``--a.b=c`` flags override it, in order. ``--print_config`` shows the result.
+``--a.b=c`` flags override it, in order. ``--print_config`` shows the result. Bad input is one
+line, ``msmlp: error: ...`` (``MSMLP_DEBUG=1`` shows its traceback).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -72,8 +75,10 @@ def _rejected_init_args(err: ValueError) -> Optional[str]:
 class MSMLPCLI(LightningCLI):
     """LightningCLI with ``--task``, the ``--checkpoint.*`` callback and the run-folder rules."""
 
-    def __init__(self, *args: Any, task: str = DEFAULT_TASK, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, task: str = DEFAULT_TASK, new_folders: Optional[List[Path]] = None,
+                 **kwargs: Any) -> None:
         self.task = task
+        self.new_folders = new_folders if new_folders is not None else []  # what this run creates
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -90,7 +95,10 @@ class MSMLPCLI(LightningCLI):
         config = self.config[self.config.subcommand]
         if config.get('ckpt_path') == 'last':
             config['ckpt_path'] = latest_last_checkpoint(config.trainer, self.config.subcommand)
-        self.resumed = check_checkpoint(config.get('ckpt_path'))
+        self.checkpoint_facts = check_checkpoint(config.get('ckpt_path'))
+        self.resumed = self.checkpoint_facts['logs'] if self.checkpoint_facts is not None else None
+        if not any(re.match(r'--data(\.init_args)?\.root(=|$)', str(arg)) for arg in args):
+            use_trained_data(config, self.checkpoint_facts)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning lays the checkpoint's hyper-parameters over the whole parsed config;
@@ -108,6 +116,7 @@ class MSMLPCLI(LightningCLI):
         resuming = self.subcommand == 'fit' and self.resumed is not None
         self.run_folder = resumed_run_folder(config.get('ckpt_path'), config.trainer) if resuming else None
         self.pinned_versions = share_log_version(config.trainer, self.run_folder)
+        self.new_folders += [top for top in map(first_missing_folder, run_folders(self.pinned_versions)) if top]
 
     def after_instantiate_classes(self) -> None:
         for logger_args in self.pinned_versions:  # the saved config.yaml stays reusable
@@ -126,19 +135,29 @@ class MSMLPCLI(LightningCLI):
 
 
 def run_lightning(task: str, argv: List[str]) -> None:
+    """Run LightningCLI; a run that fails before anything was trained leaves no run folder."""
+    quiet_other_processes()
+    new_folders: List[Path] = []
+    try:
+        _run_cli(task, argv, new_folders)
+    except BaseException:
+        remove_unused(new_folders)
+        raise
+
+
+def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
     from lightning.pytorch import LightningDataModule
 
     from tasks.base import BaseTask
 
-    quiet_other_processes()
     with relaunchable_as(['--task', task, *argv]), warnings.catch_warnings():
         if argv[:1] != ['fit']:  # a checkpoint's own run folder does not matter here
             warnings.filterwarnings('ignore', message='The dirpath has changed')
         warnings.filterwarnings('ignore', message="LightningCLI's args parameter")  # sys.argv is the same command
         # Lightning 2.6 calls torch's deprecated LeafSpec check on every fit (not ours to fix)
         warnings.filterwarnings('ignore', message=r'`isinstance\(treespec, LeafSpec\)` is deprecated')
-        MSMLPCLI(BaseTask, LightningDataModule, task=task, subclass_mode_model=True, subclass_mode_data=True,
-                 seed_everything_default=0, args=argv,
+        MSMLPCLI(BaseTask, LightningDataModule, task=task, new_folders=new_folders, subclass_mode_model=True,
+                 subclass_mode_data=True, seed_everything_default=0, args=argv,
                  parser_kwargs={cmd: {'default_config_files': [str(task_config(task))],
                                       'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS},
                  save_config_kwargs={'overwrite': True})
@@ -197,16 +216,32 @@ def explicit_model_keys(argv: Sequence[str]) -> List[str]:
 
 def check_checkpoint(path: Optional[str]) -> Optional[dict]:
     """Fail early, naming the file, on a ``--ckpt_path`` that is missing or not a checkpoint
-    (Lightning's own keywords such as ``last`` pass through). Returns what the checkpoint
-    recorded of its run's logs (``tasks.checkpointing.LOG_STATE_KEY``; ``{}`` if nothing), or
-    None when there is no file to read."""
+    (Lightning's own keywords such as ``best`` pass through). Returns what the CLI uses of it:
+    ``logs``, what it recorded of its run's logs (``tasks.checkpointing.LOG_STATE_KEY``; ``{}``
+    if nothing), and ``data_root``, the data it was trained on; None without a file to read."""
     if path is None or path in ('last', 'best', 'hpc', 'registry') or '://' in str(path):
         return None
     from msmlp import read_checkpoint
     from tasks.checkpointing import LOG_STATE_KEY
     checkpoint = read_checkpoint(path)  # CheckpointError naming the file; nothing pickled is executed
-    state = checkpoint.get(LOG_STATE_KEY) if isinstance(checkpoint, dict) else None
-    return dict(state) if isinstance(state, dict) else {}
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    logs, data = checkpoint.get(LOG_STATE_KEY), checkpoint.get('datamodule_hyper_parameters')
+    return {'path': str(path), 'logs': dict(logs) if isinstance(logs, dict) else {},
+            'data_root': data.get('root') if isinstance(data, dict) else None}
+
+
+def use_trained_data(config, facts: Optional[dict]) -> None:
+    """With a checkpoint trained on a data folder and no ``--data.root`` given, evaluate (or
+    resume) on that folder instead of the embedded default, and say so."""
+    data = config.get('data')
+    init_args = data.get('init_args') if hasattr(data, 'get') else None
+    if facts is None or not facts['data_root'] or init_args is None or 'root' not in init_args:
+        return
+    if init_args['root'] is None:
+        init_args['root'] = facts['data_root']
+        if first_process():
+            print(f"msmlp: data: {facts['data_root']}, which {facts['path']} was trained on "
+                  '(--data.root chooses other data)', flush=True)
 
 
 def _logger_args(trainer_config) -> list:
@@ -279,6 +314,33 @@ def share_log_version(trainer_config, run_folder: Optional[Path] = None) -> list
     return unversioned
 
 
+def run_folders(logger_args: list) -> List[Path]:
+    return sorted({_logger_folder(args) / f'version_{args["version"]}' for args in logger_args})
+
+
+def first_missing_folder(path: Path) -> Optional[Path]:
+    """The outermost folder of ``path`` that does not exist yet (None if ``path`` exists)."""
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def remove_unused(folders: Sequence[Path]) -> None:
+    """Remove the folders a failed run created if it saved nothing in them: no checkpoint and
+    no logged row (what is left then is an event file and the config)."""
+    from tasks.checkpointing import csv_data_rows
+    if not first_process():
+        return
+    for folder in folders:
+        if not folder.is_dir() or any(folder.rglob('*.ckpt')):
+            continue
+        if any(csv_data_rows(metrics) for metrics in folder.rglob('metrics.csv')):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def continue_logs(loggers: Sequence, run_folder: Path, log_state: dict) -> None:
     """Let a resumed run's loggers continue the logs of its folder from the checkpoint on:
     ``metrics.csv`` keeps the rows written before the checkpoint (Lightning's CSVLogger
@@ -308,7 +370,6 @@ def first_process() -> bool:
     """Whether this is the run's first process, before Lightning has set up its ranks (its
     ``ddp`` launcher starts the others with LOCAL_RANK and NODE_RANK; torchrun sets RANK,
     SLURM SLURM_PROCID, which Lightning's ``rank_zero_only.rank`` reads at import)."""
-    import os
     from lightning.pytorch.utilities import rank_zero_only
     return rank_zero_only.rank == 0 and int(os.environ.get('NODE_RANK', os.environ.get('GROUP_RANK', 0))) == 0
 
@@ -352,14 +413,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from msmlp import CheckpointError
     from tasks.base import InputError
+    debug = bool(os.environ.get('MSMLP_DEBUG'))  # the traceback of an input error too
     try:
         run_lightning(task, argv)
     except (InputError, CheckpointError) as err:
+        if debug:
+            raise
         print(f'msmlp: error: {_last_line(err)}', file=sys.stderr)
         return 1
     except ValueError as err:
         reason = _rejected_init_args(err)
-        if reason is None:
+        if reason is None or debug:
             raise
         print(f'msmlp: error: {reason}', file=sys.stderr)
         return 1

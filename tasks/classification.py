@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import timm
 import torch
 from lightning.pytorch import LightningDataModule
@@ -35,7 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 import msmlp  # noqa: F401  (registers the msmlp_* models with timm)
 from tasks.base import BaseTask, InputError
 from tasks.embedded import ensure_dataset
-from tasks.loading import ResumableLoader, eval_loader, gather_in_order, world
+from tasks.loading import ResumableLoader, check_loader_args, eval_loader, gather_in_order, world
 
 __all__ = ['ClassificationTask', 'ImageFolderDataModule', 'ImageFiles', 'load_rgb', 'scan_image_folder',
            'find_images']
@@ -58,14 +59,31 @@ for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
 
 
 # ----- data -------------------------------------------------------------------------------
+_16_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N')  # 16-bit grey; PIL reads 16-bit RGB as 8-bit RGB itself
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Read an image as RGB; raise ``InputError`` naming the file if it cannot be read."""
+    """Read an image as 8-bit RGB; raise ``InputError`` naming the file if it cannot be read.
+
+    16-bit grey images are scaled by their bit depth (a value v is v / 65535 of full scale,
+    as torchvision's ``decode_image`` + ``ToDtype(scale=True)`` read it); 32-bit integer and
+    float images, which have no fixed full scale, are refused.
+    """
     try:
         with Image.open(path) as image:
+            if image.mode in _16_BIT:
+                scaled = np.asarray(image, dtype=np.float64) * (255 / 65535)
+                return Image.fromarray(np.rint(scaled).astype(np.uint8), mode='L').convert('RGB')
+            if image.mode in ('I', 'F'):
+                kind = '32-bit integer' if image.mode == 'I' else 'floating-point'
+                raise InputError(f'cannot read image {path}: {kind} pixels have no fixed full scale; '
+                                 'save it with 8 or 16 bits per channel')
             if image.mode in ('P', 'PA', 'LA') or 'transparency' in image.info:
                 image = image.convert('RGBA')  # palette/grey with alpha: via RGBA, as PIL advises
             return image.convert('RGB')
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        if isinstance(err, InputError):
+            raise
         raise InputError(f'cannot read image {path}: {err}') from None
 
 
@@ -86,6 +104,13 @@ def class_folders(folder: Path) -> List[str]:
     if not folder.is_dir():
         raise InputError(f'data folder not found: {folder}')
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    for name in classes:
+        try:
+            name.encode('utf-8')
+        except UnicodeEncodeError:  # undecodable bytes: Python keeps them as lone surrogates
+            shown = os.fsencode(folder / name).decode('utf-8', errors='backslashreplace')
+            raise InputError(f'class folder {shown} has a name that is not valid UTF-8: class names are stored in '
+                             'checkpoints and configs as text; rename the folder') from None
     if not classes:
         raise InputError(f'no class folders in {folder}: expected {folder}/<class name>/<images>')
     return classes
@@ -187,6 +212,7 @@ class ImageFolderDataModule(LightningDataModule):
             mean: Tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
             std: Tuple[float, float, float] = IMAGENET_DEFAULT_STD,
     ) -> None:
+        check_loader_args(batch_size, num_workers)
         super().__init__()
         self.save_hyperparameters()
         self.batch_size = batch_size

@@ -32,6 +32,7 @@ Handled, not errors:
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -123,11 +124,28 @@ def _read_coco(path: str, mtime: int, size: int) -> dict:
 
 
 def _skipped_in_training(ann: dict, image: dict) -> bool:
-    """mmdet ``CocoDataset.parse_data_info``'s rule for annotations it drops."""
+    """mmdet ``CocoDataset.parse_data_info``'s rule for annotations it drops (and boxes with
+    NaN or infinite values, which that rule lets through)."""
     x, y, w, h = ann['bbox']
+    if not all(math.isfinite(v) for v in ann['bbox']):
+        return True
     inside_w = max(0, min(x + w, image['width']) - max(x, 0))
     inside_h = max(0, min(y + h, image['height']) - max(y, 0))
     return inside_w * inside_h == 0 or ann['area'] <= 0 or w < 1 or h < 1
+
+
+def _malformed_box(ann: dict, image: dict) -> bool:
+    """A box with a NaN or infinite value, a negative side, or entirely outside its image."""
+    x, y, w, h = ann['bbox']
+    if not all(math.isfinite(v) for v in ann['bbox']) or w < 0 or h < 0:
+        return True
+    return x >= image['width'] or y >= image['height'] or x + w <= 0 or y + h <= 0
+
+
+def _without_polygon(ann: dict) -> bool:
+    """Polygon segmentation of which no polygon has 3 points (mmdet ignores such an instance)."""
+    polygons = ann.get('segmentation')
+    return isinstance(polygons, list) and not any(len(p) >= 6 and len(p) % 2 == 0 for p in polygons)
 
 
 def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks: bool = False,
@@ -137,10 +155,13 @@ def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks:
     Raises ``InputError`` (naming the file and the id) for everything :func:`read_coco`
     refuses, images missing under ``img_dir``, classes not among the categories or in
     another order than the file lists them (mmdet would mislabel them), and annotations
-    without a mask when ``needs_masks``. Warns about annotations training skips.
+    without a mask when ``needs_masks``. Warns about annotations training skips or ignores,
+    and about malformed boxes and polygons in an evaluation split (scored as the file has them).
 
     Returns:
-        ids by kind: ``'skipped'`` (zero-area / outside boxes), ``'crowd'``, ``'unannotated'`` (images).
+        ids by kind: ``'skipped'`` (boxes training skips: zero area, outside, NaN), ``'crowd'``,
+        ``'unannotated'`` (images), ``'malformed'`` (NaN, negative-size or outside boxes),
+        ``'no_polygon'`` (masks without a polygon of 3 points, when ``needs_masks``).
     """
     data = read_coco(ann_file)
     names = [cat['name'] for cat in data['categories']]
@@ -160,7 +181,7 @@ def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks:
                          + (' ...' if len(missing) > _SHOWN else ''))
     images = {img['id']: img for img in data['images']}
     wanted = {cat['id'] for cat in data['categories'] if cat['name'] in set(classes)}
-    report: Dict[str, List] = {'skipped': [], 'crowd': [], 'unannotated': []}
+    report: Dict[str, List] = {'skipped': [], 'crowd': [], 'unannotated': [], 'malformed': [], 'no_polygon': []}
     annotated = set()
     for ann in data['annotations']:
         if ann['category_id'] not in wanted:
@@ -168,16 +189,36 @@ def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks:
         annotated.add(ann['image_id'])
         if ann.get('iscrowd'):
             report['crowd'].append(ann['id'])
+        if _malformed_box(ann, images[ann['image_id']]):
+            report['malformed'].append(ann['id'])
         if _skipped_in_training(ann, images[ann['image_id']]):
             report['skipped'].append(ann['id'])
         elif needs_masks and not ann.get('segmentation'):
             raise InputError(f'{ann_file}: annotation {ann["id"]} has no segmentation, but the pipeline loads '
                              'masks (LoadAnnotations with_mask=True)')
+        elif needs_masks and _without_polygon(ann):
+            report['no_polygon'].append(ann['id'])
     report['unannotated'] = [i for i in images if i not in annotated]
-    if report['skipped'] and training:
-        rank_zero_warn(f'{ann_file}: {len(report["skipped"])} annotation(s) with zero area or outside their image '
-                       f'are skipped in training (ids {_ids(report["skipped"])})')
+    _warn_about(ann_file, report, training)
     return report
+
+
+def _warn_about(ann_file: str, report: Dict[str, List], training: bool) -> None:
+    def count(kind):
+        return f'{len(report[kind])} annotation(s)', f'(ids {_ids(report[kind])})'
+    if training and report['skipped']:
+        many, ids = count('skipped')
+        rank_zero_warn(f'{ann_file}: {many} with zero area, NaN values or outside their image are skipped in '
+                       f'training {ids}')
+    if not training and report['malformed']:
+        many, ids = count('malformed')
+        rank_zero_warn(f'{ann_file}: {many} with NaN or infinite values, negative sizes or outside their image; '
+                       f'they are evaluated as the file has them, as CocoMetric does {ids}')
+    if report['no_polygon']:
+        many, ids = count('no_polygon')
+        consequence = ('mmdet ignores these instances in training' if training
+                       else 'their masks are empty in the mask AP')
+        rank_zero_warn(f'{ann_file}: {many} have no polygon of 3 or more points: {consequence} {ids}')
 
 
 def _mask(segmentation: Any, height: int, width: int) -> np.ndarray:

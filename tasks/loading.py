@@ -30,7 +30,19 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ['ResumableLoader', 'ShuffledSampler', 'SeededDataset', 'seeded_rngs', 'sample_seed', 'eval_loader',
+           'check_loader_args',
            'gather_in_order', 'world']
+
+
+def check_loader_args(batch_size: Optional[int], num_workers: Optional[int]) -> None:
+    """``InputError`` naming the value for a batch size below 1 or a negative worker count
+    (``None``: the config's own)."""
+    from tasks.base import InputError
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise InputError(f'data.batch_size={batch_size}: the images per batch (and process) must be at least 1')
+    if num_workers is not None and num_workers < 0:
+        raise InputError(f'data.num_workers={num_workers}: the loader processes must be 0 (load in the training '
+                         'process) or more')
 
 
 def world() -> Tuple[int, int]:

@@ -62,7 +62,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.base import BaseTask, InputError
-from tasks.loading import ResumableLoader, eval_loader
+from tasks.loading import ResumableLoader, check_loader_args, eval_loader
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'resolve_config', 'load_config']
 
@@ -375,6 +375,47 @@ class OpenMMLabTask(BaseTask):
 
 
 # ----- data --------------------------------------------------------------------------------
+def unreadable(paths: Sequence[str]) -> Optional[str]:
+    """Why the first of ``paths`` that is not a readable image fails, or None if all read."""
+    from PIL import Image
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, ValueError, SyntaxError) as err:
+            return f'cannot read {path}: {err}'
+    return None
+
+
+class _ReadErrors(Dataset):
+    """An mmdet/mmseg dataset whose items fail with one line naming the file when an image or
+    label map cannot be read (mmcv's loaders fail with an assertion, or on ``None``, deep in
+    the pipeline); any other failure is raised as it is."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except InputError:
+            raise
+        except Exception:
+            info = self.dataset.get_data_info(index)
+            reason = unreadable([info[key] for key in ('img_path', 'seg_map_path') if info.get(key)])
+            if reason is None:
+                raise
+            raise InputError(reason) from None
+
+    def __getattr__(self, name: str):
+        if name == 'dataset':
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class _Items(Dataset):
     """Images from files through a test pipeline without annotation loading (for predict)."""
 
@@ -385,7 +426,13 @@ class _Items(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.pipeline(dict(img_path=self.paths[index], img_id=index))
+        try:
+            return self.pipeline(dict(img_path=self.paths[index], img_id=index))
+        except Exception:
+            reason = unreadable([self.paths[index]])
+            if reason is None:
+                raise
+            raise InputError(reason) from None
 
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -421,6 +468,7 @@ class OpenMMLabDataModule(LightningDataModule):
     def __init__(self, root: Optional[str] = None, batch_size: Optional[int] = None,
                  num_workers: Optional[int] = None, predict_images: Optional[str] = None,
                  config: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None):
+        check_loader_args(batch_size, num_workers)
         super().__init__()
         # Not config/cfg_options: the task has hparams of those names, and Lightning refuses to
         # log a module's and a datamodule's hparams when a shared name has different values.
@@ -486,7 +534,7 @@ class OpenMMLabDataModule(LightningDataModule):
                              f'({[leaf.get("ann_file") for leaf in _leaf_datasets(cfg)]})')
         if self.classes is None:
             self.classes = tuple(dataset.metainfo['classes'])
-        return self.wrap_dataset(split, dataset)
+        return self.wrap_dataset(split, _ReadErrors(dataset))
 
     def setup(self, stage: str) -> None:
         if stage == 'predict':

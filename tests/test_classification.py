@@ -551,3 +551,70 @@ def test_randaugment_posterize_at_zero_bits_is_a_black_image_not_an_error():
     for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
         assert NAME_TO_OP[name](image, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
         assert NAME_TO_OP[name](image, 3).tobytes() == ImageOps.posterize(image, 3).tobytes()
+
+
+# ----- bad input: bit depths, names, values, leftovers -------------------------------------------
+def test_16_bit_images_are_read_by_their_bit_depth(tmp_path):
+    import cv2
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    expected = np.rint(ramp * (255 / 65535)).astype(np.uint8)
+    Image.fromarray(ramp).save(tmp_path / 'grey16.png')
+    Image.fromarray(ramp).save(tmp_path / 'grey16.tif')
+    for name in ('grey16.png', 'grey16.tif'):
+        assert Image.open(tmp_path / name).mode == 'I;16'
+        pixels = np.asarray(load_rgb(str(tmp_path / name)))
+        assert np.array_equal(pixels, np.repeat(expected[..., None], 3, axis=2)), name
+    colour = np.stack([ramp, ramp[::-1], ramp.T], axis=2)  # 16-bit RGB (cv2 writes BGR)
+    cv2.imwrite(str(tmp_path / 'rgb16.png'), colour[..., ::-1])
+    pixels = np.asarray(load_rgb(str(tmp_path / 'rgb16.png'))).astype(int)
+    assert np.abs(pixels - np.rint(colour * (255 / 65535))).max() <= 1  # PIL keeps the high byte
+
+
+@pytest.mark.parametrize('array, kind', [(np.random.rand(8, 8).astype(np.float32), 'floating-point'),
+                                         ((np.random.rand(8, 8) * 1e6).astype(np.int32), '32-bit integer')])
+def test_images_without_a_fixed_full_scale_are_refused(array, kind, tmp_path):
+    Image.fromarray(array).save(tmp_path / 'deep.tif')
+    with pytest.raises(InputError, match=rf'cannot read image {tmp_path / "deep.tif"}: {kind} pixels have no fixed '
+                                         'full scale'):
+        load_rgb(str(tmp_path / 'deep.tif'))
+
+
+def test_class_folder_name_that_is_not_utf8_is_refused_before_training(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder')
+    os.rename(data / 'train' / 'cat', os.fsencode(data / 'train') + b'/caf\xe9')
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true'))
+    assert status == 1
+    assert err.strip() == (f'msmlp: error: class folder {data / "train"}/caf\\xe9 has a name that is not valid '
+                           'UTF-8: class names are stored in checkpoints and configs as text; rename the folder')
+
+
+@pytest.mark.parametrize('task, flag', [('cls', '--data.batch_size=0'), ('cls', '--data.batch_size=-3'),
+                                        ('cls', '--data.num_workers=-1'), ('seg', '--data.batch_size=0')])
+def test_bad_loader_values_are_one_line(task, flag, in_tmp, capsys):
+    status, _, err = msmlp_run(capsys, 'fit', '--task', task, flag)
+    assert status == 1 and 'Traceback' not in err  # (importing mmengine may warn first)
+    assert err.strip().splitlines()[-1].startswith(f'msmlp: error: {flag[2:]}: ')
+
+
+def test_msmlp_debug_shows_the_traceback(in_tmp, capsys, monkeypatch):
+    monkeypatch.setenv('MSMLP_DEBUG', '1')
+    with pytest.raises(ValueError, match='data.batch_size=0'):  # the InputError, as jsonargparse wraps it
+        cli.main(['fit', '--task', 'cls', '--data.batch_size=0'])
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(in_tmp, capsys):
+    (in_tmp / 'runs' / 'cls' / 'version_0').mkdir(parents=True)  # an earlier run's folder stays
+    empty = in_tmp / 'folder' / 'train'
+    empty.mkdir(parents=True)
+    status, _, err = msmlp_run(capsys, *fit_args(empty.parent))
+    assert status == 1 and 'no class folders' in err
+    assert [p.name for p in (in_tmp / 'runs' / 'cls').iterdir()] == ['version_0']
+
+
+def test_validate_without_data_root_uses_the_data_the_checkpoint_was_trained_on(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained['tmp'])
+    fitted = [float(r['val/top1']) for r in read_metrics(trained['run']) if r['val/top1']][-1]
+    status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--ckpt_path={trained["last"]}')
+    assert status == 0, err
+    assert f'msmlp: data: {trained["data"]}, which {trained["last"]} was trained on' in out
+    assert float(re.search(r'val/top1\s*[│|]\s*([0-9.]+)', out).group(1)) == pytest.approx(fitted, abs=1e-6)

@@ -322,3 +322,11 @@ def test_bad_data_root_is_a_one_line_cli_error(tmp_path, capsys, monkeypatch, sm
     code, out = run_cli(['fit', '--task', 'seg', f'--data.root={small_root}', '--trainer.fast_dev_run=1'], capsys)
     assert code == 1
     assert 'msmlp: error: 1 images have no label map' in out and 'ADE_train_00000003.jpg' in out
+
+
+@pytest.mark.parametrize('damaged', ['images/training/ADE_train_00000001.jpg',
+                                     'annotations/training/ADE_train_00000001.png'])
+def test_unreadable_image_or_label_map_is_one_line_naming_it(small_root, damaged):
+    path = small_root / damaged
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    _first_item_error(small_root, match=rf'^cannot read {path}: ')
