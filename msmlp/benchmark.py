@@ -223,6 +223,7 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
     path, those it executes: the kernels of groups sharing a conv are zero-padded to the
     largest among them (``kernel_runs``). Compiled, both paths run the released operations."""
     from msmlp.mixing import kernel_runs
+    from msmlp.msswin import MSSwinBlock
     owner = mix_owner(row.model)
     if owner is None:
         row.gmacs = row.executed_gmacs = count_gmacs(row.model, args, device)
@@ -231,7 +232,8 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
     zero_taps = []
 
     def count_zero_taps(block, inputs):
-        _, _, h, w = inputs[0].shape
+        # MS-Swin's blocks take Swin's (B, H, W, C) tokens, MS-MLP's (B, C, H, W) maps
+        h, w = inputs[0].shape[1:3] if isinstance(block, MSSwinBlock) else inputs[0].shape[2:]
         sizes, kernels = block.group_sizes, block.mix_size
         zero_taps.append(2 * h * w * sum(sizes[g] * (run.kernel ** 2 - kernels[g] ** 2)
                                          for run in kernel_runs(sizes, kernels)

@@ -12,14 +12,15 @@ import os
 import pickle
 import warnings
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .model import checkpoint_filter_fn
 
-__all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained']
+__all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained',
+           'shown_keys']
 
 PathLike = Union[str, os.PathLike]
 
@@ -119,6 +120,14 @@ def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False)
         raise CheckpointError(_mismatch_message(path, missing, unexpected, mis_shaped))
     target.load_state_dict(state, strict=False)
     return {'dropped': dropped, 'kept_init': kept_init}
+
+
+def shown_keys(keys: Sequence[str], limit: int = 8) -> str:
+    """The first ``limit`` of ``keys`` and how many more (for one-line reports)."""
+    keys = list(keys)
+    if not keys:
+        return 'none'
+    return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
 
 
 def _mismatch_message(path: PathLike, missing: list, unexpected: list, mis_shaped: list,

@@ -1,17 +1,21 @@
-"""The MS-MLP backbone for MMDetection and MMSegmentation.
+"""The MS-MLP and MS-Swin backbones for MMDetection and MMSegmentation.
 
 ``import msmlp.mm`` (or ``custom_imports=dict(imports=['msmlp.mm'], allow_failed_imports=False)``
-in a config) registers ``MSMLP`` in the ``MODELS`` registry of whichever of mmdet and mmseg
-is installed::
+in a config) registers ``MSMLP`` and ``MSSwin`` in the ``MODELS`` registry of whichever of
+mmdet and mmseg is installed::
 
     backbone=dict(type='MSMLP', arch='tiny', out_indices=(0, 1, 2, 3), drop_path_rate=0.4,
                   init_cfg=dict(type='Pretrained', checkpoint='msmlp_tiny_patch4_ckpt_epoch299.pth'))
+    backbone=dict(type='MSSwin', arch='tiny', drop_path_rate=0.2,
+                  init_cfg=dict(type='Pretrained', checkpoint='swin_tiny_patch4_window7_224.pth'))
 
-It is :class:`msmlp.model.MSMLP` itself (no classifier) behind mmengine's ``BaseModule``:
-``forward`` returns the ``out_indices`` stage outputs, each through its own LayerNorm.
-``init_cfg=dict(type='Pretrained', checkpoint=...)`` reads released MS-MLP checkpoints,
-this project's Lightning checkpoints and mmengine checkpoints through
-:func:`msmlp.load_pretrained`, which never unpickles code (mmengine's own loader would).
+Each is the model itself (:class:`msmlp.model.MSMLP`, :class:`msmlp.msswin.MSSwin`, no
+classifier) behind mmengine's ``BaseModule``: ``forward`` returns the ``out_indices`` stage
+outputs (NCHW), each through its own LayerNorm. ``init_cfg=dict(type='Pretrained',
+checkpoint=...)`` reads checkpoints through the safe loader, which never unpickles code
+(mmengine's own loader would): for MSMLP released MS-MLP, Lightning and mmengine checkpoints
+(:func:`msmlp.load_pretrained`), for MSSwin also Swin checkpoints, whose matching keys it
+loads (:func:`msmlp.load_swin_checkpoint`).
 """
 from __future__ import annotations
 
@@ -26,16 +30,70 @@ import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
-from .checkpoint import CheckpointError, load_pretrained
+from .checkpoint import CheckpointError, load_pretrained, shown_keys
 from .model import VARIANT_ARCHS, MSMLP
+from .msswin import VARIANT_ARCHS as MSSWIN_ARCHS
+from .msswin import MSSwin, load_swin_checkpoint
 
-__all__ = ['MSMLPBackbone', 'ARCHS', 'REGISTERED_IN']
-
-ARCHS: Dict[str, dict] = {name[len('msmlp_'):]: dict(arch) for name, arch in VARIANT_ARCHS.items()}
-ARCHS.update({name[0]: arch for name, arch in list(ARCHS.items())})  # 't', 's', 'b'
+__all__ = ['MSMLPBackbone', 'MSSwinBackbone', 'ARCHS', 'MSSWIN_ARCHS', 'REGISTERED_IN']
 
 
-class MSMLPBackbone(MSMLP, BaseModule):
+def _by_size(variants: Dict[str, dict], prefix: str) -> Dict[str, dict]:
+    """``{'tiny': ..., 't': ...}`` from ``{'<prefix>tiny': ...}``."""
+    archs = {name[len(prefix):]: dict(arch) for name, arch in variants.items()}
+    archs.update({name[0]: arch for name, arch in list(archs.items())})
+    return archs
+
+
+ARCHS: Dict[str, dict] = _by_size(VARIANT_ARCHS, 'msmlp_')
+MSSWIN_ARCHS = _by_size(MSSWIN_ARCHS, 'msswin_')
+
+
+def _arch_spec(name: str, arch: Optional[str], archs: Dict[str, dict], given: dict) -> dict:
+    """The arch's arguments with the explicitly given ones over them."""
+    if arch is not None and arch not in archs:
+        raise ValueError(f'{name} arch must be one of {sorted(archs)} or None, got {arch!r}')
+    spec = dict(archs[arch]) if arch is not None else {}
+    spec.update({k: v for k, v in given.items() if v is not None})
+    needed = list(next(iter(archs.values())))
+    if not set(needed) <= set(spec):
+        raise ValueError(f'{name} with arch=None needs {", ".join(needed[:-1])} and {needed[-1]}')
+    return spec
+
+
+class _Backbone(BaseModule):
+    """What the OpenMMLab backbones share: the dense forward, ``out_channels``, and
+    ``init_cfg`` loading through the safe loader (``_load``)."""
+
+    _load = staticmethod(load_pretrained)
+
+    @property
+    def out_channels(self) -> List[int]:
+        return [self.dims[i] for i in self.out_indices]
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        return self.forward_dense(x)
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg``'s pretrained checkpoint with the safe loader; other init types
+        go to mmengine (the constructor already applied the model's own initialisation)."""
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg] if self.init_cfg else []
+        pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
+        others = [c for c in cfgs if c.get('type') != 'Pretrained']
+        if others:
+            from mmengine.model import initialize
+            initialize(self, others)
+        for cfg in pretrained:
+            path = _local_checkpoint(cfg['checkpoint'])
+            report = self._load(self, path)
+            print_log(f'{type(self).__name__}: loaded {path}' + ''.join(
+                f' ({what}: {shown_keys(report[key])})' for key, what in (
+                    ('dropped', 'not loaded'), ('not_loaded', 'not loaded'), ('kept_init', 'kept initialisation'),
+                    ('fresh', 'kept initialisation')) if report.get(key)), logger='current', level=logging.INFO)
+        self._is_init = True
+
+
+class MSMLPBackbone(MSMLP, _Backbone):
     """MS-MLP as a dense-prediction backbone (registered as ``MSMLP``).
 
     Args:
@@ -65,12 +123,7 @@ class MSMLPBackbone(MSMLP, BaseModule):
             init_cfg: Union[dict, List[dict], None] = None,
             **kwargs,
     ):
-        if arch is not None and arch not in ARCHS:
-            raise ValueError(f'MSMLP arch must be one of {sorted(ARCHS)} or None, got {arch!r}')
-        spec = dict(ARCHS[arch]) if arch is not None else {}
-        spec.update({k: v for k, v in dict(embed_dim=embed_dim, depths=depths).items() if v is not None})
-        if set(spec) != {'embed_dim', 'depths'}:
-            raise ValueError('MSMLP with arch=None needs both embed_dim and depths')
+        spec = _arch_spec('MSMLP', arch, ARCHS, dict(embed_dim=embed_dim, depths=depths))
         # MSMLP.__init__ reaches BaseModule.__init__ through the MRO (with init_cfg=None).
         super().__init__(
             in_chans=in_channels, num_classes=0, out_indices=out_indices, drop_path_rate=drop_path_rate,
@@ -80,29 +133,59 @@ class MSMLPBackbone(MSMLP, BaseModule):
         # checkpoints load strictly) but takes no gradient, which DDP would otherwise wait for.
         self.norm.requires_grad_(False)
 
-    @property
-    def out_channels(self) -> List[int]:
-        return [self.dims[i] for i in self.out_indices]
+    forward = _Backbone.forward  # not MSMLP's classifier forward
 
-    def forward(self, x: torch.Tensor) -> tuple:
-        return self.forward_dense(x)
 
-    def init_weights(self) -> None:
-        """Load ``init_cfg``'s pretrained checkpoint with the safe loader; other init types
-        go to mmengine (the constructor already applied the released initialisation)."""
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [self.init_cfg] if self.init_cfg else []
-        pretrained = [c for c in cfgs if c.get('type') == 'Pretrained']
-        others = [c for c in cfgs if c.get('type') != 'Pretrained']
-        if others:
-            from mmengine.model import initialize
-            initialize(self, others)
-        for cfg in pretrained:
-            path = _local_checkpoint(cfg['checkpoint'])
-            report = load_pretrained(self, path)
-            print_log(f'MSMLP: loaded {path}' + (f' (not loaded: {report["dropped"]})' if report['dropped'] else '')
-                      + (f' (kept initialisation: {report["kept_init"]})' if report['kept_init'] else ''),
-                      logger='current', level=logging.INFO)
-        self._is_init = True
+class MSSwinBackbone(MSSwin, _Backbone):
+    """MS-Swin as a dense-prediction backbone (registered as ``MSSwin``).
+
+    Args:
+        arch: ``'tiny'``, ``'small'`` or ``'base'`` (or ``'t'``, ``'s'``, ``'b'``): Swin-T/S/B's
+            widths, depths and heads; ``None`` to give ``embed_dim``, ``depths``, ``num_heads``
+            and ``window_size``. Explicit values override the arch.
+        block_pattern: Block types along each stage (``('ws', 'ms')``; ``('ws', 'sw')`` is Swin).
+        in_channels: Input image channels.
+        out_indices: Stages returned by ``forward``.
+        drop_path_rate: Stochastic depth, rising linearly over all blocks (as Swin's).
+        frozen_stages: -1 freezes nothing, 0 the stem, i the stem and stages 0..i-1.
+        with_cp: Gradient checkpointing of every block.
+        init_cfg: ``dict(type='Pretrained', checkpoint=path_or_url)``: an MS-Swin or a Swin
+            checkpoint (its matching keys).
+        **kwargs: Other :class:`msmlp.msswin.MSSwin` arguments (``mix_sizes``, ``mix_impl``, ...).
+    """
+
+    _load = staticmethod(load_swin_checkpoint)
+
+    def __init__(
+            self,
+            arch: Optional[str] = 'tiny',
+            embed_dim: Optional[int] = None,
+            depths: Optional[Sequence[int]] = None,
+            num_heads: Optional[Sequence[int]] = None,
+            window_size: Optional[int] = None,
+            in_channels: int = 3,
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            drop_path_rate: float = 0.2,
+            frozen_stages: int = -1,
+            with_cp: bool = False,
+            init_cfg: Union[dict, List[dict], None] = None,
+            **kwargs,
+    ):
+        spec = _arch_spec('MSSwin', arch, MSSWIN_ARCHS, dict(embed_dim=embed_dim, depths=depths,
+                                                              num_heads=num_heads, window_size=window_size))
+        super().__init__(in_chans=in_channels, num_classes=0, out_indices=out_indices, drop_path_rate=drop_path_rate,
+                         frozen_stages=frozen_stages, with_cp=with_cp, **spec, **kwargs)
+        self.init_cfg = copy.deepcopy(init_cfg)
+        self.norm.requires_grad_(False)  # the classifier's final norm: unused by dense outputs
+
+    forward = _Backbone.forward  # not Swin's classifier forward
+
+    def init_weights(self, mode: str = '', needs_reset: Optional[bool] = None) -> None:
+        """timm's constructor initialises the weights through this name (``needs_reset=False``);
+        mmengine calls it without arguments, to load ``init_cfg``."""
+        if mode or needs_reset is not None:
+            return MSSwin.init_weights(self, mode, needs_reset)
+        _Backbone.init_weights(self)
 
 
 def _local_checkpoint(checkpoint: str) -> str:
@@ -119,9 +202,9 @@ def _local_checkpoint(checkpoint: str) -> str:
     path = os.path.expanduser(checkpoint)
     if not os.path.isfile(path):
         raise CheckpointError(
-            f'MSMLP init_cfg checkpoint not found: {path}. Download the released '
-            'msmlp_{tiny,small,base}_patch4_ckpt_epoch299.pth there, point '
-            'model.backbone.init_cfg.checkpoint at it, or set model.backbone.init_cfg=None '
+            f'init_cfg checkpoint not found: {path}. Download the released checkpoint there '
+            '(msmlp_{tiny,small,base}_patch4_ckpt_epoch299.pth for MSMLP, a Swin checkpoint for MSSwin), '
+            'point model.backbone.init_cfg.checkpoint at it, or set model.backbone.init_cfg=None '
             'to train from scratch.')
     return path
 
@@ -134,9 +217,10 @@ def _register() -> List[str]:
             continue
         registry = importlib.import_module(f'{scope}.registry').MODELS
         registry.register_module(name='MSMLP', module=MSMLPBackbone, force=True)
+        registry.register_module(name='MSSwin', module=MSSwinBackbone, force=True)
         registered.append(scope)
     if not registered:
-        raise ImportError('msmlp.mm registers the MSMLP backbone with MMDetection or MMSegmentation; '
+        raise ImportError('msmlp.mm registers the MSMLP and MSSwin backbones with MMDetection or MMSegmentation; '
                           'neither is installed (pip install "msmlp[openmmlab]" or run scripts/setup.sh)')
     return registered
 

@@ -304,6 +304,8 @@ class ClassificationTask(BaseTask):
         class_names: Class names in output order (taken from the training folders when
             unset, and stored in checkpoints for ``predict``).
         embed_dim, depths: Override the variant's width and depth (a smaller MS-MLP).
+        model_args: Other keyword arguments of ``timm.create_model`` (e.g. MS-Swin's
+            ``num_heads``, ``window_size``, ``block_pattern``, ``img_size``).
         drop_path_rate: Stochastic depth (0.1 / 0.4 / 0.5 for tiny / small / base).
         pretrained: A checkpoint to start from (released, Lightning or timm); a classifier
             head of another size is dropped.
@@ -327,6 +329,7 @@ class ClassificationTask(BaseTask):
             class_names: Optional[List[str]] = None,
             embed_dim: Optional[int] = None,
             depths: Optional[List[int]] = None,
+            model_args: Optional[Dict[str, Any]] = None,
             drop_path_rate: float = 0.1,
             pretrained: Optional[str] = None,
             lr: float = 5e-4,
@@ -353,10 +356,12 @@ class ClassificationTask(BaseTask):
     def configure_models(self) -> None:
         hp = self.hparams
         arch = {k: hp[k] for k in ('embed_dim', 'depths') if hp.get(k) is not None}
+        arch.update(hp.get('model_args') or {})
         self.model = timm.create_model(hp.model, num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate,
                                        **arch)
         if hp.pretrained:
-            msmlp.load_pretrained(self.model, hp.pretrained)
+            load = msmlp.load_swin_checkpoint if isinstance(self.model, msmlp.MSSwin) else msmlp.load_pretrained
+            load(self.model, hp.pretrained)
         self.ema = ModelEmaV3(self.model, decay=hp.ema_decay) if hp.ema else None
         if self.ema is not None:
             self.ema.train()  # never run in training; Lightning sets eval mode for validation

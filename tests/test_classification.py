@@ -180,15 +180,16 @@ class FakeTrainer:
         self.global_step = 0
 
 
-@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
-def test_recipe_configs_hold_the_released_recipe(size, capsys):
+@pytest.mark.parametrize('name', ['msmlp_tiny', 'msmlp_small', 'msmlp_base', 'msswin_tiny'])
+def test_recipe_configs_hold_the_released_recipe(name, capsys):
     status, out, _ = msmlp_run(capsys, 'fit', '--task', 'cls', '--config',
-                               str(REPO / f'configs/cls/msmlp_{size}_in1k.yaml'), '--print_config')
+                               str(REPO / f'configs/cls/{name}_in1k.yaml'), '--print_config')
     assert status == 0
     import yaml
+    from msmlp.msswin import RECIPE_DROP_PATH as SWIN_DROP_PATH
     config = yaml.safe_load(out)
     model, data, trainer = config['model']['init_args'], config['data']['init_args'], config['trainer']
-    assert model['model'] == f'msmlp_{size}' and model['drop_path_rate'] == msmlp.RECIPE_DROP_PATH[f'msmlp_{size}']
+    assert model['model'] == name and model['drop_path_rate'] == {**msmlp.RECIPE_DROP_PATH, **SWIN_DROP_PATH}[name]
     assert (model['lr'], model['lr_batch_size'], model['warmup_epochs'], model['warmup_lr'], model['min_lr']) == (
         5e-4, 512, 20, 5e-7, 5e-6)
     assert (model['weight_decay'], model['betas'], model['eps']) == (0.05, [0.9, 0.999], 1e-8)
@@ -618,3 +619,21 @@ def test_validate_without_data_root_uses_the_data_the_checkpoint_was_trained_on(
     assert status == 0, err
     assert f'msmlp: data: {trained["data"]}, which {trained["last"]} was trained on' in out
     assert float(re.search(r'val/top1\s*[│|]\s*([0-9.]+)', out).group(1)) == pytest.approx(fitted, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_small_msswin_trains_on_the_embedded_default(tmp_path):
+    """``msmlp fit --task cls --config configs/cls/msswin_mini_shapes.yaml``: >= 0.9 top-1 in minutes."""
+    env = dict(os.environ, MSMLP_DATA=str(tmp_path / 'data'), PYTHONPATH=str(REPO))
+    start = time.monotonic()
+    fit = subprocess.run([sys.executable, '-m', 'cli', 'fit', '--task', 'cls', '--config',
+                          str(REPO / 'configs/cls/msswin_mini_shapes.yaml')], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    minutes = (time.monotonic() - start) / 60
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    top1 = float(re.search(r'best checkpoint: \S+ \(val/top1 = ([0-9.]+)\)', fit.stdout).group(1))
+    print(f'MS-Swin mini: val/top1 {top1:.4f} in {minutes:.2f} min')
+    assert top1 >= 0.9
+    checkpoint = next((tmp_path / 'runs' / 'cls_msswin_mini' / 'version_0' / 'checkpoints').glob('best-*.ckpt'))
+    task = ClassificationTask.load_from_checkpoint(checkpoint, map_location='cpu')
+    assert isinstance(task.model, msmlp.MSSwin) and task.hparams.model_args['block_pattern'] == ['ws', 'ms']

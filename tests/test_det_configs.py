@@ -15,7 +15,8 @@ CONFIGS = Path(__file__).parent.parent / 'configs' / 'mmdet'
 PAPER = [f'{kind}_msmlp-{size}_fpn_{schedule}_coco.py'
          for kind, schedule in (('mask-rcnn', '1x'), ('mask-rcnn', 'ms-crop-3x'), ('cascade-mask-rcnn', 'ms-crop-3x'))
          for size in 'tsb']
-ALL = PAPER + ['mask-rcnn_msmlp-mini_fpn_shapes.py']
+MSSWIN = ['mask-rcnn_msswin-t_fpn_1x_coco.py', 'mask-rcnn_msswin-t_fpn_ms-crop-3x_coco.py']
+ALL = PAPER + MSSWIN + ['mask-rcnn_msmlp-mini_fpn_shapes.py']
 # S and B differ from T only in the backbone's arch and drop path: slow (run by .ci/run).
 PARAMS = [pytest.param(name, marks=pytest.mark.slow) if '-s_' in name or '-b_' in name else name for name in ALL]
 
@@ -116,7 +117,7 @@ def test_config_trains_one_iteration_through_the_runner(name, shapes_root, tmp_p
     cfg = runner_config(name, shapes_root, tmp_path)
     assert cfg.custom_imports == dict(imports=['msmlp.mm'], allow_failed_imports=False)
     runner = Runner.from_cfg(cfg)  # as mmdet's tools/train.py does
-    assert type(runner.model.backbone).__name__ == 'MSMLPBackbone'
+    assert type(runner.model.backbone).__name__ == ('MSSwinBackbone' if 'msswin' in name else 'MSMLPBackbone')
     stem = runner.model.backbone.patch_embed.proj.weight  # on every path (blocks may be dropped)
     before = stem.detach().clone()
     runner.train()

@@ -20,12 +20,13 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_every_part(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = ['cli.py', 'msmlp/model.py', 'msmlp/checkpoint.py', 'msmlp/mm.py', 'tasks/classification.py',
+    expected = ['cli.py', 'msmlp/model.py', 'msmlp/msswin.py', 'tasks/loading.py', 'tasks/checkpointing.py', 'msmlp/checkpoint.py', 'msmlp/mm.py', 'tasks/classification.py',
                 'tasks/openmmlab.py', 'tasks/embedded/__init__.py', 'configs/cls/default.yaml',
                 'configs/cls/msmlp_tiny_in1k.yaml', 'configs/cls/msmlp_small_in1k.yaml',
                 'configs/cls/msmlp_base_in1k.yaml', 'configs/det/default.yaml', 'configs/seg/default.yaml',
                 'configs/mmdet/mask-rcnn_msmlp-t_fpn_1x_coco.py',
-                'configs/mmseg/msmlp-t_upernet_8xb2-160k_ade20k-512x512.py']
+                'configs/mmseg/msmlp-t_upernet_8xb2-160k_ade20k-512x512.py', 'configs/cls/msswin_mini_shapes.yaml',
+                'configs/mmdet/mask-rcnn_msswin-t_fpn_1x_coco.py']
     assert [n for n in expected if n not in names] == []
     entry_points = next(n for n in names if n.endswith('entry_points.txt'))
     assert 'msmlp = cli:main' in zipfile.ZipFile(wheel).read(entry_points).decode()

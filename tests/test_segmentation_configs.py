@@ -18,7 +18,8 @@ REPO = Path(__file__).parent.parent
 CONFIGS = REPO / 'configs' / 'mmseg'
 PAPER = {size: f'msmlp-{size}_upernet_8xb2-160k_ade20k-512x512.py' for size in 'tsb'}
 MINI = 'msmlp-mini_upernet_ade20k-scenes-128x128.py'
-ALL = list(PAPER.values()) + [MINI]
+MSSWIN = 'msswin-t_upernet_8xb2-160k_ade20k-512x512.py'
+ALL = list(PAPER.values()) + [MSSWIN, MINI]
 WIDTHS = {'t': 96, 's': 96, 'b': 128}
 DROP_PATH = {'t': 0.4, 's': 0.3, 'b': 0.4}  # ConvNeXt's UperNet ADE20K values
 
@@ -165,3 +166,18 @@ def test_config_trains_one_iteration_through_the_runner(name, scenes_root, tmp_p
     scalars = runner.message_hub.log_scalars
     assert torch.isfinite(torch.tensor(scalars['train/loss'].current()))
     assert 'val/mIoU' in scalars and 'val/aAcc' in scalars  # the IoUMetric validation pass ran
+
+
+def test_msswin_config_follows_mmsegs_swin_recipe():
+    cfg = Config.fromfile(str(CONFIGS / MSSWIN))
+    backbone = cfg.model.backbone
+    assert (backbone.type, backbone.arch, tuple(backbone.block_pattern), backbone.drop_path_rate) == (
+        'MSSwin', 'tiny', ('ws', 'ms'), 0.3)
+    assert cfg.optim_wrapper.optimizer.lr == 6e-5 and cfg.optim_wrapper.optimizer.weight_decay == 0.01
+    assert set(cfg.optim_wrapper.paramwise_cfg.custom_keys) == {'norm', 'gamma', 'relative_position_bias_table'}
+    assert 'bias_decay_mult' not in cfg.optim_wrapper.paramwise_cfg  # Swin's recipe decays biases
+    model = build(MSSWIN)
+    with torch.no_grad():
+        features = model.extract_feat(torch.randn(1, 3, 70, 90))
+    assert [f.shape[1] for f in features] == [96, 192, 384, 768]
+    assert [tuple(f.shape[2:]) for f in features] == [(18, 23), (9, 12), (5, 6), (3, 3)]
