@@ -55,6 +55,36 @@ def pop_task(argv: Sequence[str]) -> Tuple[Optional[str], List[str]]:
     return task, rest
 
 
+def find_config(name: str, task: str) -> str:
+    """A ``--config`` file as given, or one of the shipped configs by the name the README uses
+    (``configs/cls/msmlp_tiny_in1k.yaml``) or a shorter one (``cls/msmlp_tiny_in1k.yaml``,
+    ``msmlp_tiny_in1k.yaml`` for the task), from any folder."""
+    from tasks.base import InputError
+    given = Path(name).expanduser()
+    if given.is_file():
+        return name
+    relative = name[len('configs/'):] if name.startswith('configs/') else name
+    for candidate in (CONFIGS_DIR / relative, CONFIGS_DIR / task / relative):
+        if candidate.is_file():
+            return str(candidate)
+    raise InputError(f'config not found: {name} (looked in {Path.cwd()} and in the shipped configs, {CONFIGS_DIR})')
+
+
+def resolve_config_args(argv: Sequence[str], task: str) -> List[str]:
+    """``argv`` with each ``--config FILE`` found by :func:`find_config` (inline YAML, which
+    jsonargparse also takes there, passes through)."""
+    out, args = [], iter(argv)
+    for arg in args:
+        if arg == '--config' or arg.startswith('--config='):
+            value = arg.split('=', 1)[1] if '=' in arg else next(args, None)
+            if value is not None and not any(c in value for c in ':{\n'):
+                value = find_config(value, task)
+            out += ['--config'] + ([value] if value is not None else [])
+        else:
+            out.append(arg)
+    return out
+
+
 def _last_line(err: BaseException) -> str:
     # Errors raised in DataLoader workers arrive wrapped in the worker's traceback text.
     text = str(err).strip()
@@ -127,11 +157,29 @@ class MSMLPCLI(LightningCLI):
     def before_fit(self) -> None:
         if first_process():
             where = 'continue in' if self.run_folder is not None else 'go to'
-            print(f'msmlp: task {self.task}; logs and checkpoints {where} {self.trainer.log_dir}', flush=True)
+            print(f'msmlp: {describe_run(self.task, self.model, self.datamodule)}; logs and checkpoints {where} '
+                  f'{self.trainer.log_dir}', flush=True)
+
+    def before_validate(self) -> None:
+        if first_process():
+            print(f'msmlp: validate {describe_run(self.task, self.model, self.datamodule)}', flush=True)
+
+    def before_test(self) -> None:
+        if first_process():
+            print(f'msmlp: test {describe_run(self.task, self.model, self.datamodule)}', flush=True)
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero:
             report_outputs(self.trainer)
+
+
+def describe_run(task: str, model, datamodule) -> str:
+    """``task cls: msmlp_tiny (1.6M parameters) on <data>``: what runs on which data."""
+    hparams = getattr(model, 'hparams', {})
+    what = hparams.get('model') or hparams.get('config') or type(model).__name__
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    root = getattr(datamodule, 'hparams', {}).get('root')
+    return f'task {task}: {what} ({size:.1f}M parameters) on ' + (str(root) if root else 'the embedded default data')
 
 
 def run_lightning(task: str, argv: List[str]) -> None:
@@ -154,8 +202,10 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
         if argv[:1] != ['fit']:  # a checkpoint's own run folder does not matter here
             warnings.filterwarnings('ignore', message='The dirpath has changed')
         warnings.filterwarnings('ignore', message="LightningCLI's args parameter")  # sys.argv is the same command
-        # Lightning 2.6 calls torch's deprecated LeafSpec check on every fit (not ours to fix)
+        # Lightning 2.6 calls torch's deprecated LeafSpec check on every fit, mmengine imports
+        # setuptools' deprecated pkg_resources: neither is the user's to act on
         warnings.filterwarnings('ignore', message=r'`isinstance\(treespec, LeafSpec\)` is deprecated')
+        warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
         MSMLPCLI(BaseTask, LightningDataModule, task=task, new_folders=new_folders, subclass_mode_model=True,
                  subclass_mode_data=True, seed_everything_default=0, args=argv,
                  parser_kwargs={cmd: {'default_config_files': [str(task_config(task))],
@@ -165,11 +215,22 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
 
 def quiet_other_processes() -> None:
     """One report per run: Lightning's informational lines (seeding, process group set-up)
-    only from the first process; warnings and errors from every process."""
+    only from the first process, without its advertisement; warnings and errors from every
+    process."""
     import logging
     if not first_process():
         for name in ('lightning.pytorch', 'lightning.fabric'):
             logging.getLogger(name).setLevel(logging.WARNING)
+    rank_zero = logging.getLogger('lightning.pytorch.utilities.rank_zero')
+    if not any(isinstance(f, _NoAdvertisement) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoAdvertisement())
+
+
+class _NoAdvertisement:
+    """Drops Lightning's "Tip: ... install litlogger" line (a logging filter)."""
+
+    def filter(self, record) -> bool:
+        return 'litlogger' not in str(record.getMessage())
 
 
 @contextlib.contextmanager
@@ -415,6 +476,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from tasks.base import InputError
     debug = bool(os.environ.get('MSMLP_DEBUG'))  # the traceback of an input error too
     try:
+        argv = resolve_config_args(argv, task)
         run_lightning(task, argv)
     except (InputError, CheckpointError) as err:
         if debug:

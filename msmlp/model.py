@@ -37,6 +37,12 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return x
 
 
+def _traced() -> bool:
+    """Whether the operations are compiled or watched (a dispatch mode: FLOP counting, fake tensors)."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an NCHW map (computed channels-last, as released).
 
@@ -148,9 +154,10 @@ class MSMLPBlock(nn.Module):
         return shift_mix(x, self, self._mix_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._mix_impl == 'fast' and not torch.compiler.is_compiling():
+        if self._mix_impl == 'fast' and not _traced():
             return forward_fast(self, x)  # same function, channels-last (see mixing.py)
-        # The released block; under torch.compile the fast path runs it too (inductor fuses it best).
+        # The released block; under torch.compile the fast path runs it too (inductor fuses it
+        # best), and under a dispatch mode such as FLOP counting (whose counts it then matches).
         x = x.contiguous()  # the released NCHW layout, whatever the previous layer left
         shortcut = x
         x = mix_reference(x, self).permute(0, 2, 3, 1)

@@ -194,3 +194,17 @@ def test_backbone_package_imports_neither_lightning_nor_tasks():
             'bad = [m for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning", "tasks")]; '
             'assert not bad, bad')
     subprocess.run([sys.executable, '-c', code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_flop_counting_sees_the_released_operations():
+    """Under a dispatch mode (FLOP counting, as Lightning's model summary does) the fast path
+    runs the released operations, so the count is the model's whatever the mix_impl."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = msmlp.MSMLP(num_classes=4, embed_dim=40, depths=(1, 1, 2, 1)).eval()
+    counts = []
+    for impl in ('fast', 'reference'):
+        model.set_mix_impl(impl)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 5e6

@@ -186,3 +186,28 @@ def test_a_resumed_last_checkpoint_continues_its_run_folder(tmp_path):
     assert cli.resumed_run_folder(str(checkpoints / 'last.ckpt'), loggers_config(tmp_path / 'other')) is None
     fresh = loggers_config(tmp_path)
     assert [args['version'] for args in cli.share_log_version(fresh)] == [8, 8]
+
+
+@pytest.mark.parametrize('name', ['configs/cls/msmlp_tiny_in1k.yaml', 'cls/msmlp_tiny_in1k.yaml', 'msmlp_tiny_in1k.yaml'])
+def test_shipped_configs_are_found_from_any_folder(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = print_config(capsys, '--config', name)
+    assert config['model']['init_args']['model'] == 'msmlp_tiny' and config['trainer']['max_epochs'] == 300
+
+
+def test_a_config_not_found_is_one_line_saying_where_it_looked(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', 'cls', '--config', 'cls/nope.yaml']) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f'msmlp: error: config not found: cls/nope.yaml (looked in {tmp_path} and in the shipped configs, ' \
+                  f'{cli.CONFIGS_DIR})'
+
+
+def test_no_lightning_advertisement(caplog):
+    import logging
+    cli.quiet_other_processes()
+    from lightning.pytorch.utilities import rank_zero_info
+    with caplog.at_level(logging.INFO):
+        rank_zero_info('💡 Tip: For seamless cloud logging ... try installing [litlogger](...)')
+        rank_zero_info('GPU available: False, used: False')
+    assert [r.getMessage() for r in caplog.records] == ['GPU available: False, used: False']
