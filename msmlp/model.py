@@ -28,19 +28,21 @@ SHIFT_DIST = (-2, -1, 0, 1, 2)
 MIX_SIZES = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad the bottom and right of an NCHW map so that H and W divide ``multiple``."""
-    pad_h = -x.shape[2] % multiple
-    pad_w = -x.shape[3] % multiple
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h))
-    return x
-
-
 def _traced() -> bool:
-    """Whether the operations are compiled or watched (a dispatch mode: FLOP counting, fake tensors)."""
+    """Whether the operations are compiled or watched (a dispatch mode: FLOP counting, fake
+    tensors, torch.export)."""
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the bottom and right of an NCHW map so that H and W divide ``multiple``."""
+    pad_h = (multiple - x.shape[2] % multiple) % multiple
+    pad_w = (multiple - x.shape[3] % multiple) % multiple
+    # traced sizes may be symbolic: pad without asking (a zero pad is a copy)
+    if _traced() or pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -208,3 +208,17 @@ def test_flop_counting_sees_the_released_operations():
             model(torch.randn(1, 3, 32, 32))
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 5e6
+
+
+@pytest.mark.slow
+def test_torch_export_with_dynamic_batch_height_and_width():
+    """The padding is export-friendly: one exported program serves any batch and size >= 64
+    (at 33..63 pixels the last stage is 1x1, which the program's guards leave out)."""
+    from torch.export import Dim, export
+    model = msmlp.MSMLP(num_classes=10, embed_dim=40, depths=(1, 1, 2, 1)).eval()
+    dims = {0: Dim('batch', min=1, max=64), 2: Dim('height', min=64, max=4096), 3: Dim('width', min=64, max=4096)}
+    program = export(model, (torch.randn(2, 3, 64, 96),), dynamic_shapes={'x': dims})
+    for shape in [(3, 3, 70, 91), (1, 3, 224, 224), (2, 3, 383, 511)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert torch.allclose(program.module()(x), model(x), atol=1e-5, rtol=1e-5), shape
