@@ -2,6 +2,7 @@
 
     msmlp {fit,validate,test,predict} --task {cls,det,seg} [--config F] [--a.b=c ...]
     msmlp benchmark ...
+    msmlp export ...
 
 ``--task X`` makes ``configs/X/default.yaml`` the first config; ``--config`` files and
 ``--a.b=c`` flags override it, in order. ``--print_config`` shows the result. Bad input is one
@@ -27,7 +28,8 @@ DEFAULT_TASK = 'cls'
 SUBCOMMANDS = ('fit', 'validate', 'test', 'predict')
 
 USAGE = f"""usage: msmlp {{{','.join(SUBCOMMANDS)}}} [--task {{{','.join(TASKS)}}}] [--config FILE] [--a.b=c ...]
-       msmlp benchmark [...]
+       msmlp benchmark [...]    (speed; msmlp benchmark --help)
+       msmlp export [...]       (ONNX, TorchScript, torch.export, safetensors; msmlp export --help)
 
   --task TASK   cls (classification), det (detection) or seg (segmentation); default {DEFAULT_TASK}.
                 Its configs/TASK/default.yaml is the first config; --config files and
@@ -157,8 +159,9 @@ class MSMLPCLI(LightningCLI):
     def before_fit(self) -> None:
         if first_process():
             where = 'continue in' if self.run_folder is not None else 'go to'
-            print(f'msmlp: {describe_run(self.task, self.model, self.datamodule)}; logs and checkpoints {where} '
-                  f'{self.trainer.log_dir}', flush=True)
+            outputs = (f'logs and checkpoints {where} {self.trainer.log_dir}' if not self.trainer.fast_dev_run
+                       else 'fast_dev_run: nothing is logged or saved')
+            print(f'msmlp: {describe_run(self.task, self.model, self.datamodule)}; {outputs}', flush=True)
 
     def before_validate(self) -> None:
         if first_process():
@@ -169,7 +172,7 @@ class MSMLPCLI(LightningCLI):
             print(f'msmlp: test {describe_run(self.task, self.model, self.datamodule)}', flush=True)
 
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero:
+        if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
             report_outputs(self.trainer)
 
 
@@ -206,6 +209,11 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
         # setuptools' deprecated pkg_resources: neither is the user's to act on
         warnings.filterwarnings('ignore', message=r'`isinstance\(treespec, LeafSpec\)` is deprecated')
         warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+        # the OpenMMLab tasks move batches themselves (mmengine's data samples), by design;
+        # mmseg announces deprecations of its own internals on every run
+        warnings.filterwarnings('ignore', message='You have overridden `transfer_batch_to_device`')
+        warnings.filterwarnings('ignore', message='``build_loss`` would be deprecated')
+        warnings.filterwarnings('ignore', message='`reduce_zero_label` will be deprecated')
         MSMLPCLI(BaseTask, LightningDataModule, task=task, new_folders=new_folders, subclass_mode_model=True,
                  subclass_mode_data=True, seed_everything_default=0, args=argv,
                  parser_kwargs={cmd: {'default_config_files': [str(task_config(task))],
@@ -227,10 +235,13 @@ def quiet_other_processes() -> None:
 
 
 class _NoAdvertisement:
-    """Drops Lightning's "Tip: ... install litlogger" line (a logging filter)."""
+    """Drops Lightning's "Tip: ... install litlogger" line, and its notice that the det/seg
+    tasks replace the model summary (a logging filter)."""
 
     def filter(self, record) -> bool:
-        return 'litlogger' not in str(record.getMessage())
+        message = str(record.getMessage())
+        return 'litlogger' not in message and not re.search(
+            r'will override existing callbacks passed to Trainer: (Rich)?ModelSummary$', message)
 
 
 @contextlib.contextmanager
@@ -457,8 +468,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``msmlp`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['benchmark']:
-        from msmlp.benchmark import main as benchmark_main  # written with the speed issue
+        from msmlp.benchmark import main as benchmark_main
         return benchmark_main(argv[1:]) or 0
+    if argv[:1] == ['export']:
+        from msmlp.export import main as export_main
+        return export_main(argv[1:])
     if not argv or argv[0] in ('-h', '--help'):
         print(USAGE)
         if not argv:

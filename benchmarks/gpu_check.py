@@ -38,15 +38,23 @@ def main(argv=None) -> int:
             p.copy_(torch.randn_like(p) * 0.1)
     x = torch.randn(4, 3, 96, 160, device=device)
     grad = torch.randn(4, 10, device=device)
-    fast, ref = outputs_and_grads(model, 'fast', x, grad), outputs_and_grads(model, 'reference', x, grad)
-    worst = max(relative_error(f, r) for f, r in zip(fast, ref))
-    with torch.autocast(device.type, dtype=torch.bfloat16):
-        bf16 = outputs_and_grads(model, 'fast', x, grad)
-    bf16_error = relative_error(bf16[0], ref[0])
-    ok = worst <= 1e-5 and bf16_error <= 5e-2
-    print(f'fast vs reference on {device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}): '
-          f'fp32 worst relative difference {worst:.2e} over outputs and all gradients (bound 1e-5); '
-          f'bf16 autocast output {bf16_error:.2e} (bound 5e-2): {"OK" if ok else "MISMATCH"}')
+    from msmlp.mixing import triton_runs
+    ref = outputs_and_grads(model, 'reference', x, grad)
+    impls = ['fast'] + (['triton'] if triton_runs(x) else [])
+    ok = True
+    for impl in impls:
+        ours = outputs_and_grads(model, impl, x, grad)
+        worst = max(relative_error(f, r) for f, r in zip(ours, ref))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            bf16 = outputs_and_grads(model, impl, x, grad)
+        bf16_error = relative_error(bf16[0], ref[0])
+        good = worst <= 1e-5 and bf16_error <= 5e-2
+        ok = ok and good
+        print(f'{impl} vs reference on {device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}): '
+              f'fp32 worst relative difference {worst:.2e} over outputs and all gradients (bound 1e-5); '
+              f'bf16 autocast output {bf16_error:.2e} (bound 5e-2): {"OK" if good else "MISMATCH"}')
+    if 'triton' not in impls:
+        print('triton: does not run here (no triton, or not a GPU)')
     return 0 if ok else 1
 
 

@@ -67,6 +67,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--steps-per-run', type=int, default=1, help='steps in one timed run')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
     parser.add_argument('--no-reference', action='store_true', help='skip the reference-path row')
+    parser.add_argument('--triton', action='store_true',
+                        help="add a row with mix_impl='triton' (the Triton mixer: on a GPU, or under TRITON_INTERPRET=1)")
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--output', default=None, metavar='FILE', help='also append the table to FILE')
     args = parser.parse_args(argv)
@@ -129,6 +131,8 @@ class Row:
 def build_rows(args: argparse.Namespace) -> List[Row]:
     name = resolve_model_name(args.model)
     rows = [Row(f'{name} (fast)' if name.startswith('msmlp') else name, name, create_model(name, args))]
+    if mix_owner(rows[0].model) is not None and getattr(args, 'triton', False):
+        rows.append(Row(f'{name} (triton)', name, create_model(name, args, 'triton')))
     if mix_owner(rows[0].model) is not None and not args.no_reference:
         rows.append(Row(f'{name} (reference)', name, create_model(name, args, 'reference')))
     for other in args.compare:
@@ -335,6 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+        # fp32 means fp32: cuDNN would run its convolutions in TF32 by default
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = build_rows(args)
     measure(rows, args, device)
     report = '\n'.join([describe_setting(args, device), format_table(rows, args), *notes(rows, args)])

@@ -4,13 +4,20 @@ The released files hold a pickled yacs ``CfgNode`` beside the weights, which
 ``torch.load(weights_only=True)`` refuses. We load them with that same restricted
 unpickler, allow-listing one inert stand-in class under the name
 ``yacs.config.CfgNode``: no pickled code runs and yacs need not be installed. Any other
-class or callable in the pickle is refused.
+class or callable in the pickle is refused. ``.safetensors`` files are read with safetensors.
+
+Released checkpoints given by URL are downloaded once into torch hub's cache (the folder timm
+uses, ``$TORCH_HOME/hub/checkpoints``) by :func:`download_weights`, checked, and removed again
+when the download is damaged.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import pickle
 import warnings
+from urllib.parse import parse_qsl, urlparse
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -20,7 +27,7 @@ from torch import nn
 from .model import checkpoint_filter_fn
 
 __all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained',
-           'shown_keys']
+           'download_weights', 'local_checkpoint', 'shown_keys']
 
 PathLike = Union[str, os.PathLike]
 
@@ -57,6 +64,8 @@ def read_checkpoint(path: PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        return _read_safetensors(path)
     try:
         with torch.serialization.safe_globals(_SAFE_EXTRAS):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -68,6 +77,90 @@ def read_checkpoint(path: PathLike) -> Any:
         raise CheckpointError(
             f'cannot read {path}: not a PyTorch checkpoint, or truncated ({type(err).__name__}: '
             f'{str(err).splitlines()[0] if str(err) else "no details"})') from None
+
+
+def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f'cannot read {path}: not a safetensors file, or truncated ({err})') from None
+
+
+def download_weights(url: str, progress: bool = True) -> str:
+    """The local copy of the checkpoint at ``url``, downloaded once into torch hub's cache.
+
+    A download is kept only when complete: all the bytes the server announced
+    (Content-Length), the SHA-256 that a ``#sha256=<hex>`` fragment of the URL gives (pip's
+    convention), and a file that reads as a checkpoint (a truncated one does not). Otherwise
+    nothing is kept, so that the next call downloads it again.
+
+    Raises:
+        CheckpointError: the download failed or is damaged.
+    """
+    parsed = urlparse(url)
+    name = os.path.basename(parsed.path)
+    if not name:
+        raise CheckpointError(f'{url} names no file to download')
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    partial = os.path.join(folder, f'partial-{name}')  # same suffix: read_checkpoint goes by it
+    try:
+        problem = _download(parsed._replace(fragment='').geturl(), partial, progress,
+                            dict(parse_qsl(parsed.fragment)).get('sha256'))
+    except Exception as err:  # urllib and http.client raise many types; all mean no file
+        problem = err
+    if isinstance(problem, Exception):
+        _remove(partial)
+        raise CheckpointError(f'cannot download {url}: {problem}') from None
+    if problem:
+        _remove(partial)
+        raise CheckpointError(f'the download of {url} is damaged ({problem}); nothing was kept, '
+                              'so the next call downloads it again')
+    os.replace(partial, path)
+    return path
+
+
+def local_checkpoint(path_or_url: PathLike) -> str:
+    """A checkpoint's local path: an ``http(s)://`` or ``file://`` URL is downloaded once
+    (:func:`download_weights`); a path is returned as it is."""
+    text = os.fspath(path_or_url)
+    return download_weights(text) if text.startswith(('http://', 'https://', 'file://')) else text
+
+
+def _download(url: str, target: str, progress: bool, sha256: Optional[str]) -> Optional[str]:
+    """Write ``url`` to ``target``; what is wrong with the result, or None."""
+    from urllib.request import urlopen
+    from tqdm.auto import tqdm
+    digest, received = hashlib.sha256(), 0
+    with urlopen(url, timeout=60) as response, open(target, 'wb') as out:
+        announced = response.headers.get('Content-Length')
+        announced = int(announced) if announced else None
+        with tqdm(total=announced, unit='B', unit_scale=True, unit_divisor=1024, desc=os.path.basename(target)[8:],
+                  disable=not progress) as bar:
+            for block in iter(lambda: response.read(1 << 20), b''):
+                out.write(block)
+                digest.update(block)
+                received += len(block)
+                bar.update(len(block))
+    if announced is not None and received != announced:
+        return f'received {received} of {announced} bytes'
+    if sha256 and digest.hexdigest() != sha256.lower():
+        return f'SHA-256 {digest.hexdigest()}, expected {sha256.lower()}'
+    try:
+        read_checkpoint(target)
+    except CheckpointError as err:
+        return str(err).split(f'{target}: ', 1)[-1]
+    return None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:

@@ -47,16 +47,15 @@ from torch.autograd.function import once_differentiable
 if TYPE_CHECKING:
     from .model import MSMLPBlock
 
-__all__ = ['MIX_IMPLS', 'forward_fast', 'mix_fast', 'mix_reference', 'shift_mix']
+__all__ = ['MIX_IMPLS', 'forward_fast', 'forward_triton', 'mix_fast', 'mix_reference', 'mix_triton', 'shift_mix',
+           'triton_runs']
 
 
 # ----- reference: the released computation ---------------------------------------------------
 def mix_reference(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
-    """The released computation: per-group roll and per-group depthwise conv (NCHW)."""
-    groups = torch.chunk(x, len(block.shift_dist), dim=1)
-    lr = [conv(torch.roll(g, s, dims=3)) for g, s, conv in zip(groups, block.shift_dist, block.dwconv_lr)]
-    td = [conv(torch.roll(g, s, dims=2)) for g, s, conv in zip(groups, block.shift_dist, block.dwconv_td)]
-    return torch.cat(lr, dim=1) + torch.cat(td, dim=1)
+    """The released computation: per-group roll and per-group depthwise conv (NCHW); written
+    as the block's ``mix_released`` so that TorchScript compiles it with the block."""
+    return block.mix_released(x)
 
 
 # ----- fast: the runs of one block -----------------------------------------------------------
@@ -493,9 +492,47 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
     return (x + block.drop_path(y)).permute(0, 3, 1, 2)
 
 
+# ----- triton: the mixer as one kernel (msmlp/triton_mix.py) ---------------------------------
+def triton_runs(x: torch.Tensor) -> bool:
+    """Whether the Triton mixer runs on ``x``: triton imports and ``x`` is on a GPU, or on the
+    CPU under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    if x.device.type not in ('cuda', 'cpu'):
+        return False
+    from . import triton_mix
+    return triton_mix.available() and (x.device.type == 'cuda') != triton_mix.interpreted()
+
+
+def _triton_mix_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
+    from .triton_mix import shift_mix_triton
+    lr, td = block.dwconv_lr, block.dwconv_td
+    return shift_mix_triton(x, [c.weight for c in lr], [c.bias for c in lr], [c.weight for c in td],
+                            [c.bias for c in td], block.shift_dist, block.mix_size, block.group_sizes)
+
+
+def mix_triton(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
+    """The token mixer as one Triton kernel, NCHW in and out (channels-last in memory); the
+    fast path where Triton cannot run."""
+    if not triton_runs(x):
+        return mix_fast(x, block)
+    return _triton_mix_nhwc(_as_nhwc(x), block).permute(0, 3, 1, 2)
+
+
+def forward_triton(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
+    """The block with the Triton mixer and the plain channel MLP, channels-last (the layer
+    scale folded into ``pwconv2``); the fast path where Triton cannot run."""
+    if not triton_runs(x):
+        return forward_fast(block, x)
+    x = _as_nhwc(x)
+    mixed = _triton_mix_nhwc(x, block)
+    w2, b2 = _folded_pwconv2(block)
+    y = F.linear(block.act(block.pwconv1(block.norm(mixed))), w2, b2)
+    return (x + block.drop_path(y)).permute(0, 3, 1, 2)
+
+
 MIX_IMPLS: Dict[str, Callable[[torch.Tensor, 'MSMLPBlock'], torch.Tensor]] = {
     'reference': mix_reference,
     'fast': mix_fast,
+    'triton': mix_triton,
 }
 
 

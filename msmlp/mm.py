@@ -30,7 +30,7 @@ import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
-from .checkpoint import CheckpointError, load_pretrained, shown_keys
+from .checkpoint import CheckpointError, load_pretrained, local_checkpoint, shown_keys
 from .model import VARIANT_ARCHS, MSMLP
 from .msswin import VARIANT_ARCHS as MSSWIN_ARCHS
 from .msswin import MSSwin, load_swin_checkpoint
@@ -72,7 +72,7 @@ class _Backbone(BaseModule):
         return [self.dims[i] for i in self.out_indices]
 
     def forward(self, x: torch.Tensor) -> tuple:
-        return self.forward_dense(x)
+        return tuple(self.forward_dense(x))
 
     def init_weights(self) -> None:
         """Load ``init_cfg``'s pretrained checkpoint with the safe loader; other init types
@@ -193,12 +193,8 @@ def _local_checkpoint(checkpoint: str) -> str:
     if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
         raise CheckpointError(f"init_cfg Pretrained needs checkpoint=<path or URL>, got {checkpoint!r}")
     checkpoint = str(checkpoint)
-    if checkpoint.startswith(('http://', 'https://')):
-        target = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(checkpoint.split('?')[0]))
-        if not os.path.isfile(target):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            torch.hub.download_url_to_file(checkpoint, target, progress=True)
-        return target
+    if checkpoint.startswith(('http://', 'https://', 'file://')):
+        return local_checkpoint(checkpoint)
     path = os.path.expanduser(checkpoint)
     if not os.path.isfile(path):
         raise CheckpointError(

@@ -7,7 +7,6 @@ input size (padding where a stride needs it) and exposes the dense-task interfac
 of timm and mmdet backbones (``out_indices``, a norm per returned stage,
 ``frozen_stages``, gradient checkpointing, ``feature_info``).
 """
-from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -16,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
+from timm.layers import DropPath, register_notrace_module, trunc_normal_
+from timm.models import build_model_with_cfg, register_model, resolve_pretrained_cfg
 from timm.models._registry import generate_default_cfgs
 
-from .mixing import MIX_IMPLS, forward_fast, mix_reference, shift_mix
+from .mixing import MIX_IMPLS, forward_fast, forward_triton, shift_mix
 
 __all__ = ['MSMLP', 'MIX_SIZES', 'SHIFT_DIST', 'checkpoint_filter_fn']
 
@@ -28,18 +27,29 @@ SHIFT_DIST = (-2, -1, 0, 1, 2)
 MIX_SIZES = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
 
 
-def _traced() -> bool:
-    """Whether the operations are compiled or watched (a dispatch mode: FLOP counting, fake
-    tensors, torch.export)."""
+@torch.jit.unused
+def _watched() -> bool:
+    """Whether the operations are traced (torch.fx, torch.jit.trace) or watched (a dispatch
+    mode: FLOP counting, fake tensors, torch.export)."""
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+    return is_in_torch_dispatch_mode() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
+@torch.jit.unused
+def _traced() -> bool:
+    """Whether the operations are compiled, traced or watched."""
+    return torch.compiler.is_compiling() or _watched()
 
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the bottom and right of an NCHW map so that H and W divide ``multiple``."""
-    pad_h = (multiple - x.shape[2] % multiple) % multiple
-    pad_w = (multiple - x.shape[3] % multiple) % multiple
-    # traced sizes may be symbolic: pad without asking (a zero pad is a copy)
+    # written through the padded size, (h + m - 1) // m * m: the conv's output size is then
+    # (h + m - 1) // m, so traced sizes stay short expressions from stage to stage
+    pad_h = (x.shape[2] + multiple - 1) // multiple * multiple - x.shape[2]
+    pad_w = (x.shape[3] + multiple - 1) // multiple * multiple - x.shape[3]
+    # sizes may be symbolic when traced or scripted: pad without asking (a zero pad is a copy)
+    if torch.jit.is_scripting():
+        return F.pad(x, [0, pad_w, 0, pad_h])
     if _traced() or pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
     return x
@@ -97,8 +107,14 @@ def channel_groups(dim: int, num_groups: int = 5) -> List[int]:
     return sizes
 
 
+@register_notrace_module
 class MSMLPBlock(nn.Module):
     """Mix-shift block: shifted depthwise mixing along W and H, then a channel MLP.
+
+    Eager, ``'fast'`` runs :func:`msmlp.mixing.forward_fast`; compiled, traced, exported or
+    scripted, the block runs the released computation (``forward_released``), the same function.
+    torch.fx keeps the block as one leaf (registered with timm), so a traced model runs the
+    eager block and gives the eager outputs exactly.
 
     Args:
         dim: Channels.
@@ -108,8 +124,11 @@ class MSMLPBlock(nn.Module):
         drop_path: Stochastic depth rate.
         layer_scale_init: Initial value of the layer scale ``gamma``.
         mlp_ratio: Hidden width of the channel MLP relative to ``dim``.
-        mix_impl: ``'fast'`` (default) or ``'reference'``; both compute the released function.
+        mix_impl: ``'fast'`` (default), ``'reference'`` or ``'triton'`` (one Triton kernel for the
+            mixer, on GPUs or under Triton's interpreter; elsewhere the fast path); all compute
+            the released function.
     """
+    __jit_unused_properties__ = ['mix_impl']
 
     def __init__(
             self,
@@ -155,17 +174,42 @@ class MSMLPBlock(nn.Module):
         """The token mixer alone (NCHW in, NCHW out)."""
         return shift_mix(x, self, self._mix_impl)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._mix_impl == 'fast' and not _traced():
-            return forward_fast(self, x)  # same function, channels-last (see mixing.py)
-        # The released block; under torch.compile the fast path runs it too (inductor fuses it
-        # best), and under a dispatch mode such as FLOP counting (whose counts it then matches).
+    def mix_released(self, x: torch.Tensor) -> torch.Tensor:
+        """The released token mixer: per group a circular roll and a depthwise conv (NCHW)."""
+        groups = torch.chunk(x, len(self.shift_dist), dim=1)
+        lr: List[torch.Tensor] = []
+        td: List[torch.Tensor] = []
+        for g, (conv_lr, conv_td) in enumerate(zip(self.dwconv_lr, self.dwconv_td)):
+            lr.append(conv_lr(torch.roll(groups[g], self.shift_dist[g], dims=3)))
+            td.append(conv_td(torch.roll(groups[g], self.shift_dist[g], dims=2)))
+        return torch.cat(lr, dim=1) + torch.cat(td, dim=1)
+
+    def forward_released(self, x: torch.Tensor) -> torch.Tensor:
+        """The released block. torch.compile runs it for the fast path too (inductor fuses it
+        best), and so does a dispatch mode such as FLOP counting (whose counts it then matches)."""
         x = x.contiguous()  # the released NCHW layout, whatever the previous layer left
         shortcut = x
-        x = mix_reference(x, self).permute(0, 2, 3, 1)
+        x = self.mix_released(x).permute(0, 2, 3, 1)
         x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
         x = (self.gamma * x).permute(0, 3, 1, 2)
         return shortcut + self.drop_path(x)
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        # same function, channels-last (see mixing.py)
+        return forward_triton(self, x) if self._mix_impl == 'triton' else forward_fast(self, x)
+
+    @torch.jit.unused
+    def _runs_fast(self) -> bool:
+        if self._mix_impl == 'triton':  # a custom op: torch.compile keeps it
+            return not _watched()
+        return self._mix_impl == 'fast' and not _traced()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._runs_fast():
+                return self._forward_fast(x)
+        return self.forward_released(x)
 
 
 class MSMLPStage(nn.Module):
@@ -195,7 +239,7 @@ class MSMLPStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         for block in self.blocks:
-            if self.grad_checkpointing and x.requires_grad and not torch.jit.is_scripting():
+            if not torch.jit.is_scripting() and self.grad_checkpointing and x.requires_grad:
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -221,7 +265,8 @@ class MSMLP(nn.Module):
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
             (with their output norms); re-applied on every ``train()``.
         with_cp: Gradient checkpointing of every block.
-        mix_impl: ``'fast'`` or ``'reference'`` token mixing (same function).
+        mix_impl: ``'fast'``, ``'reference'`` or ``'triton'`` token mixing (same function; see
+            :class:`MSMLPBlock`).
     """
 
     def __init__(
@@ -256,13 +301,14 @@ class MSMLP(nn.Module):
         self.patch_embed = PatchEmbed(in_chans, embed_dim)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.layers = nn.ModuleList()
-        self.feature_info: List[Dict] = []
+        self.feature_info = []
         start = 0
         for i, (dim, depth) in enumerate(zip(self.dims, depths)):
             self.layers.append(MSMLPStage(
                 dim, depth, mix_sizes[i], shift_dist, rates[start:start + depth],
                 layer_scale_init, downsample=i < num_stages - 1, mix_impl=mix_impl))
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'layers.{i}'))
+            # a stage's output is its last block's (the stage module returns it with the next input)
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'layers.{i}.blocks.{depth - 1}'))
             start += depth
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -297,7 +343,7 @@ class MSMLP(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_mix_impl(self, impl: str) -> None:
-        """Switch every block between the ``'fast'`` and ``'reference'`` token mixing."""
+        """Switch every block to ``'fast'``, ``'reference'`` or ``'triton'`` token mixing."""
         for block in self.modules():
             if isinstance(block, MSMLPBlock):
                 block.mix_impl = impl
@@ -319,6 +365,12 @@ class MSMLP(nn.Module):
         super().train(mode)
         self._freeze_stages()
         return self
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's custom-load hook (``pretrained=True``): the file through the safe loader."""
+        from .checkpoint import load_pretrained
+        load_pretrained(self, checkpoint_path)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
@@ -346,22 +398,24 @@ class MSMLP(nn.Module):
             self._init_weights(self.head)
 
     # ----- forward ----------------------------------------------------------------------
-    def _stage_outputs(self, x: torch.Tensor, indices: Sequence[int], stop: int) -> List[torch.Tensor]:
-        outputs = []
+    def _stage_outputs(self, x: torch.Tensor, indices: List[int], stop: int) -> List[torch.Tensor]:
+        outputs: List[torch.Tensor] = []
         x = self.patch_embed(x)
-        for i in range(stop + 1):
-            out, x = self.layers[i](x)
-            if i in indices:
-                outputs.append(out)
+        for i, stage in enumerate(self.layers):
+            if i <= stop:
+                out, x = stage(x)
+                if i in indices:
+                    outputs.append(out)
         return outputs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The unpooled output of the last stage (B, C, H/32, W/32)."""
-        return self._stage_outputs(x, (len(self.layers) - 1,), len(self.layers) - 1)[0]
+        last = len(self.layers) - 1
+        return self._stage_outputs(x, [last], last)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
-            x = x.mean(dim=(2, 3))
+            x = x.mean((2, 3))
             x = self.norm(x)
         if pre_logits:
             return x
@@ -370,12 +424,17 @@ class MSMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_dense(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def forward_dense(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Outputs of the ``out_indices`` stages, each through its own LayerNorm."""
-        if self.out_indices is None:
+        indices = self.out_indices
+        if indices is None:
             raise RuntimeError('forward_dense needs out_indices; build the model with out_indices=(0, 1, 2, 3)')
-        outputs = self._stage_outputs(x, self.out_indices, max(self.out_indices))
-        return tuple(self.out_norms[str(i)](o) for i, o in zip(self.out_indices, outputs))
+        take = [i for i in indices]  # a list (TorchScript reads out_indices as a fixed-size tuple)
+        outputs = self._stage_outputs(x, take, max(take))
+        normed: List[torch.Tensor] = []
+        for j, norm in enumerate(self.out_norms.values()):  # in out_indices order
+            normed.append(norm(outputs[j]))
+        return normed
 
     def forward_intermediates(
             self,
@@ -397,7 +456,7 @@ class MSMLP(nn.Module):
         else:
             take = self._check_indices(indices)
         last = max(take) if (stop_early or intermediates_only) else n - 1
-        outputs = self._stage_outputs(x, tuple(take) + ((n - 1,) if last == n - 1 else ()), last)
+        outputs = self._stage_outputs(x, list(take) + ([n - 1] if last == n - 1 else []), last)
         intermediates = outputs[:len(take)]
         if intermediates_only:
             return intermediates
@@ -427,18 +486,23 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[MS
 
 
 # ----- registered entry points -------------------------------------------------------------
+RELEASED_URL = ('https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/'
+                '{0}_patch4/{0}_patch4_ckpt_epoch299.pth')
+
+
 def _cfg(**kwargs) -> Dict:
+    # custom_load: timm hands the file to MSMLP.load_pretrained (the safe loader); a plain
+    # torch.load refuses the released files
     return dict(
         num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=224 / 256,
         interpolation='bicubic', mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-        first_conv='patch_embed.proj', classifier='head', license='mit',
+        first_conv='patch_embed.proj', classifier='head', license='mit', custom_load=True,
         paper_ids='arXiv:2202.06510', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
-    'msmlp_tiny.in1k': _cfg(notes=('released checkpoint: msmlp_tiny_patch4_ckpt_epoch299.pth',)),
-    'msmlp_small.in1k': _cfg(notes=('released checkpoint: msmlp_small_patch4_ckpt_epoch299.pth',)),
-    'msmlp_base.in1k': _cfg(notes=('released checkpoint: msmlp_base_patch4_ckpt_epoch299.pth',)),
+    f'{name}.in1k': _cfg(url=RELEASED_URL.format(name), notes=('the released ImageNet-1K checkpoint',))
+    for name in ('msmlp_tiny', 'msmlp_small', 'msmlp_base')
 })
 
 VARIANT_ARCHS = {
@@ -451,22 +515,21 @@ RECIPE_DROP_PATH = {'msmlp_tiny': 0.1, 'msmlp_small': 0.4, 'msmlp_base': 0.5}
 
 
 def _create_msmlp(variant: str, pretrained: bool = False, **kwargs) -> MSMLP:
-    """Build a variant through timm; ``pretrained=True`` needs
-    ``pretrained_cfg_overlay=dict(file=<released .pth>)`` (no weights are downloaded)."""
+    """Build a variant through timm. ``pretrained=True`` loads the released checkpoint, downloaded
+    once from the cfg's ``url`` (see ``msmlp.checkpoint.download_weights``), or
+    ``pretrained_cfg_overlay=dict(file=...)``: any file ``msmlp.load_pretrained`` reads."""
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    weights = overlay.pop('file', None)
-    if pretrained and not weights:
-        raise ValueError(f'{variant}: no weights are downloaded; pass '
-                         "pretrained_cfg_overlay=dict(file='<path to the released .pth>')")
-    model = build_model_with_cfg(
-        MSMLP, variant, pretrained=False,
-        pretrained_cfg_overlay=overlay or None,
+    overlay.setdefault('custom_load', True)  # every file goes to the safe loader (timm resets it for a given file)
+    if pretrained and not overlay.get('file'):
+        from .checkpoint import download_weights
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=overlay).to_dict()
+        overlay['file'] = download_weights(cfg['url'])
+    return build_model_with_cfg(
+        MSMLP, variant, pretrained=pretrained,
+        pretrained_cfg_overlay=overlay,
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
         **dict(VARIANT_ARCHS[variant], **kwargs))
-    if pretrained:
-        from .checkpoint import load_pretrained
-        load_pretrained(getattr(model, 'model', model), weights)  # features_only wraps it
-    return model
 
 
 @register_model

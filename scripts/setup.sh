@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up: creates .venv with torch, Lightning, timm and the OpenMMLab stack
-# (mmcv 2.1.0 built from source with its CPU ops, cached outside the repo), then installs
+# (mmcv 2.1.0 built from source with its CPU ops, cached outside the repo) and ONNX export
+# (onnx, onnxscript, onnxruntime), then installs
 # this project in editable mode. A second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,13 +20,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-if ! "$VENV/bin/python" -c "import torch, torchvision, lightning, timm, mmengine, mmdet, mmseg, mmcv.ops, msmlp" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, torchvision, lightning, timm, mmengine, mmdet, mmseg, mmcv.ops, onnx, onnxruntime, onnxscript, msmlp" 2>/dev/null; then
   log "installing torch, Lightning, timm and build tools"
   $PIP install --upgrade pip
   $PIP install $TORCH_SPEC "setuptools>=77,<81" wheel ninja
   $PIP install "lightning>=2.6,<2.7" "torchmetrics>=1.9,<2" "timm>=1.0,<2" \
     "jsonargparse[signatures]>=4.32" tensorboard pytest pycocotools ftfy regex \
-    "mmengine==0.10.7" "numpy<2.3" opencv-python-headless
+    "mmengine==0.10.7" "numpy<2.3" opencv-python-headless safetensors onnx onnxruntime onnxscript
 
   if ! "$VENV/bin/python" -c "import mmcv.ops" 2>/dev/null; then
     torch_tag=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace('+', '_'))")

@@ -307,8 +307,8 @@ class ClassificationTask(BaseTask):
         model_args: Other keyword arguments of ``timm.create_model`` (e.g. MS-Swin's
             ``num_heads``, ``window_size``, ``block_pattern``, ``img_size``).
         drop_path_rate: Stochastic depth (0.1 / 0.4 / 0.5 for tiny / small / base).
-        pretrained: A checkpoint to start from (released, Lightning or timm); a classifier
-            head of another size is dropped.
+        pretrained: A checkpoint to start from (released, Lightning, timm or safetensors; a
+            path or a URL, downloaded once); a classifier head of another size is dropped.
         lr: Base learning rate at total batch ``lr_batch_size``.
         lr_batch_size: Learning rates scale by total batch / this; ``None``: no scaling.
         weight_decay: AdamW weight decay (none on norms, biases, 1-D parameters, layer scale).
@@ -361,7 +361,7 @@ class ClassificationTask(BaseTask):
                                        **arch)
         if hp.pretrained:
             load = msmlp.load_swin_checkpoint if isinstance(self.model, msmlp.MSSwin) else msmlp.load_pretrained
-            load(self.model, hp.pretrained)
+            load(self.model, msmlp.checkpoint.local_checkpoint(hp.pretrained))
         self.ema = ModelEmaV3(self.model, decay=hp.ema_decay) if hp.ema else None
         if self.ema is not None:
             self.ema.train()  # never run in training; Lightning sets eval mode for validation

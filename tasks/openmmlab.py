@@ -179,6 +179,15 @@ class OpenMMLabTask(BaseTask):
         """Create ``self.val_metrics`` and ``self.test_metrics``."""
         self.val_metrics = self.test_metrics = None
 
+    def configure_callbacks(self) -> list:
+        """No model summary table: Lightning counts FLOPs only on images alone, which an
+        OpenMMLab detector or segmentor does not take, so its table would say "0 FLOPs"; the
+        run's first line gives the parameters."""
+        from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+        from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+        # replaces the trainer's summary callbacks of the same or a parent type
+        return [RichModelSummary(max_depth=0) if _RICH_AVAILABLE else ModelSummary(max_depth=0)]
+
     def setup(self, stage: str) -> None:
         if self.num_threads:
             torch.set_num_threads(self.num_threads)

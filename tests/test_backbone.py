@@ -176,9 +176,105 @@ def test_timm_features_only():
     assert [tuple(f.shape) for f in features] == [(1, 192, 12, 16), (1, 768, 3, 4)]
 
 
-def test_timm_pretrained_needs_a_local_file():
-    with pytest.raises(ValueError, match='pretrained_cfg_overlay'):
-        timm.create_model('msmlp_tiny', pretrained=True)
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """torch hub's (and timm's) download cache in a temporary folder."""
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
+    return tmp_path / 'hub' / 'checkpoints'
+
+
+def released_at_a_url(tmp_path, data: bytes = None) -> str:
+    source = tmp_path / 'server' / 'msmlp_tiny_patch4_ckpt_epoch299.pth'
+    source.parent.mkdir(exist_ok=True)
+    source.write_bytes((FIXTURES / 'released_layout_square_64.pth').read_bytes() if data is None else data)
+    return source.as_uri()
+
+
+def small_pretrained(**overlay):
+    return timm.create_model('msmlp_tiny', pretrained=True, num_classes=10, embed_dim=24, depths=(1, 1, 2, 1),
+                             pretrained_cfg_overlay=overlay)
+
+
+def test_pretrained_cfgs_hold_the_released_urls():
+    for name in ('msmlp_tiny', 'msmlp_small', 'msmlp_base'):
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.url == ('https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/'
+                           f'{name}_patch4/{name}_patch4_ckpt_epoch299.pth') and cfg.custom_load
+
+
+def test_pretrained_downloads_once_into_the_hub_cache_and_loads_safely(tmp_path, hub):
+    url = released_at_a_url(tmp_path)
+    data = REFERENCE['square_64']
+    model = small_pretrained(url=url).eval()
+    cached = hub / 'msmlp_tiny_patch4_ckpt_epoch299.pth'
+    assert cached.is_file()
+    Path(url[len('file://'):]).unlink()  # a second call does not download again
+    again = small_pretrained(url=url).eval()
+    with torch.no_grad():
+        for m in (model, again):
+            assert (m(data['input']) - data['logits']).abs().max() <= 1e-5
+
+
+def test_features_only_pretrained_by_url(tmp_path, hub):
+    model = timm.create_model('msmlp_tiny', pretrained=True, features_only=True, embed_dim=24, depths=(1, 1, 2, 1),
+                              pretrained_cfg_overlay=dict(url=released_at_a_url(tmp_path)))
+    data = REFERENCE['square_64']
+    with torch.no_grad():
+        for ours, released in zip(model.eval()(data['input']), data['stage_outputs'], strict=True):
+            assert (ours - released).abs().max() <= 1e-5 * max(1.0, released.abs().max().item())
+
+
+def test_a_truncated_file_is_refused_and_not_kept(tmp_path, hub):
+    whole = (FIXTURES / 'released_layout_square_64.pth').read_bytes()
+    url = released_at_a_url(tmp_path, whole[:len(whole) // 2])
+    with pytest.raises(msmlp.CheckpointError, match='damaged .*truncated.*downloads it again'):
+        small_pretrained(url=url)
+    assert not list(hub.iterdir())
+    released_at_a_url(tmp_path)  # the server has the whole file again: the next call fetches it
+    small_pretrained(url=url)
+
+
+def test_a_download_cut_short_of_its_content_length_is_not_kept(hub):
+    """A server that announces the whole file and closes the connection half-way."""
+    import http.server
+    import threading
+    whole = (FIXTURES / 'released_layout_square_64.pth').read_bytes()
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(whole)))
+            self.end_headers()
+            self.wfile.write(whole[:len(whole) // 3])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(('127.0.0.1', 0), CutShort)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    url = f'http://127.0.0.1:{server.server_port}/msmlp_tiny_patch4_ckpt_epoch299.pth'
+    try:
+        with pytest.raises(msmlp.CheckpointError, match=f'received {len(whole) // 3} of {len(whole)} bytes'):
+            small_pretrained(url=url)
+    finally:
+        server.server_close()
+    assert not list(hub.iterdir())
+
+
+def test_a_download_with_the_wrong_hash_is_not_kept(tmp_path, hub):
+    import hashlib
+    url = released_at_a_url(tmp_path)
+    with pytest.raises(msmlp.CheckpointError, match='SHA-256 [0-9a-f]{64}, expected 0{64}'):
+        small_pretrained(url=url + '#sha256=' + '0' * 64)
+    assert not list(hub.iterdir())
+    digest = hashlib.sha256((FIXTURES / 'released_layout_square_64.pth').read_bytes()).hexdigest()
+    small_pretrained(url=f'{url}#sha256={digest}')
+    assert [p.name for p in hub.iterdir()] == ['msmlp_tiny_patch4_ckpt_epoch299.pth']
+
+
+def test_a_failed_download_is_one_line(tmp_path, hub):
+    with pytest.raises(msmlp.CheckpointError, match='cannot download file://.*missing.pth'):
+        small_pretrained(url=(tmp_path / 'missing.pth').as_uri())
 
 
 def test_timm_pretrained_from_released_file():
@@ -210,7 +306,6 @@ def test_flop_counting_sees_the_released_operations():
     assert counts[0] == counts[1] > 5e6
 
 
-@pytest.mark.slow
 def test_torch_export_with_dynamic_batch_height_and_width():
     """The padding is export-friendly: one exported program serves any batch and size >= 64
     (at 33..63 pixels the last stage is 1x1, which the program's guards leave out)."""

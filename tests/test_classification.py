@@ -403,6 +403,7 @@ def test_embedded_default_fast_dev_run(in_tmp, capsys):
     status, out, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--trainer.fast_dev_run=true')
     assert status == 0, err
     assert (in_tmp / 'data' / shapes.DIRNAME / 'train' / 'circle').is_dir()
+    assert re.search(r'Total FLOPs: [1-9][0-9.]* M', out)  # counted on a real input, not 0
 
 
 def test_recipe_config_trains_fast_dev_run(in_tmp, capsys):

@@ -14,7 +14,7 @@ _base_ = [
     'mmdet::_base_/default_runtime.py',
 ]
 custom_imports = dict(imports=['msmlp.mm'], allow_failed_imports=False)
-pretrained = 'checkpoints/msmlp_tiny_patch4_ckpt_epoch299.pth'
+pretrained = 'https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/msmlp_tiny_patch4/msmlp_tiny_patch4_ckpt_epoch299.pth'
 
 
 def _box_head(stds):

@@ -4,7 +4,7 @@
 # batch 16 in total), with ConvNeXt's detection drop path for this size (0.6).
 # Backbone weights: the released msmlp_small_patch4_ckpt_epoch299.pth.
 _base_ = './mask-rcnn_msmlp-t_fpn_1x_coco.py'
-pretrained = 'checkpoints/msmlp_small_patch4_ckpt_epoch299.pth'
+pretrained = 'https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/msmlp_small_patch4/msmlp_small_patch4_ckpt_epoch299.pth'
 
 model = dict(
     backbone=dict(arch='small', drop_path_rate=0.6, init_cfg=dict(type='Pretrained', checkpoint=pretrained)),

@@ -9,7 +9,7 @@
 # Backbone weights: the Swin-T ImageNet-1K checkpoint (swin_tiny_patch4_window7_224.pth); its
 # keys that exist here are loaded, the MS blocks start from their initialisation.
 _base_ = './mask-rcnn_msmlp-t_fpn_1x_coco.py'
-pretrained = 'checkpoints/swin_tiny_patch4_window7_224.pth'
+pretrained = 'https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth'
 
 model = dict(
     backbone=dict(

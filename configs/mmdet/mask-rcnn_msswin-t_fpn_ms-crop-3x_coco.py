@@ -9,6 +9,6 @@ _base_ = './mask-rcnn_msmlp-t_fpn_ms-crop-3x_coco.py'
 no_decay = {key: dict(decay_mult=0.) for key in ('norm', 'gamma', 'relative_position_bias_table')}
 model = dict(
     backbone=dict(_delete_=True, type='MSSwin', arch='tiny', block_pattern=('ws', 'ms'), drop_path_rate=0.2,
-                  init_cfg=dict(type='Pretrained', checkpoint='checkpoints/swin_tiny_patch4_window7_224.pth')),
+                  init_cfg=dict(type='Pretrained', checkpoint='https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth')),
     neck=dict(in_channels=[96, 192, 384, 768]))
 optim_wrapper = dict(paramwise_cfg=dict(custom_keys=no_decay))

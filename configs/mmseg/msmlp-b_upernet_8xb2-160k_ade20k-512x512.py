@@ -7,7 +7,7 @@
 # (mmseg::convnext/convnext-base_upernet_8xb2-amp-160k_ade20k-512x512.py).
 _base_ = ['./msmlp-t_upernet_8xb2-160k_ade20k-512x512.py']
 
-checkpoint_file = 'checkpoints/msmlp_base_patch4_ckpt_epoch299.pth'
+checkpoint_file = 'https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/msmlp_base_patch4/msmlp_base_patch4_ckpt_epoch299.pth'
 model = dict(
     backbone=dict(
         arch='base',

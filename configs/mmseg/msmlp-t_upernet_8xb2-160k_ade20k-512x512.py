@@ -28,7 +28,7 @@ custom_imports = dict(imports=['msmlp.mm'], allow_failed_imports=False)
 
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
-checkpoint_file = 'checkpoints/msmlp_tiny_patch4_ckpt_epoch299.pth'
+checkpoint_file = 'https://tsciencescu.blob.core.windows.net/projectshzheng/MSMLP/released_model/msmlp_tiny_patch4/msmlp_tiny_patch4_ckpt_epoch299.pth'
 model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(

@@ -20,7 +20,7 @@ model = dict(
         block_pattern=('ws', 'ms'),
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.3,
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/swin_tiny_patch4_window7_224.pth')))
+        init_cfg=dict(type='Pretrained', checkpoint='https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth')))
 
 optim_wrapper = dict(
     optimizer=dict(lr=0.00006, weight_decay=0.01),

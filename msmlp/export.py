@@ -1,0 +1,233 @@
+"""``msmlp export``: an MS-MLP classifier or dense backbone as ONNX, TorchScript, a torch.export
+program, or safetensors weights.
+
+    msmlp export --model msmlp_tiny --format onnx --output msmlp_tiny.onnx
+    msmlp export --model msmlp_tiny --checkpoint last.ckpt --format exported-program
+    msmlp export --model msmlp_tiny --features-only --out-indices 1 2 3 --format onnx --img-size 512 512
+
+ONNX and exported programs take any batch, height and width (>= 64) unless ``--static``;
+TorchScript takes any size. Every file is checked after it is written: it is loaded again
+and run (ONNX with onnxruntime) at the export size and, when dynamic, at a second odd size,
+against the eager model. Detection and segmentation models export their backbone this way
+(``--checkpoint`` of a det/seg run, ``--features-only``); whole detectors go through MMDeploy.
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, extract_state_dict, load_pretrained, read_checkpoint
+
+__all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'export', 'check_export', 'main']
+
+FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 'safetensors': '.safetensors'}
+# Below 64 pixels the last stage is 1x1, a case the exported program's shape guards leave out.
+MIN_DYNAMIC_SIZE = 64
+
+
+class DenseOutputs(nn.Module):
+    """The backbone's ``forward_dense`` (stage outputs, each through its norm) as ``forward``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_dense(x)
+
+
+def _head_classes(state: Dict[str, torch.Tensor]) -> Optional[int]:
+    head = state.get('head.weight')
+    return None if head is None else head.shape[0]
+
+
+def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool = False,
+                out_indices: Sequence[int] = (0, 1, 2, 3), num_classes: Optional[int] = None) -> nn.Module:
+    """The eval-mode model to export: the classifier (with as many classes as the checkpoint's
+    head, else ``num_classes`` or 1000) or, ``features_only``, the backbone with its output norms."""
+    import timm
+    from . import model as _registered  # noqa: F401  (registers the msmlp models with timm)
+    if not name.startswith('msmlp_'):
+        raise ValueError(f"--model must be one of msmlp_tiny, msmlp_small, msmlp_base, got {name!r}")
+    state = extract_state_dict(read_checkpoint(checkpoint), source=checkpoint) if checkpoint else {}
+    if features_only:
+        model = timm.create_model(name, num_classes=0, out_indices=tuple(out_indices))
+    else:
+        classes = _head_classes(state) or num_classes or 1000
+        model = timm.create_model(name, num_classes=classes)
+    if checkpoint:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*classifier head')  # a backbone has none
+            load_pretrained(model, checkpoint)
+    model.eval()
+    return DenseOutputs(model).eval() if features_only else model
+
+
+def _dynamic_shapes() -> dict:
+    from torch.export import Dim
+    return {'x': {0: Dim('batch', min=1), 2: Dim('height', min=MIN_DYNAMIC_SIZE),
+                  3: Dim('width', min=MIN_DYNAMIC_SIZE)}}
+
+
+def _output_names(model: nn.Module) -> List[str]:
+    if isinstance(model, DenseOutputs):
+        return [f'stage{i}' for i in model.model.out_indices]
+    return ['logits']
+
+
+def export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, int] = (224, 224),
+           static: bool = False, opset: Optional[int] = None) -> None:
+    """Write ``model`` (eval mode) to ``output`` in ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f'--format must be one of {", ".join(FORMATS)}, got {fmt!r}')
+    if not static and fmt in ('onnx', 'exported-program') and min(img_size) < MIN_DYNAMIC_SIZE:
+        raise ValueError(f'--img-size {img_size[0]} {img_size[1]}: a dynamic export needs sizes >= '
+                         f'{MIN_DYNAMIC_SIZE}; add --static to export this size only')
+    example = (torch.randn(1 if static else 2, 3, *img_size),)  # torch.export fixes a batch of 1
+    dynamic = None if static else _dynamic_shapes()
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        if fmt == 'safetensors':
+            from safetensors.torch import save_file
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            save_file(state, output, metadata={'format': 'pt'})
+        elif fmt == 'torchscript':
+            with warnings.catch_warnings():
+                warnings.filterwarnings('ignore', message='.*torch.jit.script.* is deprecated', category=FutureWarning)
+                torch.jit.script(model).save(output)
+        elif fmt == 'exported-program':
+            torch.export.save(torch.export.export(model, example, dynamic_shapes=dynamic), output)
+        else:
+            _export_onnx(model, example, dynamic, output, opset)
+
+
+def _export_onnx(model, example, dynamic, output: str, opset: Optional[int]) -> None:
+    try:
+        import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
+    except ImportError:
+        raise RuntimeError('ONNX export needs onnx and onnxscript: pip install onnx onnxscript onnxruntime') from None
+    program = torch.onnx.export(
+        model, example, dynamo=True, dynamic_shapes=dynamic, opset_version=opset, verbose=False,
+        input_names=['images'], output_names=_output_names(model))
+    program.save(output)
+
+
+def _loaded(fmt: str, output: str) -> Callable[[torch.Tensor], List[torch.Tensor]]:
+    """The exported file, loaded again, as a function of the input images."""
+    if fmt == 'onnx':
+        import onnxruntime
+        session = onnxruntime.InferenceSession(output, providers=['CPUExecutionProvider'])
+        name = session.get_inputs()[0].name
+        return lambda x: [torch.from_numpy(o) for o in session.run(None, {name: x.numpy()})]
+    if fmt == 'torchscript':
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*torch.jit.load.* is deprecated', category=FutureWarning)
+            module = torch.jit.load(output)
+    else:
+        module = torch.export.load(output).module()
+
+    def run(x: torch.Tensor) -> List[torch.Tensor]:
+        out = module(x)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+    return run
+
+
+def check_sizes(img_size: Tuple[int, int], static: bool, fmt: str) -> List[Tuple[int, int, int]]:
+    """(batch, height, width) to check: the export size and, when dynamic, an odd other one."""
+    sizes = [(1, *img_size)]
+    if not static or fmt == 'torchscript':
+        sizes.append((2, 383, 511) if tuple(img_size) != (383, 511) else (2, 416, 576))
+    return sizes
+
+
+def check_export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, int], static: bool = False
+                 ) -> float:
+    """The largest difference between the file's outputs and the eager model's, relative to the
+    largest eager output, over :func:`check_sizes`; safetensors: whether the weights are equal (0.0)."""
+    if fmt == 'safetensors':
+        from safetensors.torch import load_file
+        saved, own = load_file(output), model.state_dict()
+        if saved.keys() != own.keys() or any(not torch.equal(saved[k], own[k]) for k in own):
+            raise RuntimeError(f'{output}: the saved weights differ from the model')
+        return 0.0
+    worst, run = 0.0, _loaded(fmt, output)
+    for batch, height, width in check_sizes(img_size, static, fmt):
+        x = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            expected = model(x)
+        expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+        got = run(x)
+        if [tuple(g.shape) for g in got] != [tuple(e.shape) for e in expected]:
+            raise RuntimeError(f'{output}: output shapes {[tuple(g.shape) for g in got]} at {tuple(x.shape)}, '
+                               f'expected {[tuple(e.shape) for e in expected]}')
+        for g, e in zip(got, expected):
+            worst = max(worst, ((g - e).abs().max() / e.abs().max().clamp_min(1e-12)).item())
+    return worst
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='msmlp export',
+        description='Export an MS-MLP classifier or dense backbone as ONNX, TorchScript, a torch.export '
+                    'program or safetensors weights; the file is loaded again and checked against the model.')
+    parser.add_argument('--model', default='msmlp_tiny', help='msmlp_tiny, msmlp_small or msmlp_base')
+    parser.add_argument('--checkpoint', metavar='FILE',
+                        help='weights: a released, Lightning (cls/det/seg), mmengine, timm or safetensors file')
+    parser.add_argument('--format', default='onnx', choices=list(FORMATS))
+    parser.add_argument('--output', metavar='OUT', help='the file to write (default: MODEL[-features].SUFFIX)')
+    parser.add_argument('--features-only', action='store_true',
+                        help='the backbone: the out-indices stage outputs, each through its norm')
+    parser.add_argument('--out-indices', type=int, nargs='+', default=[0, 1, 2, 3], metavar='I')
+    parser.add_argument('--num-classes', type=int, help='classifier outputs without a checkpoint (default 1000)')
+    parser.add_argument('--img-size', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'),
+                        help='the example input (with --static, the only size the file takes)')
+    parser.add_argument('--static', action='store_true', help='a fixed batch of 1 at --img-size (ONNX, program)')
+    parser.add_argument('--opset', type=int, help="ONNX opset (default: torch's)")
+    parser.add_argument('--no-check', action='store_true', help='do not load and check the written file')
+    args = parser.parse_args(argv)
+    if args.output is None:
+        args.output = args.model + ('-features' if args.features_only else '') + FORMATS[args.format]
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    img_size = tuple(args.img_size)
+    try:
+        model = build_model(args.model, args.checkpoint, args.features_only, args.out_indices, args.num_classes)
+        what = (f'{args.model} backbone (stages {", ".join(map(str, args.out_indices))})' if args.features_only
+                else f'{args.model} classifier ({model.num_classes} classes)')
+        shapes = ('any size' if args.format == 'torchscript' else 'weights' if args.format == 'safetensors'
+                  else f'1x3x{img_size[0]}x{img_size[1]}' if args.static
+                  else f'dynamic batch, height and width (>= {MIN_DYNAMIC_SIZE})')
+        print(f'msmlp export: {what}' + (f' from {args.checkpoint}' if args.checkpoint else ', random weights')
+              + f' -> {args.output} ({args.format}, {shapes})', flush=True)
+        start = time.perf_counter()
+        export(model, args.format, args.output, img_size, args.static, args.opset)
+        size_mb = os.path.getsize(args.output) / 2 ** 20
+        print(f'msmlp export: wrote {args.output} ({size_mb:.1f} MiB) in {time.perf_counter() - start:.0f} s', flush=True)
+        if not args.no_check:
+            worst = check_export(model, args.format, args.output, img_size, args.static)
+            if args.format == 'safetensors':
+                print('msmlp export: checked: the file holds the model\'s weights exactly')
+            else:
+                at = ' and '.join(f'{b}x3x{h}x{w}' for b, h, w in check_sizes(img_size, args.static, args.format))
+                runner = 'onnxruntime' if args.format == 'onnx' else 'the loaded file'
+                print(f'msmlp export: checked: {runner} at {at} matches the eager model '
+                      f'(largest difference {worst:.1e} of the largest output)')
+                if worst > 1e-4:
+                    print(f'msmlp export: error: {args.output} differs from the model by {worst:.1e} (> 1e-4)',
+                          file=sys.stderr)
+                    return 1
+    except (CheckpointError, ValueError, RuntimeError) as err:
+        if os.environ.get('MSMLP_DEBUG'):
+            raise
+        print(f'msmlp export: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}', file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,201 @@
+"""timm's model battery (its repository's tests/test_models.py), applied to msmlp_tiny/small/base.
+
+Each test is one of timm's checks, at timm's input sizes and tolerances; where timm only checks
+shapes we also compare outputs with the eager model, which timm's FX check does exactly.
+"""
+import math
+
+import pytest
+import timm
+import torch
+from timm.layers import get_channel_dim, get_spatial_dim
+from timm.models import get_notrace_functions, get_notrace_modules
+from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
+
+import msmlp  # noqa: F401  (registers the models)
+
+MODELS = ['msmlp_tiny', 'msmlp_small', 'msmlp_base']
+# timm's sizes: the default 224 capped at these targets
+FWD_SIZE, BWD_SIZE, JIT_SIZE, FEAT_SIZE, FX_SIZE = 224, 128, 128, 96, 128
+
+
+def input_size(model_name: str, target: int):
+    size = timm.get_pretrained_cfg_value(model_name, 'input_size')
+    return tuple(min(s, target) for s in size)
+
+
+def tracer_kwargs():
+    return dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+                param_shapes_constant=True)
+
+
+def fx_model(model, train: bool = False):
+    """timm's ``_create_fx_model``: a feature extractor returning the model's output node."""
+    kwargs = tracer_kwargs()
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kwargs)
+    train_return, eval_return = [train_nodes[-1]], [eval_nodes[-1]]
+    if train:
+        graph_nodes = list(reversed(NodePathTracer(**kwargs).trace(model).nodes))
+        names = [n.name for n in graph_nodes]
+        train_return = [train_nodes[-names.index(n.name)] for n in graph_nodes[0]._input_nodes.keys()]
+    return create_feature_extractor(model, train_return_nodes=train_return, eval_return_nodes=eval_return,
+                                    tracer_kwargs=kwargs)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_and_grad_checkpointing(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, *input_size(name, FWD_SIZE))
+    with torch.no_grad():
+        out = model(x)
+        model.set_grad_checkpointing()
+        again = model(x)
+    assert out.shape == (1, 1000) and not out.isnan().any()
+    assert torch.allclose(out, again, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_backward_reaches_every_parameter(name):
+    model = timm.create_model(name, num_classes=42).train()
+    out = model(torch.randn(2, *input_size(name, BWD_SIZE)))
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing and out.shape[-1] == 42 and not out.isnan().any()
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_default_cfg(name):
+    model = timm.create_model(name).eval()
+    cfg, state = model.default_cfg, model.state_dict()
+    assert model.num_classes == 1000 and model.num_features > 0 and model.head_hidden_size > 0
+    x = torch.randn(1, *cfg['input_size'])
+    with torch.no_grad():
+        features = model.forward_features(x)
+        pre_logits = model.forward_head(features, pre_logits=True)
+        assert features.shape[1:] == (model.num_features, *cfg['pool_size'])
+        assert pre_logits.shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        assert model(x).shape == pre_logits.shape
+        model.reset_classifier(0, '')
+        assert model(x).shape == features.shape
+        unpooled = timm.create_model(name, num_classes=0, global_pool='').eval()
+        assert unpooled(x).shape == features.shape
+    assert cfg['classifier'] + '.weight' in state and cfg['first_conv'] + '.weight' in state
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_torchscript_matches_eager(name):
+    with timm.set_scriptable(True):
+        model = timm.create_model(name).eval()
+    scripted = torch.jit.script(model)
+    for size in (input_size(name, JIT_SIZE), (3, 97, 131)):  # timm's size and an odd one
+        x = torch.randn(1, *size)
+        with torch.no_grad():
+            out, expected = scripted(x), model(x)
+        assert out.shape == (1, 1000) and not out.isnan().any()
+        assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def check_feature_maps(outputs, channels, reductions, size, batch=1):
+    assert len(outputs) == len(channels)
+    c_axis, (h_axis, w_axis) = get_channel_dim('NCHW'), get_spatial_dim('NCHW')
+    for c, r, o in zip(channels, reductions, outputs):
+        assert o.shape[c_axis] == c and o.shape[0] == batch
+        assert o.shape[h_axis] <= math.ceil(size[-2] / r) + 1 and o.shape[w_axis] <= math.ceil(size[-1] / r) + 1
+        assert not o.isnan().any()
+
+
+@pytest.mark.parametrize('feature_cls', [None, 'getter'])
+@pytest.mark.parametrize('name', MODELS)
+def test_features_only(name, feature_cls):
+    extra = dict(feature_cls=feature_cls) if feature_cls else {}
+    model = timm.create_model(name, features_only=True, **extra).eval()
+    size = input_size(name, FEAT_SIZE)
+    with torch.no_grad():
+        outputs = model(torch.randn(1, *size))
+    assert len(model.feature_info.channels()) >= 3
+    check_feature_maps(outputs, model.feature_info.channels(), model.feature_info.reduction(), size)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_intermediates(name):
+    model = timm.create_model(name).eval()
+    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    size = input_size(name, FEAT_SIZE)
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x, output_fmt='NCHW')
+        check_feature_maps(intermediates, info.channels(), info.reduction(), size)
+        assert torch.allclose(final, model.forward_features(x))
+        model.set_grad_checkpointing()
+        again, _ = model.forward_intermediates(x, output_fmt='NCHW')
+    assert torch.allclose(final, again, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fx_forward_equals_eager(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, *input_size(name, FX_SIZE))
+    with torch.inference_mode():
+        out = model(x)
+        traced = torch.cat(tuple(fx_model(model)(x).values()))
+    assert torch.all(traced == out) and not out.isnan().any()
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fx_backward_reaches_every_parameter(name):
+    model = fx_model(timm.create_model(name, num_classes=42).train(), train=True)
+    out = torch.cat(tuple(model(torch.randn(2, *input_size(name, FX_SIZE))).values()))
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing and out.shape[-1] == 42 and not out.isnan().any()
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fx_then_torchscript(name):
+    with timm.set_scriptable(True):
+        model = timm.create_model(name).eval()
+    scripted = torch.jit.script(fx_model(model))
+    x = torch.randn(1, *input_size(name, JIT_SIZE))
+    with torch.inference_mode():
+        out = torch.cat(tuple(scripted(x).values()))
+        expected = model(x)
+    assert out.shape == (1, 1000) and torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_feature_extractor_at_block_outputs_forward_and_backward():
+    """torchvision's create_feature_extractor at the blocks' outputs, as a detector would use it."""
+    model = timm.create_model('msmlp_tiny').train()
+    nodes = {'layers.0.blocks.2': 'c2', 'layers.1.blocks.2': 'c3', 'layers.2.blocks.8': 'c4',
+             'layers.3.blocks.2': 'c5'}
+    extractor = create_feature_extractor(model, return_nodes=nodes, tracer_kwargs=tracer_kwargs())
+    x = torch.randn(2, 3, 97, 131)
+    features = extractor(x)
+    expected = model.forward_intermediates(x, intermediates_only=True)
+    for name, ref in zip(nodes.values(), expected):
+        assert torch.equal(features[name], ref)
+    sum(f.mean() for f in features.values()).backward()
+    assert all(p.grad is not None for n, p in extractor.named_parameters() if not n.startswith(('norm', 'head')))
+
+
+def test_fx_without_timm_leaves_traces_the_released_block():
+    """Plain torch.fx (no leaf modules) traces through the block: the released computation."""
+    model = timm.create_model('msmlp_tiny', num_classes=10).eval()
+    traced = torch.fx.symbolic_trace(model)
+    assert any(n.target is torch.roll for n in traced.graph.nodes)
+    x = torch.randn(2, 3, 70, 90)
+    with torch.no_grad():
+        assert torch.allclose(traced(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('feature_cls', ['fx', 'hook'])
+def test_timm_graph_and_hook_features_are_the_stage_outputs(feature_cls):
+    torch.manual_seed(0)
+    model = timm.create_model('msmlp_tiny', features_only=True, feature_cls=feature_cls, out_indices=(1, 3)).eval()
+    torch.manual_seed(0)  # the same initial weights
+    getter = timm.create_model('msmlp_tiny', features_only=True, out_indices=(1, 3)).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        for ours, expected in zip(model(x), getter(x), strict=True):
+            assert torch.equal(ours, expected)

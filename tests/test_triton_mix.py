@@ -1,0 +1,21 @@
+"""The Triton mixer's checks (tests/triton_kernel_checks.py), in a process of their own: Triton's
+interpreter has to be on before triton is first imported, and torch.compile's CPU backend (used
+by other tests) leaves it unable to run kernels later in the same process."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_triton_mixer_checks_pass_in_their_own_process():
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get('TRITON_INTERPRET', '1'))
+    result = subprocess.run([sys.executable, '-m', 'pytest', 'tests/triton_kernel_checks.py', '-q', '-p', 'no:cacheprovider'],
+                            cwd=ROOT, env=env, capture_output=True, text=True)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert ' passed' in summary and 'skipped' not in summary, summary

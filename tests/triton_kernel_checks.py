@@ -1,0 +1,215 @@
+"""The Triton mixer computes the released token mixer: outputs and every gradient (input,
+each group's weights and biases of both branches) agree with the released NCHW rolls and
+convs, for unequal channel groups, odd maps, maps smaller than the kernel, shifts beyond the
+map, batches of one and three; bf16 within its precision; compiled without graph breaks.
+
+On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter (slow:
+shapes are tiny). The interpreter must be on before anything imports triton, and torch.compile's
+CPU backend leaves triton's interpreter unable to run kernels afterwards in the same process, so
+the test suite runs this file in a process of its own (tests/test_triton_mix.py); on a GPU
+machine run it directly: ``TRITON_INTERPRET=0 pytest tests/triton_kernel_checks.py``."""
+import os
+
+os.environ.setdefault('TRITON_INTERPRET', '1')  # before triton is imported
+
+from typing import List, Sequence, Tuple  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip('triton')
+
+from msmlp import triton_mix  # noqa: E402
+from msmlp.model import MSMLPBlock, channel_groups  # noqa: E402
+
+if not triton_mix.available():
+    pytest.skip('triton runs neither on a GPU nor in its interpreter here', allow_module_level=True)
+
+DEVICE = 'cpu' if triton_mix.interpreted() else 'cuda'
+SHIFTS = (-2, -1, 0, 1, 2)
+
+
+def reference(x_nchw, w_lr, b_lr, w_td, b_td, shifts):
+    """The released mixer (NCHW)."""
+    groups = torch.chunk(x_nchw, len(shifts), dim=1)
+    lr = [F.conv2d(torch.roll(t, s, dims=3), w, b, padding=w.shape[-1] // 2, groups=t.shape[1])
+          for t, s, w, b in zip(groups, shifts, w_lr, b_lr)]
+    td = [F.conv2d(torch.roll(t, s, dims=2), w, b, padding=w.shape[-1] // 2, groups=t.shape[1])
+          for t, s, w, b in zip(groups, shifts, w_td, b_td)]
+    return torch.cat(lr, 1) + torch.cat(td, 1)
+
+
+def block_params(dim: int, kernels: Sequence[int], seed: int = 0) -> Tuple[MSMLPBlock, List[torch.Tensor]]:
+    """A block with random mixer parameters and those parameters: lr weights, lr biases, td
+    weights, td biases, each a list over groups."""
+    block = MSMLPBlock(dim, kernels).to(DEVICE)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    params = [[getattr(conv, name) for conv in convs] for convs, name in
+              ((block.dwconv_lr, 'weight'), (block.dwconv_lr, 'bias'),
+               (block.dwconv_td, 'weight'), (block.dwconv_td, 'bias'))]
+    return block, params
+
+
+def flat(params: List[List[torch.Tensor]]) -> List[torch.Tensor]:
+    return [t for group in params for t in group]
+
+
+def close(ours: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
+    """Agreement to ``tol`` relative to the reference's largest magnitude."""
+    return (ours.float() - ref.float()).abs().max().item() <= tol * ref.abs().max().item()
+
+
+def reference_run(x_nchw, params, shifts, grad_nchw):
+    x = x_nchw.detach().float().requires_grad_()
+    out = reference(x, *params, shifts)
+    grads = torch.autograd.grad((out * grad_nchw.float()).sum(), [x] + flat(params))
+    return out, grads
+
+
+def triton_run(x_nchw, params, shifts, kernels, groups, grad_nchw):
+    x = x_nchw.detach().permute(0, 2, 3, 1).contiguous().requires_grad_()
+    out = triton_mix.shift_mix_triton(x, *params, shifts, kernels, groups)
+    grads = torch.autograd.grad((out * grad_nchw.permute(0, 2, 3, 1).to(out.dtype)).sum(), [x] + flat(params))
+    return out.permute(0, 3, 1, 2), (grads[0].permute(0, 3, 1, 2),) + grads[1:]
+
+
+def assert_agree(ours, ref, tol: float) -> None:
+    out, grads = ours
+    ref_out, ref_grads = ref
+    assert out.shape == ref_out.shape
+    assert close(out, ref_out, tol)
+    for i, (grad, ref_grad) in enumerate(zip(grads, ref_grads)):
+        assert grad.shape == ref_grad.shape, i
+        assert close(grad, ref_grad, tol), (i, (grad.float() - ref_grad).abs().max().item())
+
+
+CASES = {  # dim, kernels, shifts, (N, H, W), weight-gradient programs
+    '96ch-7x9': (96, (1, 1, 3, 5, 7), SHIFTS, (1, 7, 9), 512),
+    '24ch-batch3-13x5': (24, (1, 3, 3, 5, 7), SHIFTS, (3, 13, 5), 512),
+    '24ch-batch3-one-program': (24, (1, 3, 3, 5, 7), SHIFTS, (3, 13, 5), 1),
+    '26ch-3x4-shifts-beyond-map': (26, (1, 7, 7, 7, 7), (-5, -1, 0, 3, 9), (1, 3, 4), 512),
+}
+
+
+@pytest.mark.parametrize('case', CASES.values(), ids=CASES.keys())
+def test_matches_reference(case, monkeypatch):
+    dim, kernels, shifts, (n, h, w), programs = case
+    monkeypatch.setattr(triton_mix, 'WEIGHT_GRAD_PROGRAMS', programs)
+    block, params = block_params(dim, kernels)
+    groups = channel_groups(dim)
+    assert tuple(groups) == block.group_sizes
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
+    grad = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
+    ref = reference_run(x, params, shifts, grad)
+    if shifts == SHIFTS:
+        assert torch.allclose(block.mix_released(x), ref[0], atol=1e-6)
+    assert_agree(triton_run(x, params, shifts, kernels, groups, grad), ref, 1e-5)
+
+
+def test_bf16_within_its_precision():
+    dim, kernels = 24, (1, 3, 3, 5, 7)
+    block, params = block_params(dim, kernels)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, dim, 5, 6, generator=generator).to(DEVICE).bfloat16()
+    grad = torch.randn(2, dim, 5, 6, generator=generator).to(DEVICE)
+    ours = triton_run(x, params, SHIFTS, kernels, block.group_sizes, grad)
+    assert ours[0].dtype == ours[1][0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in ours[1][1:])
+    assert_agree(ours, reference_run(x, params, SHIFTS, grad), 2e-2)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        autocast = triton_mix.shift_mix_triton(x.permute(0, 2, 3, 1).contiguous(), *params, SHIFTS, kernels,
+                                               block.group_sizes)
+    assert torch.equal(autocast.permute(0, 3, 1, 2), ours[0].detach())
+
+
+def test_compiles_without_graph_breaks():
+    dim, kernels = 24, (1, 3, 3, 5, 7)
+    block, params = block_params(dim, kernels)
+    x = torch.randn(1, 4, 5, dim, device=DEVICE)
+
+    def mix(x_nhwc):
+        return triton_mix.shift_mix_triton(x_nhwc, *params, SHIFTS, kernels, block.group_sizes)
+
+    compiled = torch.compile(mix, backend='aot_eager', fullgraph=True)
+    outs = []
+    for fn in (mix, compiled):
+        x_in = x.clone().requires_grad_()
+        out = fn(x_in)
+        grads = torch.autograd.grad(out.square().sum(), [x_in] + flat(params))
+        outs.append((out, grads))
+    assert_agree(outs[1], outs[0], 1e-6)
+
+
+def test_operator_registrations():
+    kernels, groups = (1, 3, 3, 5, 7), channel_groups(24)
+    _, params = block_params(24, kernels)
+    weight = triton_mix.pack_weights(params[0], params[2]).detach().requires_grad_()
+    assert weight.shape == (2, 49, 24)
+    bias = torch.randn(24, device=DEVICE, requires_grad=True)
+    x = torch.randn(1, 3, 4, 24, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.msmlp.shift_mix_triton.default,
+                          (x, weight, bias, list(SHIFTS), list(kernels), list(groups)))
+
+
+def test_rejects_a_layout_that_does_not_match():
+    kernels = (1, 3, 3, 5, 7)
+    block, params = block_params(24, kernels)
+    with pytest.raises(ValueError, match='add up'):
+        triton_mix.shift_mix_triton(torch.randn(1, 3, 3, 25, device=DEVICE), *params, SHIFTS, kernels,
+                                    block.group_sizes)
+    with pytest.raises(ValueError, match='weights'):
+        triton_mix.shift_mix_triton(torch.randn(1, 3, 3, 24, device=DEVICE), *params, SHIFTS, (1, 3, 3, 5, 5),
+                                    block.group_sizes)
+
+
+# ----- the model with mix_impl='triton' --------------------------------------------------------
+def test_a_released_checkpoint_gives_the_released_logits_through_the_triton_mixer():
+    from pathlib import Path
+    from msmlp import MSMLP
+    reference_cases = torch.load(Path(__file__).parent / 'fixtures' / 'msmlp_reference.pt', weights_only=True)
+    case = reference_cases['wide_64x96']
+    cfg = case['config']
+    model = MSMLP(num_classes=cfg['num_classes'], embed_dim=cfg['embed_dim'], depths=cfg['depths'],
+                  mix_sizes=cfg['mix_size'], shift_dist=cfg['shift_dist'], mix_impl='triton')
+    model.load_state_dict(case['state_dict'])
+    with torch.no_grad():
+        logits = model.eval().to(DEVICE)(case['input'].to(DEVICE)).cpu()
+    assert (logits - case['logits']).abs().max() <= 1e-5
+
+
+def test_triton_blocks_train_as_the_reference_blocks():
+    from msmlp import MSMLP
+    torch.manual_seed(0)
+    model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), drop_path_rate=0.).to(DEVICE)
+    x = torch.randn(2, 3, 40, 56, device=DEVICE)
+    grads = []
+    for impl in ('reference', 'triton'):
+        model.zero_grad()
+        model.set_mix_impl(impl)
+        model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, expected in grads[0].items():
+        assert torch.allclose(grads[1][name], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), name
+
+
+def test_compiled_model_keeps_the_triton_op():
+    from msmlp import MSMLP
+    model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), mix_impl='triton').eval().to(DEVICE)
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        expected = model(x)
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes}
+    assert any('shift_mix_triton' in t for t in targets)
