@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_state_dict, load_pretrained, read_checkpoint
+from .checkpoint import CheckpointError, extract_state_dict, load_pretrained, local_checkpoint, read_checkpoint
 
 __all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'export', 'check_export', 'main']
 
@@ -55,6 +55,7 @@ def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool
     from . import model as _registered  # noqa: F401  (registers the msmlp models with timm)
     if not name.startswith('msmlp_'):
         raise ValueError(f"--model must be one of msmlp_tiny, msmlp_small, msmlp_base, got {name!r}")
+    checkpoint = local_checkpoint(checkpoint) if checkpoint else None  # a URL is downloaded once
     state = extract_state_dict(read_checkpoint(checkpoint), source=checkpoint) if checkpoint else {}
     if features_only:
         model = timm.create_model(name, num_classes=0, out_indices=tuple(out_indices))
@@ -178,7 +179,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     'program or safetensors weights; the file is loaded again and checked against the model.')
     parser.add_argument('--model', default='msmlp_tiny', help='msmlp_tiny, msmlp_small or msmlp_base')
     parser.add_argument('--checkpoint', metavar='FILE',
-                        help='weights: a released, Lightning (cls/det/seg), mmengine, timm or safetensors file')
+                        help='weights: a released, Lightning (cls/det/seg), mmengine, timm or safetensors file, '
+                             'or its URL (downloaded once)')
     parser.add_argument('--format', default='onnx', choices=list(FORMATS))
     parser.add_argument('--output', metavar='OUT', help='the file to write (default: MODEL[-features].SUFFIX)')
     parser.add_argument('--features-only', action='store_true',
