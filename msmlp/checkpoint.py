@@ -26,7 +26,7 @@ from torch import nn
 
 from .model import checkpoint_filter_fn
 
-__all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained',
+__all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained', 'load_state',
            'download_weights', 'local_checkpoint', 'shown_keys']
 
 PathLike = Union[str, os.PathLike]
@@ -110,13 +110,11 @@ def download_weights(url: str, progress: bool = True) -> str:
     os.makedirs(folder, exist_ok=True)
     partial = os.path.join(folder, f'partial-{name}')  # same suffix: read_checkpoint goes by it
     try:
-        problem = _download(parsed._replace(fragment='').geturl(), partial, progress,
+        problem = _download(parsed._replace(fragment='').geturl(), partial, name, progress,
                             dict(parse_qsl(parsed.fragment)).get('sha256'))
     except Exception as err:  # urllib and http.client raise many types; all mean no file
-        problem = err
-    if isinstance(problem, Exception):
         _remove(partial)
-        raise CheckpointError(f'cannot download {url}: {problem}') from None
+        raise CheckpointError(f'cannot download {url}: {err}') from None
     if problem:
         _remove(partial)
         raise CheckpointError(f'the download of {url} is damaged ({problem}); nothing was kept, '
@@ -132,7 +130,7 @@ def local_checkpoint(path_or_url: PathLike) -> str:
     return download_weights(text) if text.startswith(('http://', 'https://', 'file://')) else text
 
 
-def _download(url: str, target: str, progress: bool, sha256: Optional[str]) -> Optional[str]:
+def _download(url: str, target: str, name: str, progress: bool, sha256: Optional[str]) -> Optional[str]:
     """Write ``url`` to ``target``; what is wrong with the result, or None."""
     from urllib.request import urlopen
     from tqdm.auto import tqdm
@@ -140,7 +138,7 @@ def _download(url: str, target: str, progress: bool, sha256: Optional[str]) -> O
     with urlopen(url, timeout=60) as response, open(target, 'wb') as out:
         announced = response.headers.get('Content-Length')
         announced = int(announced) if announced else None
-        with tqdm(total=announced, unit='B', unit_scale=True, unit_divisor=1024, desc=os.path.basename(target)[8:],
+        with tqdm(total=announced, unit='B', unit_scale=True, unit_divisor=1024, desc=name,
                   disable=not progress) as bar:
             for block in iter(lambda: response.read(1 << 20), b''):
                 out.write(block)
@@ -191,16 +189,23 @@ def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False)
     Returns:
         ``{'dropped': [...], 'kept_init': [...]}``: keys not loaded, by reason.
     """
+    source = os.fspath(path)
+    return load_state(model, extract_state_dict(read_checkpoint(source), source=source), source, strict_head)
+
+
+def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
+               strict_head: bool = False) -> Dict[str, list]:
+    """:func:`load_pretrained` of weights already read (``extract_state_dict``'s output);
+    ``source`` names them in messages."""
     target = getattr(model, 'backbone', model)
-    state = extract_state_dict(read_checkpoint(path), source=os.fspath(path))
     own = target.state_dict()
 
     dropped = [k for k in state if k.startswith(_HEAD) and (k not in own or own[k].shape[0] != state[k].shape[0])]
     if dropped and strict_head:
-        raise CheckpointError(f'{path}: classifier head does not fit the model: {dropped}')
+        raise CheckpointError(f'{source}: classifier head does not fit the model: {dropped}')
     if dropped:
-        warnings.warn(f'{path}: classifier head {dropped} not loaded: the model has a different '
-                      'num_classes', stacklevel=2)
+        warnings.warn(f'{source}: classifier head {dropped} not loaded: the model has a different '
+                      'num_classes', stacklevel=3)
     state = {k: v for k, v in state.items() if k not in dropped}
 
     kept_init = [k for k in own if k not in state and (k.startswith(_NEW_IN_DENSE) or (
@@ -210,7 +215,7 @@ def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False)
     mis_shaped = [f'{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
                   for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or mis_shaped:
-        raise CheckpointError(_mismatch_message(path, missing, unexpected, mis_shaped))
+        raise CheckpointError(_mismatch_message(source, missing, unexpected, mis_shaped))
     target.load_state_dict(state, strict=False)
     return {'dropped': dropped, 'kept_init': kept_init}
 

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_state_dict, load_pretrained, local_checkpoint, read_checkpoint
+from .checkpoint import CheckpointError, extract_state_dict, load_state, local_checkpoint, read_checkpoint
 
 __all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'export', 'check_export', 'main']
 
@@ -65,7 +65,7 @@ def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool
     if checkpoint:
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*classifier head')  # a backbone has none
-            load_pretrained(model, checkpoint)
+            load_state(model, state, checkpoint)
     model.eval()
     return DenseOutputs(model).eval() if features_only else model
 

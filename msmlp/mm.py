@@ -192,10 +192,7 @@ def _local_checkpoint(checkpoint: str) -> str:
     """A local path for ``checkpoint``: URLs are downloaded once into torch hub's cache."""
     if not isinstance(checkpoint, (str, os.PathLike)) or not str(checkpoint):
         raise CheckpointError(f"init_cfg Pretrained needs checkpoint=<path or URL>, got {checkpoint!r}")
-    checkpoint = str(checkpoint)
-    if checkpoint.startswith(('http://', 'https://', 'file://')):
-        return local_checkpoint(checkpoint)
-    path = os.path.expanduser(checkpoint)
+    path = local_checkpoint(os.path.expanduser(str(checkpoint)))  # a URL is downloaded once
     if not os.path.isfile(path):
         raise CheckpointError(
             f'init_cfg checkpoint not found: {path}. Download the released checkpoint there '

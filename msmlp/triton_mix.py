@@ -51,6 +51,7 @@ MAX_KERNEL = 7
 WEIGHT_GRAD_PROGRAMS = 512
 
 
+@functools.lru_cache(maxsize=None)  # fixed when the kernels were defined; asked by every block
 def interpreted() -> bool:
     """Whether triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
     if triton is None:
@@ -62,6 +63,7 @@ def interpreted() -> bool:
     return isinstance(_mix_kernel, InterpretedFunction)
 
 
+@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the kernels can run here: triton imports, and a GPU or the interpreter runs them."""
     return triton is not None and (interpreted() or torch.cuda.is_available())
