@@ -1,5 +1,6 @@
-"""Before timing on a GPU: the fast path equals the reference path there too (fp32, TF32 off),
-on outputs and gradients, and under bf16 autocast within bf16 precision.
+"""Before timing on a GPU: the fast and triton paths equal the reference path there too (fp32,
+TF32 off), on outputs and gradients, and under bf16 autocast within bf16 precision; a forward
+and backward captured in one CUDA graph replays what eager computes.
 
     python3 benchmarks/gpu_check.py [--device cuda]
 """
@@ -19,6 +20,31 @@ def outputs_and_grads(model, impl, x, grad):
     out = model(x)
     (out.float() * grad).sum().backward()
     return [out.detach().float(), x.grad.float()] + [p.grad.float() for p in model.parameters()]
+
+
+def captured_outputs_and_grads(model, impl, x, grad):
+    """``outputs_and_grads`` through a CUDA graph: warmed up on a side stream (triton tunes and
+    compiles there), captured with fresh gradients, replayed on ``x``."""
+    model.set_mix_impl(impl)
+    static_x = torch.zeros_like(x, requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model.zero_grad()
+            (model(static_x).float() * grad).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    model.zero_grad()
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_x)
+        (static_out.float() * grad).sum().backward()
+    with torch.no_grad():
+        static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    return [t.detach().float().clone() for t in [static_out, static_x.grad] + [p.grad for p in model.parameters()]]
 
 
 def relative_error(ours, ref):
@@ -53,6 +79,17 @@ def main(argv=None) -> int:
         print(f'{impl} vs reference on {device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}): '
               f'fp32 worst relative difference {worst:.2e} over outputs and all gradients (bound 1e-5); '
               f'bf16 autocast output {bf16_error:.2e} (bound 5e-2): {"OK" if good else "MISMATCH"}')
+    for impl in impls if device.type == 'cuda' else ():
+        try:
+            replayed = captured_outputs_and_grads(model, impl, x, grad)
+            worst = max(relative_error(f, r) for f, r in zip(replayed, outputs_and_grads(model, impl, x, grad)))
+        except Exception as err:  # noqa: BLE001  (the report names it; the other checks go on)
+            worst, failure = float('inf'), f'{type(err).__name__}: {err}'.splitlines()[0]
+        else:
+            failure = f'worst relative difference {worst:.2e} over outputs and all gradients (bound 1e-6)'
+        ok = ok and worst <= 1e-6
+        print(f'{impl} under a CUDA graph (forward and backward captured, replayed on new input) vs eager: '
+              f'{failure}: {"OK" if worst <= 1e-6 else "MISMATCH"}')
     if 'triton' not in impls:
         print('triton: does not run here (no triton, or not a GPU)')
     return 0 if ok else 1

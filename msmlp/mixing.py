@@ -472,8 +472,8 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
     is channels-last, so that the next fast block needs no copy."""
     x = _as_nhwc(x)
     mixed = mix_fast_nhwc(x, block)
-    w2, b2 = _folded_pwconv2(block)
     if _fusable(block, x):
+        w2, b2 = _folded_pwconv2(block)
         n, h, w, c = x.shape
         scale = _drop_path_scale(block, x)
         if scale is not None:
@@ -488,6 +488,13 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
         if not torch.is_autocast_enabled('cpu'):  # autocast training takes the plain operations
             out = _ChannelMLP.apply(args[0], args[1], scale, *args[2:])
             return out.view(n, h, w, c).permute(0, 3, 1, 2)
+    return _channel_mlp(block, x, mixed)
+
+
+def _channel_mlp(block: 'MSMLPBlock', x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+    """The rest of the block by plain operations on NHWC maps (the layer scale folded into
+    ``pwconv2``): ``x + drop_path(mlp(norm(mixed)))``, returned as NCHW."""
+    w2, b2 = _folded_pwconv2(block)
     y = F.linear(block.act(block.pwconv1(block.norm(mixed))), w2, b2)
     return (x + block.drop_path(y)).permute(0, 3, 1, 2)
 
@@ -523,10 +530,7 @@ def forward_triton(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
     if not triton_runs(x):
         return forward_fast(block, x)
     x = _as_nhwc(x)
-    mixed = _triton_mix_nhwc(x, block)
-    w2, b2 = _folded_pwconv2(block)
-    y = F.linear(block.act(block.pwconv1(block.norm(mixed))), w2, b2)
-    return (x + block.drop_path(y)).permute(0, 3, 1, 2)
+    return _channel_mlp(block, x, _triton_mix_nhwc(x, block))
 
 
 MIX_IMPLS: Dict[str, Callable[[torch.Tensor, 'MSMLPBlock'], torch.Tensor]] = {

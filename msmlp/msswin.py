@@ -152,6 +152,11 @@ class MSSwin(SwinTransformer):
     def no_weight_decay_keywords(self) -> set:
         return {'gamma', 'relative_position_bias_table'}
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's custom-load hook (``pretrained=True``): an MS-Swin or Swin file through
+        ``load_swin_checkpoint``."""
+        load_swin_checkpoint(self, checkpoint_path)
+
     def set_mix_impl(self, impl: str) -> None:
         """Switch every MS block between ``'fast'`` and ``'reference'`` mixing."""
         for block in self.modules():
@@ -214,7 +219,7 @@ def _cfg(**kwargs) -> Dict:
     return dict(
         num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation='bicubic',
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv='patch_embed.proj',
-        classifier='head.fc', license='mit', paper_ids='arXiv:2202.06510',
+        classifier='head.fc', license='mit', paper_ids='arXiv:2202.06510', custom_load=True,
         notes=("msmlp's MS-MLP + Swin hybrid; no released weights: start from a Swin checkpoint "
                'with msmlp.load_swin_checkpoint',), **kwargs)
 
@@ -234,17 +239,14 @@ def _create_msswin(variant: str, pretrained: bool = False, **kwargs) -> MSSwin:
     """Build a variant through timm; ``pretrained=True`` takes
     ``pretrained_cfg_overlay=dict(file=<MS-Swin or Swin checkpoint>)`` (see load_swin_checkpoint)."""
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    weights = overlay.pop('file', None)
-    if pretrained and not weights:
+    overlay.setdefault('custom_load', True)  # timm resets it for a given file
+    if pretrained and not overlay.get('file'):
         raise ValueError(f'{variant}: there are no released weights; pass '
                          "pretrained_cfg_overlay=dict(file='<an MS-Swin or Swin checkpoint>')")
-    model = build_model_with_cfg(
-        MSSwin, variant, pretrained=False, pretrained_cfg_overlay=overlay or None,
+    return build_model_with_cfg(
+        MSSwin, variant, pretrained=pretrained, pretrained_cfg_overlay=overlay,
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
         **dict(VARIANT_ARCHS[variant], **kwargs))
-    if pretrained:
-        load_swin_checkpoint(getattr(model, 'model', model), weights)  # features_only wraps it
-    return model
 
 
 @register_model

@@ -9,7 +9,7 @@ with ``lr = torch.roll(x, s, W)`` and ``td = torch.roll(x, s, H)``, both zero ou
 the released block's rolls and depthwise convs, without materialising the rolled copies.
 
 * Forward (``_mix_kernel``): one program per (image ``n``, tile of ``BLOCK_P`` output pixels,
-  block of ``BLOCK_C`` channels). It loops statically over the taps of the largest kernel's
+  block of ``BLOCK_C`` channels). It loops over the taps of the largest kernel's
   window, masks the taps outside each channel's own kernel, finds each tap's source in ``x``
   (zero padding around the rolled map, then the roll) and accumulates both branches in fp32;
   ``x`` is read once (repeated taps hit the cache) and the output is written once.
@@ -120,21 +120,20 @@ if triton is not None:
         shift_h = (shift % H + H) % H
         image = n.to(tl.int64) * H * W * C
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(K):
-            for j in tl.static_range(K):
-                di: tl.constexpr = i - RADIUS
-                dj: tl.constexpr = j - RADIUS
-                tap_in = c_in & (radius >= di) & (radius >= -di) & (radius >= dj) & (radius >= -dj)
-                w_lr = tl.load(weight_ptr + (i * K + j) * C + c, mask=tap_in, other=0.)
-                w_td = tl.load(weight_ptr + (K * K + i * K + j) * C + c, mask=tap_in, other=0.)
-                if ADJOINT:
-                    lr, lr_in, td, td_in = _adjoint_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
-                else:
-                    lr, lr_in, td, td_in = _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
-                mask = p_in[:, None] & tap_in[None, :]
-                x_lr = tl.load(src_ptr + image + lr, mask=mask & lr_in, other=0.).to(tl.float32)
-                x_td = tl.load(src_ptr + image + td, mask=mask & td_in, other=0.).to(tl.float32)
-                acc += x_lr * w_lr[None, :] + x_td * w_td[None, :]
+        for tap in range(K * K):  # a loop, not unrolled: unrolled, the GPU compile takes minutes
+            di = tap // K - RADIUS
+            dj = tap % K - RADIUS
+            tap_in = c_in & (radius >= di) & (radius >= -di) & (radius >= dj) & (radius >= -dj)
+            w_lr = tl.load(weight_ptr + tap * C + c, mask=tap_in, other=0.)
+            w_td = tl.load(weight_ptr + (K * K + tap) * C + c, mask=tap_in, other=0.)
+            if ADJOINT:
+                lr, lr_in, td, td_in = _adjoint_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
+            else:
+                lr, lr_in, td, td_in = _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
+            mask = p_in[:, None] & tap_in[None, :]
+            x_lr = tl.load(src_ptr + image + lr, mask=mask & lr_in, other=0.).to(tl.float32)
+            x_td = tl.load(src_ptr + image + td, mask=mask & td_in, other=0.).to(tl.float32)
+            acc += x_lr * w_lr[None, :] + x_td * w_td[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + c, mask=c_in, other=0.)[None, :]
         out = out_ptr + image + p[:, None] * C + c[None, :]
@@ -150,7 +149,7 @@ if triton is not None:
         split = tl.program_id(0)
         c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_in = c < C
-        tap = tl.arange(0, TAPS)
+        taps = tl.arange(0, TAPS)
         shift = tl.load(shift_ptr + c, mask=c_in, other=0)
         radius = tl.load(radius_ptr + c, mask=c_in, other=-1)
         shift_w = (shift % W + W) % W
@@ -168,20 +167,19 @@ if triton is not None:
             image = (n.to(tl.int64) * H * W * C)[:, None]
             grad = tl.load(grad_ptr + p.to(tl.int64)[:, None] * C + c[None, :],
                            mask=p_in[:, None] & c_in[None, :], other=0.).to(tl.float32)
-            for i in tl.static_range(K):
-                for j in tl.static_range(K):
-                    di: tl.constexpr = i - RADIUS
-                    dj: tl.constexpr = j - RADIUS
-                    tap_in = c_in & (radius >= di) & (radius >= -di) & (radius >= dj) & (radius >= -dj)
-                    lr, lr_in, td, td_in = _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
-                    mask = p_in[:, None] & tap_in[None, :]
-                    x_lr = tl.load(x_ptr + image + lr, mask=mask & lr_in, other=0.).to(tl.float32)
-                    x_td = tl.load(x_ptr + image + td, mask=mask & td_in, other=0.).to(tl.float32)
-                    here = tap[:, None] == i * K + j
-                    acc_lr += tl.where(here, tl.sum(grad * x_lr, axis=0)[None, :], 0.)
-                    acc_td += tl.where(here, tl.sum(grad * x_td, axis=0)[None, :], 0.)
-        out = partial_ptr + (split * 2 * K * K + tap[:, None]) * C + c[None, :]
-        mask = (tap < K * K)[:, None] & c_in[None, :]
+            for tap in range(K * K):
+                di = tap // K - RADIUS
+                dj = tap % K - RADIUS
+                tap_in = c_in & (radius >= di) & (radius >= -di) & (radius >= dj) & (radius >= -dj)
+                lr, lr_in, td, td_in = _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
+                mask = p_in[:, None] & tap_in[None, :]
+                x_lr = tl.load(x_ptr + image + lr, mask=mask & lr_in, other=0.).to(tl.float32)
+                x_td = tl.load(x_ptr + image + td, mask=mask & td_in, other=0.).to(tl.float32)
+                here = taps[:, None] == tap
+                acc_lr += tl.where(here, tl.sum(grad * x_lr, axis=0)[None, :], 0.)
+                acc_td += tl.where(here, tl.sum(grad * x_td, axis=0)[None, :], 0.)
+        out = partial_ptr + (split * 2 * K * K + taps[:, None]) * C + c[None, :]
+        mask = (taps < K * K)[:, None] & c_in[None, :]
         tl.store(out, acc_lr, mask=mask)
         tl.store(out + K * K * C, acc_td, mask=mask)
 
@@ -208,18 +206,36 @@ def _block_sizes(pixels: int, channels: int, max_channels: int = 64) -> Tuple[in
     return min(64, triton.next_power_of_2(pixels)), min(max_channels, triton.next_power_of_2(channels))
 
 
+# Tiles of the mixer kernel on a GPU, each compiled for sm_90 without register spills
+# (tests/test_triton_compile.py); triton times them on the first call of each map size and
+# keeps the fastest. The interpreter runs _block_sizes' tile (_one_tile_kernel).
+MIX_CONFIGS = [(64, 64, 8), (32, 64, 4), (16, 64, 2), (64, 32, 4), (32, 32, 2)]  # BLOCK_P, BLOCK_C, warps
+WEIGHT_GRAD_WARPS = 4
+
+if triton is not None:
+    _mix_kernel_tuned = triton.autotune(
+        [triton.Config(dict(BLOCK_P=p, BLOCK_C=c), num_warps=warps) for p, c, warps in MIX_CONFIGS],
+        key=['H', 'W', 'C', 'RADIUS', 'ADJOINT'])(_mix_kernel)
+
+
 def _launch_mix(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
                 shifts, kernel_sizes, group_sizes, adjoint: bool) -> torch.Tensor:
     _check_runnable(src)
     n, h, w, c = src.shape
     shift, radius = _channel_table(tuple(shifts), tuple(kernel_sizes), tuple(group_sizes), src.device)
     out = torch.empty(src.shape, dtype=out_dtype, device=src.device)
-    block_p, block_c = _block_sizes(h * w, c)
-    grid = (n, triton.cdiv(h * w, block_p), triton.cdiv(c, block_c))
-    _mix_kernel[grid](src, weight, weight if bias is None else bias, shift, radius, out, h, w, c,
-                      RADIUS=max(kernel_sizes) // 2, ADJOINT=adjoint, HAS_BIAS=bias is not None,
-                      BLOCK_P=block_p, BLOCK_C=block_c)
+    args = (src, weight, weight if bias is None else bias, shift, radius, out, h, w, c)
+    options = dict(RADIUS=max(kernel_sizes) // 2, ADJOINT=adjoint, HAS_BIAS=bias is not None)
+    kernel = _one_tile_kernel(*_block_sizes(h * w, c)) if interpreted() else _mix_kernel_tuned
+    kernel[lambda meta: (n, triton.cdiv(h * w, meta['BLOCK_P']), triton.cdiv(c, meta['BLOCK_C']))](*args, **options)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _one_tile_kernel(block_p: int, block_c: int):
+    """The mixer kernel tuned to a single tile, for the interpreter (which cannot time tiles):
+    the launch is the GPU's, config and grid included."""
+    return triton.autotune([triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c))], key=[])(_mix_kernel)
 
 
 def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_sizes, group_sizes) -> torch.Tensor:
@@ -236,7 +252,7 @@ def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_size
     partial = torch.empty(splits, 2, size * size, c, dtype=torch.float32, device=x.device)
     _weight_grad_kernel[(splits, channel_blocks)](
         x, grad, shift, radius, partial, n, h, w, c, pixels_per_program, RADIUS=size // 2,
-        TAPS=triton.next_power_of_2(size * size), BLOCK_P=block_p, BLOCK_C=block_c)
+        TAPS=triton.next_power_of_2(size * size), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=WEIGHT_GRAD_WARPS)
     return partial.sum(0)
 
 

@@ -426,7 +426,8 @@ class _ReadErrors(Dataset):
 
 
 class _Items(Dataset):
-    """Images from files through a test pipeline without annotation loading (for predict)."""
+    """Images from files through a test pipeline without annotation loading (for predict;
+    wrapped in ``_ReadErrors`` like the annotated datasets)."""
 
     def __init__(self, paths: Sequence[str], pipeline):
         self.paths, self.pipeline = list(paths), pipeline
@@ -434,14 +435,11 @@ class _Items(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def get_data_info(self, index: int) -> dict:
+        return dict(img_path=self.paths[index], img_id=index)
+
     def __getitem__(self, index: int):
-        try:
-            return self.pipeline(dict(img_path=self.paths[index], img_id=index))
-        except Exception:
-            reason = unreadable([self.paths[index]])
-            if reason is None:
-                raise
-            raise InputError(reason) from None
+        return self.pipeline(self.get_data_info(index))
 
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -578,7 +576,7 @@ class OpenMMLabDataModule(LightningDataModule):
         else:
             val = self.datasets['val']
             paths = [val.get_data_info(i)['img_path'] for i in range(len(val))]
-        return _Items(paths, Compose(pipeline))
+        return _ReadErrors(_Items(paths, Compose(pipeline)))
 
     @staticmethod
     def _image_paths(spec: str) -> List[str]:

@@ -369,3 +369,16 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path, monkeypatch, capsys
     assert cli.main(['fit', '--task', 'det', '--trainer.fast_dev_run=1', f'--data.root={data_root}']) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f'msmlp: error: cannot read {broken}: ') and 'Traceback' not in err
+
+
+def test_predicting_an_unreadable_image_names_it(tmp_path):
+    good, broken = tmp_path / 'good.png', tmp_path / 'broken.png'
+    from PIL import Image
+    Image.new('RGB', (40, 30), 'red').save(good)
+    broken.write_bytes(good.read_bytes()[:60])
+    data = CocoDataModule(predict_images=str(tmp_path), config=MINI)
+    data.setup('predict')
+    images = data.datasets['predict']
+    assert len(images) == 2 and images[1]['inputs'].shape[0] == 3  # good.png, sorted after broken.png
+    with pytest.raises(InputError, match=rf'^cannot read {broken}: '):
+        images[0]

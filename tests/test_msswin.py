@@ -146,7 +146,10 @@ def test_pretrained_through_timm_takes_the_file(tmp_path):
         warnings.simplefilter('ignore')
         model = timm.create_model('msswin_tiny', pretrained=True,
                                   pretrained_cfg_overlay=dict(file=str(tmp_path / 'swin.pth')))
+        features = timm.create_model('msswin_tiny', pretrained=True, features_only=True,
+                                     pretrained_cfg_overlay=dict(file=str(tmp_path / 'swin.pth')))
     assert torch.equal(model.patch_embed.proj.weight, swin_state()['patch_embed.proj.weight'])
+    assert torch.equal(features.model.patch_embed.proj.weight, swin_state()['patch_embed.proj.weight'])
     with pytest.raises(ValueError, match='no released weights'):
         timm.create_model('msswin_tiny', pretrained=True)
 
