@@ -225,8 +225,8 @@ def measure_peak_mb(step: Callable[[], None], device: torch.device) -> float:
 def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     """The model's GMACs (an MS-MLP's counted on its reference path) and, for the eager fast
     path, those it executes: the kernels of groups sharing a conv are zero-padded to the
-    largest among them (``kernel_runs``). Compiled, both paths run the released operations."""
-    from msmlp.mixing import kernel_runs
+    largest among them (``mix_runs``). Compiled, both paths run the released operations."""
+    from msmlp.mixing import mix_runs
     from msmlp.msswin import MSSwinBlock
     owner = mix_owner(row.model)
     if owner is None:
@@ -237,11 +237,13 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
 
     def count_zero_taps(block, inputs):
         # MS-Swin's blocks take Swin's (B, H, W, C) tokens, MS-MLP's (B, C, H, W) maps
-        h, w = inputs[0].shape[1:3] if isinstance(block, MSSwinBlock) else inputs[0].shape[2:]
+        # per image, counted on one; the runs are those of the measured batch
+        x = inputs[0]
+        h, w = x.shape[1:3] if isinstance(block, MSSwinBlock) else x.shape[2:]
         sizes, kernels = block.group_sizes, block.mix_size
+        runs = mix_runs(args.batch_size, h, w, x.device.type, sizes, kernels)
         zero_taps.append(2 * h * w * sum(sizes[g] * (run.kernel ** 2 - kernels[g] ** 2)
-                                         for run in kernel_runs(sizes, kernels)
-                                         for g in range(run.groups.start, run.groups.stop)))
+                                         for run in runs for g in range(run.groups.start, run.groups.stop)))
 
     hooks = [m.register_forward_pre_hook(count_zero_taps) for m in owner.modules() if hasattr(m, 'mix_size')]
     owner.set_mix_impl('reference')

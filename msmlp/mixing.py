@@ -13,11 +13,14 @@ function channels-last (NHWC) in a few large operations:
   the CPU as two slice copies per group and branch, on a GPU as one gather with a
   precomputed index; a roll moves values, so the circular wrap is exact), one depthwise
   conv applies the groups' kernels zero-padded (centred) to the run's largest (the zero
-  taps add exact zeros), and the halves are added into the run's channels of the output. Its backward is one ``convolution_backward`` per run and
+  taps add exact zeros), and the halves are added into the run's channels of the output
+  (a single image's small maps on the CPU: all groups as one run, rolled by one gather,
+  ``ONE_RUN_MAX_PIXELS``). Its backward is one ``convolution_backward`` per run and
   the inverse rolls; the weight gradients of large kernels on small maps are batched
   matrix products (oneDNN's 5x5/7x7 depthwise weight gradient is slow there).
 * Channel MLP: on the same NHWC rows, no permute copies, the layer scale folded into
-  ``pwconv2`` (``gamma * (W h + b) == (gamma W) h + gamma b``). On the CPU it runs in
+  ``pwconv2`` (``gamma * (W h + b) == (gamma W) h + gamma b``; for inference on fewer rows
+  than the hidden width the output is scaled instead, which costs less than the fold). On the CPU it runs in
   row chunks of at most ``MLP_CHUNK_BYTES`` of hidden activations: without autograd
   through oneDNN's fused Linear+GELU and Linear+residual-add; with autograd as one
   function that keeps each chunk's normed input, pre-activation and activation for its
@@ -83,6 +86,26 @@ def kernel_runs(sizes: Tuple[int, ...], kernels: Tuple[int, ...]) -> Tuple[Run, 
     return tuple(runs)
 
 
+# Single images up to this many pixels per map, on the CPU: all groups as one run (every kernel
+# embedded in the largest) rolled by one gather. There per-operation overhead outweighs the zero
+# taps (measured at batch 1 on stages 1-3 of msmlp_tiny: the mixer 1.4-2.7x faster); at larger
+# batches or maps the runs of slice copies are faster.
+ONE_RUN_MAX_PIXELS = 28 * 28
+
+
+def _one_run(batch: int, height: int, width: int, device_type: str) -> bool:
+    return device_type == 'cpu' and batch == 1 and height * width <= ONE_RUN_MAX_PIXELS
+
+
+def mix_runs(batch: int, height: int, width: int, device_type: str, sizes: Tuple[int, ...],
+             kernels: Tuple[int, ...]) -> Tuple[Run, ...]:
+    """The runs the fast mixer convolves on an (N, H, W) map: ``kernel_runs``, or one run of
+    all groups for single small maps on the CPU (``ONE_RUN_MAX_PIXELS``)."""
+    if _one_run(batch, height, width, device_type):
+        return (Run(0, sum(sizes), max(kernels), slice(0, len(sizes))),)
+    return kernel_runs(sizes, kernels)
+
+
 def _roll_into(dst: torch.Tensor, src: torch.Tensor, shift: int, dim: int, accumulate: bool = False) -> None:
     """``dst = torch.roll(src, shift, dim)`` (or ``+=``) as two slice copies, for strided views."""
     length = src.shape[dim]
@@ -124,8 +147,9 @@ def _run_index(height: int, width: int, sizes: Tuple[int, ...], shifts: Tuple[in
 
 
 def _gathers(x: torch.Tensor) -> bool:
-    """Whether rolls run as one gather (off the CPU) rather than as slice copies."""
-    return x.device.type != 'cpu'
+    """Whether rolls run as one gather (off the CPU, and for the one run of a single small
+    map) rather than as slice copies."""
+    return x.device.type != 'cpu' or _one_run(*x.shape[:3], x.device.type)
 
 
 def _group_branches(run: Run, sizes: Tuple[int, ...]):
@@ -148,11 +172,19 @@ def _rolled_pair(x: torch.Tensor, run: Run, sizes: Tuple[int, ...], shifts: Tupl
     half = run.end - run.start
     if _gathers(x):
         index = _run_index(h, w, sizes, shifts, run.start, run.end, x.device)
-        return x.reshape(n, -1).index_select(1, index.forward).view(n, h, w, 2 * half)
+        return _gather(x, index.forward).view(n, h, w, 2 * half)
     pair = x.new_empty(n, h, w, 2 * half)
     for g, _, channels, in_pair, dim in _group_branches(run, sizes):
         _roll_into(pair[..., in_pair], x[..., channels], shifts[g], dim)
     return pair
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Each image's entries of ``x`` at the flat ``index`` (a single image as one flat gather,
+    faster on the CPU)."""
+    if x.shape[0] == 1 and x.is_contiguous():
+        return x.view(-1).index_select(0, index)
+    return x.reshape(x.shape[0], -1).index_select(1, index)
 
 
 def _unroll_pair_into(grad_x: torch.Tensor, grad_pair: torch.Tensor, run: Run, sizes: Tuple[int, ...],
@@ -163,9 +195,8 @@ def _unroll_pair_into(grad_x: torch.Tensor, grad_pair: torch.Tensor, run: Run, s
     half = run.end - run.start
     if _gathers(grad_x):
         index = _run_index(h, w, sizes, shifts, run.start, run.end, grad_x.device)
-        flat = grad_pair.reshape(n, -1)
-        torch.add(flat.index_select(1, index.backward_lr).view(n, h, w, half),
-                  flat.index_select(1, index.backward_td).view(n, h, w, half), out=grad_x[..., run.start:run.end])
+        torch.add(_gather(grad_pair, index.backward_lr).view(n, h, w, half),
+                  _gather(grad_pair, index.backward_td).view(n, h, w, half), out=grad_x[..., run.start:run.end])
         return
     for g, branch, channels, in_pair, dim in _group_branches(run, sizes):
         _roll_into(grad_x[..., channels], grad_pair[..., in_pair], -shifts[g], dim, accumulate=branch > 0)
@@ -180,7 +211,30 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias, kernel: int) -> torc
 
 def _embed(weights: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """Per-group depthwise kernels, each zero-padded (centred) to ``size`` x ``size``, stacked."""
-    return torch.cat([F.pad(w, [(size - w.shape[-1]) // 2] * 4) for w in weights])
+    return torch.cat([w if w.shape[-1] == size else F.pad(w, [(size - w.shape[-1]) // 2] * 4) for w in weights])
+
+
+def _shift_mix(x: torch.Tensor, block: 'MSMLPBlock', params: Sequence[torch.Tensor]):
+    """The fast mixer's forward (see ``_ShiftMix``): the output, the runs, and each run's
+    rolled pair and embedded kernels (what the backward needs)."""
+    n, h, w, c = x.shape
+    sizes, shifts = block.group_sizes, block.shift_dist
+    lr_weights, lr_biases = params[0:len(params) // 2:2], params[1:len(params) // 2:2]
+    td_weights, td_biases = params[len(params) // 2::2], params[len(params) // 2 + 1::2]
+    runs = mix_runs(n, h, w, x.device.type, sizes, block.mix_size)
+    out = None
+    pairs, weights = [], []
+    for run in runs:
+        groups, half = run.groups, run.end - run.start
+        pair = _rolled_pair(x, run, sizes, shifts)
+        weight = _embed(lr_weights[groups] + td_weights[groups], run.kernel)
+        mixed = _depthwise(pair, weight, torch.cat(lr_biases[groups] + td_biases[groups]), run.kernel)
+        if out is None:
+            out = mixed.new_empty(n, h, w, c)  # autocast may have run the conv in another dtype
+        torch.add(mixed[..., :half], mixed[..., half:], out=out[..., run.start:run.end])
+        pairs.append(pair)
+        weights.append(weight)
+    return out, runs, pairs, weights
 
 
 class _ShiftMix(torch.autograd.Function):
@@ -198,24 +252,8 @@ class _ShiftMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, block: 'MSMLPBlock', *params: torch.Tensor) -> torch.Tensor:
-        n, h, w, c = x.shape
-        sizes, shifts = block.group_sizes, block.shift_dist
-        lr_weights, lr_biases = params[0:len(params) // 2:2], params[1:len(params) // 2:2]
-        td_weights, td_biases = params[len(params) // 2::2], params[len(params) // 2 + 1::2]
-        runs = kernel_runs(sizes, block.mix_size)
-        out = None
-        pairs, weights = [], []
-        for run in runs:
-            groups, half = run.groups, run.end - run.start
-            pair = _rolled_pair(x, run, sizes, shifts)
-            weight = _embed(lr_weights[groups] + td_weights[groups], run.kernel)
-            mixed = _depthwise(pair, weight, torch.cat(lr_biases[groups] + td_biases[groups]), run.kernel)
-            if out is None:
-                out = mixed.new_empty(n, h, w, c)  # autocast may have run the conv in another dtype
-            torch.add(mixed[..., :half], mixed[..., half:], out=out[..., run.start:run.end])
-            pairs.append(pair)
-            weights.append(weight)
-        ctx.runs, ctx.sizes, ctx.shifts, ctx.kernels = runs, sizes, shifts, block.mix_size
+        out, runs, pairs, weights = _shift_mix(x, block, params)
+        ctx.runs, ctx.sizes, ctx.shifts, ctx.kernels = runs, block.group_sizes, block.shift_dist, block.mix_size
         ctx.save_for_backward(*pairs, *weights)
         return out
 
@@ -311,6 +349,8 @@ def mix_fast_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
     if torch.compiler.is_compiling():  # the compiler fuses the released rolls and concatenations itself
         return mix_reference(x.permute(0, 3, 1, 2), block).permute(0, 2, 3, 1)
     params = [t for convs in (block.dwconv_lr, block.dwconv_td) for conv in convs for t in (conv.weight, conv.bias)]
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
+        return _shift_mix(x, block, params)[0]  # nothing to differentiate: no autograd node
     return _ShiftMix.apply(x, block, *params)
 
 
@@ -354,9 +394,11 @@ def _fused_matches_plain() -> bool:
                        F.linear(F.gelu(F.linear(x, x, x[0])), x, x[0]) + x)
 
 
-def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int) -> torch.Tensor:
+def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int,
+                   gamma=None) -> torch.Tensor:
     """``x + gelu(norm(mixed) w1' + b1) w2' + b2`` over row chunks of 2-D inputs (no autograd):
-    per chunk, a norm and two oneDNN products with the GELU and the residual add fused.
+    per chunk, a norm and two oneDNN products with the GELU and the residual add fused; with
+    ``gamma`` (the layer scale, not folded into ``w2``, ``b2``), ``x + gamma * (...)``.
     Under autocast the products run in its dtype and the residual add in ``x``'s, as the
     plain operations would."""
     c = x.shape[1]
@@ -369,7 +411,10 @@ def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float,
         part = slice(start, start + rows)
         z = F.layer_norm(mixed[part], (c,), norm_weight, norm_bias, eps).to(dtype)
         hidden = linear(z, w1, b1, 'gelu', [], 'none') if fused else torch.ops.aten.gelu_(torch.addmm(b1, z, w1.t()))
-        if fused and dtype == x.dtype:
+        if gamma is not None:
+            y = linear(hidden, w2, b2, 'none', [], 'none') if fused else torch.addmm(b2, hidden, w2.t())
+            outs.append(torch.addcmul(x[part], y.to(x.dtype), gamma.to(x.dtype)))
+        elif fused and dtype == x.dtype:
             outs.append(linear.binary(hidden, x[part], w2, b2, 'add'))
         else:
             outs.append(torch.add(x[part], torch.addmm(b2, hidden, w2.t())))
@@ -473,20 +518,26 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
     x = _as_nhwc(x)
     mixed = mix_fast_nhwc(x, block)
     if _fusable(block, x):
-        w2, b2 = _folded_pwconv2(block)
         n, h, w, c = x.shape
         scale = _drop_path_scale(block, x)
         if scale is not None:
             scale = scale.repeat_interleave(h * w)
-        rows = max(64, MLP_CHUNK_BYTES // (block.pwconv1.out_features * x.element_size()))
-        args = (mixed.reshape(-1, c), x.reshape(-1, c), block.norm.weight, block.norm.bias,
-                block.pwconv1.weight, block.pwconv1.bias, w2, b2, block.norm.eps, rows)
+        hidden_width = block.pwconv1.out_features
+        rows = max(64, MLP_CHUNK_BYTES // (hidden_width * x.element_size()))
+        inputs = (mixed.reshape(-1, c), x.reshape(-1, c), block.norm.weight, block.norm.bias,
+                  block.pwconv1.weight, block.pwconv1.bias)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or mixed.requires_grad or any(
-            p.requires_grad for p in (block.norm.weight, block.pwconv1.weight, w2)))
+            p.requires_grad for p in (block.norm.weight, block.pwconv1.weight, block.pwconv2.weight, block.gamma)))
         if not (needs_grad or scale is not None):
-            return _mlp_inference(*args).view(n, h, w, c).permute(0, 3, 1, 2)
+            if n * h * w < hidden_width:  # scaling so few rows costs less than folding gamma into pwconv2
+                out = _mlp_inference(*inputs, block.pwconv2.weight, block.pwconv2.bias, block.norm.eps, rows,
+                                     gamma=block.gamma)
+            else:
+                out = _mlp_inference(*inputs, *_folded_pwconv2(block), block.norm.eps, rows)
+            return out.view(n, h, w, c).permute(0, 3, 1, 2)
         if not torch.is_autocast_enabled('cpu'):  # autocast training takes the plain operations
-            out = _ChannelMLP.apply(args[0], args[1], scale, *args[2:])
+            out = _ChannelMLP.apply(inputs[0], inputs[1], scale, *inputs[2:], *_folded_pwconv2(block),
+                                    block.norm.eps, rows)
             return out.view(n, h, w, c).permute(0, 3, 1, 2)
     return _channel_mlp(block, x, mixed)
 

@@ -1,6 +1,7 @@
 """``msmlp benchmark`` runs and prints its table (no timing assertions: the benchmark
 reports speed, the tests check that it measures what it says)."""
 import pytest
+import timm
 import torch
 
 from msmlp import benchmark
@@ -91,11 +92,22 @@ def test_cli_dispatches_to_the_benchmark(capsys):
     assert list(rows) == ['msmlp_tiny (fast)']
 
 
-def test_executed_gmacs_count_the_zero_taps_of_the_convs_the_fast_path_runs():
-    args = benchmark.parse_args(['--batch-size', '1'])
+def executed_minus_counted(batch_size: int) -> float:
+    args = benchmark.parse_args(['--batch-size', str(batch_size)])
     row = benchmark.build_rows(args)[0]
     benchmark.count_both_gmacs(row, args, torch.device('cpu'))
-    # msmlp_tiny pads only its 1x1 kernels, into the 3x3 conv they share: stage 0 groups 0-1
-    # (20 channels each, 56x56) and stage 1 group 0 (39 channels, 28x28); 3 blocks, 2 branches.
-    zero_taps = 3 * 2 * (56 * 56 * 2 * 20 + 28 * 28 * 39) * (3 * 3 - 1)
-    assert row.executed_gmacs - row.gmacs == pytest.approx(zero_taps / 1e9, rel=1e-9)
+    return row.executed_gmacs - row.gmacs
+
+
+def test_executed_gmacs_count_the_zero_taps_of_the_convs_the_fast_path_runs():
+    # At batch 16 msmlp_tiny pads only its 1x1 kernels, into the 3x3 conv they share: stage 0
+    # groups 0-1 (20 channels each, 56x56) and stage 1 group 0 (39 channels, 28x28); 3 blocks, 2 branches.
+    stage_0 = 3 * 2 * 56 * 56 * 2 * 20 * (3 * 3 - 1)
+    assert executed_minus_counted(16) == pytest.approx((stage_0 + 3 * 2 * 28 * 28 * 39 * 8) / 1e9, rel=1e-9)
+    # A single image runs stages 1-3 (28x28 and smaller) as one 7x7 conv of all groups.
+    one_run = 0
+    model = timm.create_model('msmlp_tiny')
+    for stage, size in ((1, 28), (2, 14), (3, 7)):
+        for block in model.layers[stage].blocks:
+            one_run += 2 * size * size * sum(c * (49 - k * k) for c, k in zip(block.group_sizes, block.mix_size))
+    assert executed_minus_counted(1) == pytest.approx((stage_0 + one_run) / 1e9, rel=1e-9)

@@ -83,6 +83,20 @@ def test_block_matches_reference_for_every_variant_stage(dim, stage):
     assert_paths_agree(block, torch.randn(2, dim, 7, 9))
 
 
+@pytest.mark.parametrize('dim, stage', STAGES, ids=[f'{d}ch-stage{s}' for d, s in STAGES])
+def test_a_single_small_map_takes_one_run_and_agrees(dim, stage):
+    """Batch 1 up to 28x28 pixels: all groups in one conv and one gathered roll (with fewer
+    rows than the hidden width, the inference path scales by gamma instead of folding it)."""
+    torch.manual_seed(dim)
+    block = randomize(MSMLPBlock(dim, MIX_SIZES[stage]))
+    kernels = block.mix_size
+    runs = mixing.mix_runs(1, 7, 9, 'cpu', block.group_sizes, kernels)
+    assert runs == (mixing.Run(0, dim, max(kernels), slice(0, 5)),)
+    assert len(mixing.mix_runs(2, 7, 9, 'cpu', block.group_sizes, kernels)) == len(mixing.kernel_runs(
+        block.group_sizes, kernels)) == len(mixing.mix_runs(1, 29, 28, 'cpu', block.group_sizes, kernels))
+    assert_paths_agree(block, torch.randn(1, dim, 7, 9))
+
+
 @pytest.mark.parametrize('size', [(1, 1), (1, 2), (2, 5), (3, 3), (6, 1)])
 def test_rolls_wrap_like_torch_roll_when_the_map_is_smaller_than_the_shift(size):
     torch.manual_seed(0)
