@@ -530,10 +530,10 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
             p.requires_grad for p in (block.norm.weight, block.pwconv1.weight, block.pwconv2.weight, block.gamma)))
         if not (needs_grad or scale is not None):
             if n * h * w < hidden_width:  # scaling so few rows costs less than folding gamma into pwconv2
-                out = _mlp_inference(*inputs, block.pwconv2.weight, block.pwconv2.bias, block.norm.eps, rows,
-                                     gamma=block.gamma)
+                (w2, b2), gamma = (block.pwconv2.weight, block.pwconv2.bias), block.gamma
             else:
-                out = _mlp_inference(*inputs, *_folded_pwconv2(block), block.norm.eps, rows)
+                (w2, b2), gamma = _folded_pwconv2(block), None
+            out = _mlp_inference(*inputs, w2, b2, block.norm.eps, rows, gamma=gamma)
             return out.view(n, h, w, c).permute(0, 3, 1, 2)
         if not torch.is_autocast_enabled('cpu'):  # autocast training takes the plain operations
             out = _ChannelMLP.apply(inputs[0], inputs[1], scale, *inputs[2:], *_folded_pwconv2(block),

@@ -77,6 +77,14 @@ if triton is not None:
         return tl.where(index >= size, index - size, index)
 
     @triton.jit
+    def _tap(tap, RADIUS: tl.constexpr, radius, c_in):
+        """Tap ``tap`` of the largest window (row-major): its offsets ``(di, dj)`` and the
+        channels whose own kernel holds it."""
+        di = tap // (2 * RADIUS + 1) - RADIUS
+        dj = tap % (2 * RADIUS + 1) - RADIUS
+        return di, dj, c_in & (radius >= di) & (radius >= -di) & (radius >= dj) & (radius >= -dj)
+
+    @triton.jit
     def _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c):
         """Offsets in an image and masks of tap ``(di, dj)``'s sources, lr then td: the zero
         padding lies around the rolled map, so bounds are checked before the roll."""
@@ -121,9 +129,7 @@ if triton is not None:
         image = n.to(tl.int64) * H * W * C
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         for tap in range(K * K):  # a loop, not unrolled: unrolled, the GPU compile takes minutes
-            di = tap // K - RADIUS
-            dj = tap % K - RADIUS
-            tap_in = c_in & (radius >= di) & (radius >= -di) & (radius >= dj) & (radius >= -dj)
+            di, dj, tap_in = _tap(tap, RADIUS, radius, c_in)
             w_lr = tl.load(weight_ptr + tap * C + c, mask=tap_in, other=0.)
             w_td = tl.load(weight_ptr + (K * K + tap) * C + c, mask=tap_in, other=0.)
             if ADJOINT:
@@ -168,9 +174,7 @@ if triton is not None:
             grad = tl.load(grad_ptr + p.to(tl.int64)[:, None] * C + c[None, :],
                            mask=p_in[:, None] & c_in[None, :], other=0.).to(tl.float32)
             for tap in range(K * K):
-                di = tap // K - RADIUS
-                dj = tap % K - RADIUS
-                tap_in = c_in & (radius >= di) & (radius >= -di) & (radius >= dj) & (radius >= -dj)
+                di, dj, tap_in = _tap(tap, RADIUS, radius, c_in)
                 lr, lr_in, td, td_in = _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
                 mask = p_in[:, None] & tap_in[None, :]
                 x_lr = tl.load(x_ptr + image + lr, mask=mask & lr_in, other=0.).to(tl.float32)
