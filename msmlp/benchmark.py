@@ -225,7 +225,10 @@ def measure_peak_mb(step: Callable[[], None], device: torch.device) -> float:
 def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -> None:
     """The model's GMACs (an MS-MLP's counted on its reference path) and, for the eager fast
     path, those it executes: the kernels of groups sharing a conv are zero-padded to the
-    largest among them (``mix_runs``). Compiled, both paths run the released operations."""
+    largest among them (``mix_runs``), and a narrower last group is convolved over the width of
+    the others (``mixing._run_rows``); the CPU kernel (float32 inference) pads none. Compiled,
+    both paths run the released operations."""
+    from msmlp import cpu_kernel
     from msmlp.mixing import mix_runs
     from msmlp.msswin import MSSwinBlock
     owner = mix_owner(row.model)
@@ -242,7 +245,8 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
         h, w = x.shape[1:3] if isinstance(block, MSSwinBlock) else x.shape[2:]
         sizes, kernels = block.group_sizes, block.mix_size
         runs = mix_runs(args.batch_size, h, w, x.device.type, sizes, kernels)
-        zero_taps.append(2 * h * w * sum(sizes[g] * (run.kernel ** 2 - kernels[g] ** 2)
+        # each group fills a slot of sizes[0] channels (the last, narrower group with zero kernels)
+        zero_taps.append(2 * h * w * sum(sizes[0] * run.kernel ** 2 - sizes[g] * kernels[g] ** 2
                                          for run in runs for g in range(run.groups.start, run.groups.stop)))
 
     hooks = [m.register_forward_pre_hook(count_zero_taps) for m in owner.modules() if hasattr(m, 'mix_size')]
@@ -253,7 +257,9 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
         owner.set_mix_impl(impl)
         for hook in hooks:
             hook.remove()
-    padded = impl == 'fast' and not args.compile
+    # the CPU kernel (float32 inference) runs every group at its own kernel size
+    kernel = not args.train and device.type == 'cpu' and args.precision == 'fp32' and cpu_kernel.available()
+    padded = impl == 'fast' and not args.compile and not kernel
     row.executed_gmacs = row.gmacs + (sum(zero_taps) / 1e9 if padded else 0.)
 
 

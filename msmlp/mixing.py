@@ -1,4 +1,4 @@
-"""Shift-mix token mixing of an MS-MLP block, in two implementations of one function.
+"""Shift-mix token mixing of an MS-MLP block, in several implementations of one function.
 
 The released block splits channels into five groups with ``torch.chunk``, rolls group g
 circularly by ``shift_dist[g]`` along W (branch ``lr``) and along H (branch ``td``),
@@ -8,16 +8,19 @@ residual add. ``reference`` does exactly that, in NCHW, as released: ten rolls, 
 convs, two concatenations and two permute copies per block. ``fast`` computes the same
 function channels-last (NHWC) in a few large operations:
 
+* Mixer for inference on the CPU in float32: one C++ pass over the map (``cpu_kernel``,
+  ``csrc/shift_mix.cpp``): both branches' rolls read in place, each group at its own kernel
+  size, one write. Where that kernel is not built, and for training and autocast:
 * Mixer (``_ShiftMix``): run by run (consecutive groups sharing a kernel size, 1x1 kernels
-  joining 3x3 ones), the run's rolled copies of both branches are written side by side (on
-  the CPU as two slice copies per group and branch, on a GPU as one gather with a
-  precomputed index; a roll moves values, so the circular wrap is exact), one depthwise
-  conv applies the groups' kernels zero-padded (centred) to the run's largest (the zero
-  taps add exact zeros), and the halves are added into the run's channels of the output
-  (a single image's small maps on the CPU: all groups as one run, rolled by one gather,
-  ``ONE_RUN_MAX_PIXELS``). Its backward is one ``convolution_backward`` per run and
-  the inverse rolls; the weight gradients of large kernels on small maps are batched
-  matrix products (oneDNN's 5x5/7x7 depthwise weight gradient is slow there).
+  joining 3x3 ones; a single image's small maps on the CPU: all groups as one run,
+  ``ONE_RUN_MAX_PIXELS``), one gather of channel rows writes the run's rolled copies of both
+  branches side by side (``_run_rows``: a row per pixel, branch and group, as wide as the
+  first group; a roll moves values, so the circular wrap is exact), one depthwise conv applies
+  the groups' kernels zero-padded (centred) to the run's largest (the zero taps add exact
+  zeros), and the halves are added into the run's channels of the output. Its backward is one
+  ``convolution_backward`` per run and the inverse rolls as one more gather; the weight
+  gradients of large kernels on small maps are batched matrix products (oneDNN's 5x5/7x7
+  depthwise weight gradient is slow there).
 * Channel MLP: on the same NHWC rows, no permute copies, the layer scale folded into
   ``pwconv2`` (``gamma * (W h + b) == (gamma W) h + gamma b``; for inference on fewer rows
   than the hidden width the output is scaled instead, which costs less than the fold). On the CPU it runs in
@@ -46,6 +49,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from . import cpu_kernel
 
 if TYPE_CHECKING:
     from .model import MSMLPBlock
@@ -87,9 +92,8 @@ def kernel_runs(sizes: Tuple[int, ...], kernels: Tuple[int, ...]) -> Tuple[Run, 
 
 
 # Single images up to this many pixels per map, on the CPU: all groups as one run (every kernel
-# embedded in the largest) rolled by one gather. There per-operation overhead outweighs the zero
-# taps (measured at batch 1 on stages 1-3 of msmlp_tiny: the mixer 1.4-2.7x faster); at larger
-# batches or maps the runs of slice copies are faster.
+# embedded in the largest). There per-operation overhead outweighs the zero taps (measured at
+# batch 1 on stages 1-3 of msmlp_tiny); at larger batches or maps the runs are faster.
 ONE_RUN_MAX_PIXELS = 28 * 28
 
 
@@ -106,100 +110,65 @@ def mix_runs(batch: int, height: int, width: int, device_type: str, sizes: Tuple
     return kernel_runs(sizes, kernels)
 
 
-def _roll_into(dst: torch.Tensor, src: torch.Tensor, shift: int, dim: int, accumulate: bool = False) -> None:
-    """``dst = torch.roll(src, shift, dim)`` (or ``+=``) as two slice copies, for strided views."""
-    length = src.shape[dim]
-    k = shift % length
-    for target, source in ((dst.narrow(dim, k, length - k), src.narrow(dim, 0, length - k)),
-                           (dst.narrow(dim, 0, k), src.narrow(dim, length - k, k))):
-        if target.numel():
-            target.add_(source) if accumulate else target.copy_(source)
-
-
-# NHWC dimensions the two branches roll along: lr along W, td along H
-BRANCH_DIMS = (2, 1)
-
-
-class RunIndex(NamedTuple):
-    forward: torch.Tensor      # flat source in x of the run's [lr | td] rolled copy (H*W*2c entries)
-    backward_lr: torch.Tensor  # flat source in that copy of each x entry's lr image (H*W*c entries)
-    backward_td: torch.Tensor
+# ----- fast: the rolls as gathers of channel rows --------------------------------------------
+# torch.chunk makes every group but the last ``sizes[0]`` channels wide, so a run's rolled copy
+# is gathered in rows of that width (the "slots"): per pixel, branch and group one row, copied
+# whole by index_select (5-6x faster than gathering single values). The last group's slot, when
+# that group is narrower, starts before its channels: its first ``junk`` channels repeat the
+# previous group's, get zero kernels, and are dropped from the output and the gradients.
+class RunRows(NamedTuple):
+    forward: torch.Tensor   # rows of x forming the run's rolled pair: (N, H, W, [lr, td], group)
+    slots: torch.Tensor     # rows of an (N, H, W, C) map in the pair's layout, unrolled
+    backward: torch.Tensor  # rows of the pair giving each slot its lr and td images' gradients
 
 
 @functools.lru_cache(maxsize=64)
-def _run_index(height: int, width: int, sizes: Tuple[int, ...], shifts: Tuple[int, ...], start: int, end: int,
-               device: torch.device) -> RunIndex:
-    """The rolls of one run's channels of an NHWC map as gather indices (cached for a few sizes)."""
-    channels = sum(sizes)
-    shift = torch.repeat_interleave(torch.tensor(shifts), torch.tensor(sizes))[start:end]  # per channel
+def _run_rows(batch: int, height: int, width: int, sizes: Tuple[int, ...], shifts: Tuple[int, ...],
+              first: int, stop: int, device: torch.device) -> RunRows:
+    """Row indices of the rolls of groups ``first..stop-1`` on an (N, H, W, C) map."""
+    channels, slot = sum(sizes), sizes[0]
+    ends = torch.tensor(sizes).cumsum(0)[first:stop]
+    shift = torch.tensor(shifts[first:stop])
+    n = torch.arange(batch)[:, None, None, None]
     h = torch.arange(height)[:, None, None]
-    w = torch.arange(width)[None, :, None]
-    c = torch.arange(start, end)
-    row, col = width * channels, channels
-    # lr[h, w, c] = x[h, w - s, c] and td[h, w, c] = x[h - s, w, c], circularly (torch.roll)
-    forward = torch.cat((h * row + (w - shift) % width * col + c, (h - shift) % height * row + w * col + c), -1)
-    half = end - start
-    pair_row, pair_col, j = width * 2 * half, 2 * half, c - start
-    backward_lr = h * pair_row + (w + shift) % width * pair_col + j
-    backward_td = (h + shift) % height * pair_row + w * pair_col + half + j
-    dtype = torch.int32 if height * width * channels * 2 < 2 ** 31 else torch.int64
-    return RunIndex(*(index.flatten().to(device, dtype) for index in (forward, backward_lr, backward_td)))
+    w = torch.arange(width)[:, None]
+    groups = torch.arange(stop - first)
+
+    def x_row(hh, ww):  # the slot rows of pixel (hh, ww), a start every ``slot`` channels at most
+        return ((n * height + hh) * width + ww) * channels + ends - slot
+
+    def pair_row(hh, ww, branch):  # rows of the (N, H, W, 2, groups, slot) pair
+        return (((n * height + hh) * width + ww) * 2 + branch) * len(groups) + groups
+
+    # lr[h, w] = x[h, w - s] and td[h, w] = x[h - s, w], circularly (torch.roll)
+    forward = torch.stack((x_row(h, (w - shift) % width), x_row((h - shift) % height, w)), -2)
+    slots = x_row(h, w).unsqueeze(-2).expand(forward.shape)
+    backward = torch.stack((pair_row(h, (w + shift) % width, 0), pair_row((h + shift) % height, w, 1)), -2)
+    dtype = torch.int32 if batch * height * width * channels < 2 ** 31 else torch.int64
+    return RunRows(*(index.flatten().to(device, dtype) for index in (forward, slots, backward)))
 
 
-def _gathers(x: torch.Tensor) -> bool:
-    """Whether rolls run as one gather (off the CPU, and for the one run of a single small
-    map) rather than as slice copies."""
-    return x.device.type != 'cpu' or _one_run(*x.shape[:3], x.device.type)
+def _rows(x: torch.Tensor, slot: int) -> torch.Tensor:
+    """Every ``slot`` consecutive values of a contiguous map as a row: (numel - slot + 1, slot)."""
+    return x.view(-1).unfold(0, slot, 1)
 
 
-def _group_branches(run: Run, sizes: Tuple[int, ...]):
-    """Per group of the run and per branch: ``(group, branch, channels in x, channels in the
-    run's [lr | td] copy, the NHWC dimension the branch rolls along)``."""
-    half = run.end - run.start
-    for g in range(run.groups.start, run.groups.stop):
-        start = sum(sizes[:g])
-        for branch, dim in enumerate(BRANCH_DIMS):
-            offset = start - run.start + branch * half
-            yield g, branch, slice(start, start + sizes[g]), slice(offset, offset + sizes[g]), dim
+def _slot_pieces(run: Run, sizes: Tuple[int, ...]) -> Tuple[Tuple[slice, slice], ...]:
+    """``(channels of one half of the pair, channels of x)`` that correspond, junk left out."""
+    slot = sizes[0]
+    half = slot * (run.groups.stop - run.groups.start)
+    junk = half - (run.end - run.start)  # only the last group can be narrower
+    if not junk:
+        return ((slice(0, half), slice(run.start, run.end)),)
+    lead = half - slot
+    pieces = ((slice(0, lead), slice(run.start, run.start + lead)),) if lead else ()
+    return pieces + ((slice(lead + junk, half), slice(run.start + lead, run.end)),)
 
 
-def _rolled_pair(x: torch.Tensor, run: Run, sizes: Tuple[int, ...], shifts: Tuple[int, ...]) -> torch.Tensor:
-    """The run's channels of ``x`` rolled per group, lr then td: ``(N, H, W, 2 c)``.
-
-    On the CPU as slice copies (no index to read; faster there), elsewhere as one gather (one
-    kernel launch, where a dozen small copies would be launch-bound)."""
-    n, h, w, _ = x.shape
-    half = run.end - run.start
-    if _gathers(x):
-        index = _run_index(h, w, sizes, shifts, run.start, run.end, x.device)
-        return _gather(x, index.forward).view(n, h, w, 2 * half)
-    pair = x.new_empty(n, h, w, 2 * half)
-    for g, _, channels, in_pair, dim in _group_branches(run, sizes):
-        _roll_into(pair[..., in_pair], x[..., channels], shifts[g], dim)
-    return pair
-
-
-def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Each image's entries of ``x`` at the flat ``index`` (a single image as one flat gather,
-    faster on the CPU)."""
-    if x.shape[0] == 1 and x.is_contiguous():
-        return x.view(-1).index_select(0, index)
-    return x.reshape(x.shape[0], -1).index_select(1, index)
-
-
-def _unroll_pair_into(grad_x: torch.Tensor, grad_pair: torch.Tensor, run: Run, sizes: Tuple[int, ...],
-                      shifts: Tuple[int, ...]) -> None:
-    """The adjoint of ``_rolled_pair``: the inverse rolls of both branches, summed into the
-    run's channels of ``grad_x``."""
-    n, h, w, _ = grad_x.shape
-    half = run.end - run.start
-    if _gathers(grad_x):
-        index = _run_index(h, w, sizes, shifts, run.start, run.end, grad_x.device)
-        torch.add(_gather(grad_pair, index.backward_lr).view(n, h, w, half),
-                  _gather(grad_pair, index.backward_td).view(n, h, w, half), out=grad_x[..., run.start:run.end])
-        return
-    for g, branch, channels, in_pair, dim in _group_branches(run, sizes):
-        _roll_into(grad_x[..., channels], grad_pair[..., in_pair], -shifts[g], dim, accumulate=branch > 0)
+def _add_halves_into(out: torch.Tensor, lr: torch.Tensor, td: torch.Tensor, run: Run, sizes) -> None:
+    """``out[..., run's channels] = lr + td`` from the pair's layout."""
+    for in_pair, channels in _slot_pieces(run, sizes):
+        torch.add(lr[..., in_pair], td[..., in_pair], out=out[..., channels])
 
 
 # ----- fast: the mixer -----------------------------------------------------------------------
@@ -209,83 +178,156 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias, kernel: int) -> torc
     return out.permute(0, 2, 3, 1)
 
 
-def _embed(weights: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """Per-group depthwise kernels, each zero-padded (centred) to ``size`` x ``size``, stacked."""
-    return torch.cat([w if w.shape[-1] == size else F.pad(w, [(size - w.shape[-1]) // 2] * 4) for w in weights])
+class MixParams(NamedTuple):
+    """The block's depthwise parameters, per branch and group."""
+    lr_weights: Tuple[torch.Tensor, ...]
+    lr_biases: Tuple[torch.Tensor, ...]
+    td_weights: Tuple[torch.Tensor, ...]
+    td_biases: Tuple[torch.Tensor, ...]
+
+    @classmethod
+    def of(cls, block: 'MSMLPBlock') -> 'MixParams':
+        lr, td = block.dwconv_lr, block.dwconv_td
+        return cls(*(tuple(getattr(conv, name) for conv in convs)
+                     for convs in (lr, td) for name in ('weight', 'bias')))
+
+    def flat(self) -> torch.Tensor:
+        """Every value, in field order, then a zero."""
+        return torch.cat([t.view(-1) for part in self for t in part] + [self.lr_biases[0].new_zeros(1)])
 
 
-def _shift_mix(x: torch.Tensor, block: 'MSMLPBlock', params: Sequence[torch.Tensor]):
-    """The fast mixer's forward (see ``_ShiftMix``): the output, the runs, and each run's
-    rolled pair and embedded kernels (what the backward needs)."""
+@functools.lru_cache(maxsize=None)
+def _slot_kernel_index(sizes: Tuple[int, ...], kernels: Tuple[int, ...], first: int, stop: int, k: int,
+                       device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where each value of the run's slot kernels (and biases) sits in ``MixParams.flat``: the
+    groups' kernels centred in ``k`` x ``k``, zero (the last index) around them and for junk."""
+    taps = [size * kernel * kernel for size, kernel in zip(sizes, kernels)]
+    weight_starts = torch.tensor([0] + taps).cumsum(0)  # lr weights, lr biases, td weights, td biases
+    bias_starts = weight_starts[-1] + torch.tensor([0] + list(sizes)).cumsum(0)
+    branch = int(bias_starts[-1])
+    zero = 2 * branch
+    weights, biases = [], []
+    for b in range(2):
+        for g in range(first, stop):
+            junk, kernel, pad = sizes[0] - sizes[g], kernels[g], (k - kernels[g]) // 2
+            grid = torch.full((sizes[0], k, k), zero)
+            grid[junk:, pad:pad + kernel, pad:pad + kernel] = b * branch + weight_starts[g] + torch.arange(
+                taps[g]).view(sizes[g], kernel, kernel)
+            weights.append(grid.flatten())
+            biases.append(torch.cat((torch.full((junk,), zero), b * branch + bias_starts[g] + torch.arange(sizes[g]))))
+    return torch.cat(weights).to(device), torch.cat(biases).to(device)
+
+
+def _gathers_kernels(run: Run, kernels: Tuple[int, ...]) -> bool:
+    """Whether the run's kernels are gathered from ``MixParams.flat`` (two gathers) rather than
+    padded one by one: where more than one group's kernel needs padding (measured on msmlp_tiny)."""
+    return sum(kernels[g] < run.kernel for g in range(run.groups.start, run.groups.stop)) > 1
+
+
+def _slot_kernels(params: MixParams, flat, run: Run, sizes: Tuple[int, ...],
+                  kernels: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The run's kernels in the pair's layout, each zero-padded (centred) to the run's kernel,
+    zero for junk channels; and the biases. ``flat`` is ``params.flat()`` where the run
+    ``_gathers_kernels``."""
+    k = run.kernel
+    if flat is not None:
+        weight_index, bias_index = _slot_kernel_index(sizes, kernels, run.groups.start, run.groups.stop, k,
+                                                      flat.device)
+        return flat.index_select(0, weight_index).view(-1, 1, k, k), flat.index_select(0, bias_index)
+    weights, biases = [], []
+    for branch_weights, branch_biases in ((params.lr_weights, params.lr_biases),
+                                          (params.td_weights, params.td_biases)):
+        for g in range(run.groups.start, run.groups.stop):
+            weight, bias = branch_weights[g], branch_biases[g]
+            junk = sizes[0] - sizes[g]
+            if junk:
+                weights.append(weight.new_zeros(junk, 1, k, k))
+                biases.append(bias.new_zeros(junk))
+            pad = (k - kernels[g]) // 2
+            weights.append(F.pad(weight, [pad] * 4) if pad else weight)
+            biases.append(bias)
+    return torch.cat(weights), torch.cat(biases)
+
+
+def _shift_mix(x: torch.Tensor, block: 'MSMLPBlock', params: MixParams):
+    """The fast mixer's forward (see ``_ShiftMix``): the output, and each run's rolled pair and
+    kernels (what the backward needs)."""
     n, h, w, c = x.shape
     sizes, shifts = block.group_sizes, block.shift_dist
-    lr_weights, lr_biases = params[0:len(params) // 2:2], params[1:len(params) // 2:2]
-    td_weights, td_biases = params[len(params) // 2::2], params[len(params) // 2 + 1::2]
-    runs = mix_runs(n, h, w, x.device.type, sizes, block.mix_size)
+    rows = _rows(x, sizes[0])
+    flat = None
     out = None
     pairs, weights = [], []
-    for run in runs:
-        groups, half = run.groups, run.end - run.start
-        pair = _rolled_pair(x, run, sizes, shifts)
-        weight = _embed(lr_weights[groups] + td_weights[groups], run.kernel)
-        mixed = _depthwise(pair, weight, torch.cat(lr_biases[groups] + td_biases[groups]), run.kernel)
+    for run in mix_runs(n, h, w, x.device.type, sizes, block.mix_size):
+        index = _run_rows(n, h, w, sizes, shifts, run.groups.start, run.groups.stop, x.device).forward
+        pair = rows.index_select(0, index).view(n, h, w, -1)
+        gathers = _gathers_kernels(run, block.mix_size)
+        if gathers and flat is None:
+            flat = params.flat()
+        weight, bias = _slot_kernels(params, flat if gathers else None, run, sizes, block.mix_size)
+        mixed = _depthwise(pair, weight, bias, run.kernel)
         if out is None:
             out = mixed.new_empty(n, h, w, c)  # autocast may have run the conv in another dtype
-        torch.add(mixed[..., :half], mixed[..., half:], out=out[..., run.start:run.end])
+        half = pair.shape[-1] // 2
+        _add_halves_into(out, mixed[..., :half], mixed[..., half:], run, sizes)
         pairs.append(pair)
         weights.append(weight)
-    return out, runs, pairs, weights
+    return out, pairs, weights
 
 
 class _ShiftMix(torch.autograd.Function):
     """The fast token mixer of a contiguous NHWC map.
 
-    Forward, run by run (groups sharing a kernel size): ``_rolled_pair`` writes the run's
-    rolled copies of both branches side by side (``[lr | td]``), one depthwise conv applies the
-    groups' kernels embedded in the run's largest, and the halves are added into the run's
-    channels of the output. Each run's tensors stay small (below glibc's mmap threshold at
-    batch 16 and 224x224, so they are reused rather than freshly mapped and faulted in).
-    Backward, per run: one ``convolution_backward`` for the input and weight gradients
-    (batched matrix products for large kernels on small maps, see ``_toeplitz_weight_grad``),
-    then the inverse rolls (``_unroll_pair_into``).
+    Forward, run by run (groups sharing a kernel size): one gather of channel rows writes the
+    run's rolled copies of both branches side by side (``[lr | td]``, see ``_run_rows``), one
+    depthwise conv applies the groups' kernels embedded in the run's largest, and the halves
+    are added into the run's channels of the output. Backward, per run: the output gradient
+    gathered into the pair's layout, one ``convolution_backward`` for the input and weight
+    gradients (batched matrix products for large kernels on small maps, see
+    ``_toeplitz_weight_grad``), then the inverse rolls as one more gather.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, block: 'MSMLPBlock', *params: torch.Tensor) -> torch.Tensor:
-        out, runs, pairs, weights = _shift_mix(x, block, params)
-        ctx.runs, ctx.sizes, ctx.shifts, ctx.kernels = runs, block.group_sizes, block.shift_dist, block.mix_size
+        out, pairs, weights = _shift_mix(x, block, MixParams(*(params[i::4] for i in range(4))))
+        ctx.block_args = block.group_sizes, block.shift_dist, block.mix_size
         ctx.save_for_backward(*pairs, *weights)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        runs, sizes, shifts, kernels = ctx.runs, ctx.sizes, ctx.shifts, ctx.kernels
+        sizes, shifts, kernels = ctx.block_args
         saved = [t.to(grad.dtype) for t in ctx.saved_tensors]  # autocast ran the convs in grad's dtype
-        pairs, weights = saved[:len(runs)], saved[len(runs):]
+        pairs, weights = saved[:len(saved) // 2], saved[len(saved) // 2:]
         need_x, need_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:])
         grad = grad.contiguous()
+        n, h, w, _ = grad.shape
+        grad_rows = _rows(grad, sizes[0])
         grad_x = torch.empty_like(grad) if need_x else None
         grad_weight: List[List[torch.Tensor]] = [[], []]
+        runs = mix_runs(n, h, w, grad.device.type, sizes, kernels)
         for run, pair, weight in zip(runs, pairs, weights):
-            half = run.end - run.start
-            run_grad = grad[..., run.start:run.end]
-            both = torch.cat((run_grad, run_grad), dim=-1)  # d(lr + td)/d lr and /d td
+            index = _run_rows(n, h, w, sizes, shifts, run.groups.start, run.groups.stop, grad.device)
+            half = pair.shape[-1] // 2
+            both = grad_rows.index_select(0, index.slots).view(pair.shape)  # d(lr + td)/d lr and /d td
             toeplitz = need_params and _toeplitz_suits(grad, run.kernel)
             grad_pair, run_weight_grad = _depthwise_backward(both, pair, weight, run.kernel, need_x,
                                                              need_params and not toeplitz)
             if toeplitz:
-                run_weight_grad = _toeplitz_weight_grad(pair[..., :half], pair[..., half:], run_grad, run.kernel)
+                run_weight_grad = _toeplitz_weight_grad(pair[..., :half], pair[..., half:], both[..., :half],
+                                                        run.kernel)
             if need_x:
-                _unroll_pair_into(grad_x, grad_pair, run, sizes, shifts)
+                unrolled = grad_pair.reshape(-1, sizes[0]).index_select(0, index.backward).view(n, h, w, 2, half)
+                _add_halves_into(grad_x, unrolled[..., 0, :], unrolled[..., 1, :], run, sizes)
             if need_params:
                 _split_weight_grad(run_weight_grad.view(2, half, run.kernel, run.kernel), run, sizes, kernels,
                                    grad_weight)
         if not need_params:  # frozen mixer
             return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
         grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
-        return (grad_x, None, *[t for branch in range(2) for pair_grads in zip(grad_weight[branch], grad_bias)
-                                for t in pair_grads])
+        return (grad_x, None, *[t for g in range(len(sizes))
+                                for t in (grad_weight[0][g], grad_bias[g], grad_weight[1][g], grad_bias[g])])
 
 
 def _depthwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel: int,
@@ -301,11 +343,14 @@ def _depthwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 
 
 def _split_weight_grad(run_grad: torch.Tensor, run: Run, sizes, kernels, grad_weight) -> None:
-    """Append each group's weight gradient (cropped to its own kernel) per branch."""
-    for g, part in zip(range(run.groups.start, run.groups.stop), run_grad.split(sizes[run.groups], dim=1)):
+    """Append each group's weight gradient (its slot without junk, cropped to its own kernel)
+    per branch."""
+    slot = sizes[0]
+    for i, g in enumerate(range(run.groups.start, run.groups.stop)):
+        channels = slice((i + 1) * slot - sizes[g], (i + 1) * slot)
         crop = slice((run.kernel - kernels[g]) // 2, (run.kernel + kernels[g]) // 2)
         for branch in range(2):
-            grad_weight[branch].append(part[branch, :, None, crop, crop])
+            grad_weight[branch].append(run_grad[branch, channels, None, crop, crop])
 
 
 # On the CPU up to this width, the weight gradient of a 5x5 or larger depthwise kernel is
@@ -348,10 +393,13 @@ def mix_fast_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
     """The token mixer on a contiguous NHWC map; returns a contiguous NHWC map."""
     if torch.compiler.is_compiling():  # the compiler fuses the released rolls and concatenations itself
         return mix_reference(x.permute(0, 3, 1, 2), block).permute(0, 2, 3, 1)
-    params = [t for convs in (block.dwconv_lr, block.dwconv_td) for conv in convs for t in (conv.weight, conv.bias)]
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
+    params = MixParams.of(block)
+    flat = [t for group in zip(*params) for t in group]  # per group: lr weight, lr bias, td weight, td bias
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in flat)):
+        if cpu_kernel.suits(x):  # inference on the CPU: one C++ pass (msmlp/cpu_kernel.py)
+            return cpu_kernel.shift_mix(x, *params, block.shift_dist)
         return _shift_mix(x, block, params)[0]  # nothing to differentiate: no autograd node
-    return _ShiftMix.apply(x, block, *params)
+    return _ShiftMix.apply(x, block, *flat)
 
 
 def mix_fast(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:

@@ -2,7 +2,7 @@
 # Idempotent set-up: creates .venv with torch, Lightning, timm and the OpenMMLab stack
 # (mmcv 2.1.0 built from source with its CPU ops, cached outside the repo) and ONNX export
 # (onnx, onnxscript, onnxruntime), then installs
-# this project in editable mode. A second run takes seconds.
+# this project in editable mode and builds its CPU mixer kernel. A second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,4 +50,7 @@ if ! "$VENV/bin/python" -c "import torch, torchvision, lightning, timm, mmengine
   $PIP install "mmdet==3.3.0" "mmsegmentation==1.2.2" shapely scipy terminaltables tqdm prettytable
   $PIP install -e . --no-deps
 fi
+# The fast path's CPU kernel (msmlp/cpu_kernel.py), built once per CPU model into $CACHE/kernels;
+# where it cannot be built the fast path runs its PyTorch operations.
+MSMLP_CACHE="$CACHE" "$VENV/bin/python" -c "from msmlp import cpu_kernel; cpu_kernel.main()" || true
 log "ready: $VENV ($("$VENV/bin/python" -c 'import torch, mmcv; print("torch", torch.__version__, "mmcv", mmcv.__version__)'))"

@@ -36,7 +36,7 @@ def test_inference_table_has_every_column_and_the_ratios(capsys):
     assert reference['x msmlp_tiny (reference)'] == '1.00' and rows['convnext_tiny']['x convnext_tiny'] == '1.00'
     assert float(fast['images/s']) > 0 and float(fast['peak memory (MiB)']) > 100  # the weights alone: 109 MiB
     assert 'inference, classifier, batch 1 at 32x32, fp32, eager' in out
-    assert 'the fast path executes' in out
+    assert 'the fast path executes' not in out  # the CPU kernel runs each group at its own kernel size
 
 
 def test_training_step_and_prefix_names(capsys):
@@ -44,6 +44,7 @@ def test_training_step_and_prefix_names(capsys):
     out = capsys.readouterr().out
     _, rows = table_rows(out)
     assert 'training step (forward, backward, AdamW)' in out
+    assert 'the fast path executes' in out  # training pads small kernels into the conv of their run
     assert 'swin_tiny_patch4_window7_224' in rows  # the prefix resolved to a timm model
     assert rows['msmlp_tiny (fast)']['peak memory (MiB)'] == '-'
 
@@ -92,22 +93,34 @@ def test_cli_dispatches_to_the_benchmark(capsys):
     assert list(rows) == ['msmlp_tiny (fast)']
 
 
-def executed_minus_counted(batch_size: int) -> float:
-    args = benchmark.parse_args(['--batch-size', str(batch_size)])
+def executed_minus_counted(batch_size: int, *flags: str) -> float:
+    args = benchmark.parse_args(['--batch-size', str(batch_size), *flags])
     row = benchmark.build_rows(args)[0]
     benchmark.count_both_gmacs(row, args, torch.device('cpu'))
     return row.executed_gmacs - row.gmacs
 
 
 def test_executed_gmacs_count_the_zero_taps_of_the_convs_the_fast_path_runs():
-    # At batch 16 msmlp_tiny pads only its 1x1 kernels, into the 3x3 conv they share: stage 0
-    # groups 0-1 (20 channels each, 56x56) and stage 1 group 0 (39 channels, 28x28); 3 blocks, 2 branches.
-    stage_0 = 3 * 2 * 56 * 56 * 2 * 20 * (3 * 3 - 1)
-    assert executed_minus_counted(16) == pytest.approx((stage_0 + 3 * 2 * 28 * 28 * 39 * 8) / 1e9, rel=1e-9)
-    # A single image runs stages 1-3 (28x28 and smaller) as one 7x7 conv of all groups.
+    # Every group fills a slot as wide as the first group; the last group of msmlp_tiny's stages is
+    # narrower (16 of 20, 36 of 39, 76 of 77, 152 of 154 channels), its slot padded with zero kernels.
+    # At batch 16 msmlp_tiny pads its 1x1 kernels into the 3x3 conv they share: stage 0 groups 0-1
+    # (56x56) and stage 1 group 0 (28x28); and each stage's narrower last group. 3 blocks each, stage 2 9.
+    last_group = [(56, 20, 16, 7, 3), (28, 39, 36, 7, 3), (14, 77, 76, 7, 9), (7, 154, 152, 7, 3)]
+    narrower = sum(blocks * 2 * size * size * (slot - last) * k * k for size, slot, last, k, blocks in last_group)
+    padded_1x1 = 3 * 2 * 56 * 56 * 2 * 20 * (3 * 3 - 1) + 3 * 2 * 28 * 28 * 39 * (3 * 3 - 1)
+    assert executed_minus_counted(16, '--train') == pytest.approx((padded_1x1 + narrower) / 1e9, rel=1e-9)
+    # A single image runs stages 1-3 (28x28 and smaller) as one 7x7 conv of all groups' slots.
     one_run = 0
     model = timm.create_model('msmlp_tiny')
     for stage, size in ((1, 28), (2, 14), (3, 7)):
         for block in model.layers[stage].blocks:
-            one_run += 2 * size * size * sum(c * (49 - k * k) for c, k in zip(block.group_sizes, block.mix_size))
-    assert executed_minus_counted(1) == pytest.approx((stage_0 + one_run) / 1e9, rel=1e-9)
+            slot = block.group_sizes[0]
+            one_run += 2 * size * size * sum(slot * 49 - c * k * k for c, k in zip(block.group_sizes, block.mix_size))
+    stage_0 = 3 * 2 * 56 * 56 * (2 * 20 * (3 * 3 - 1) + (20 - 16) * 49)
+    assert executed_minus_counted(1, '--train') == pytest.approx((stage_0 + one_run) / 1e9, rel=1e-9)
+
+
+def test_inference_on_the_cpu_kernel_executes_what_is_counted(monkeypatch):
+    assert executed_minus_counted(16) == 0  # every group at its own kernel size
+    monkeypatch.setenv('MSMLP_CPU_KERNEL', '0')
+    assert executed_minus_counted(16) == executed_minus_counted(16, '--train') > 0

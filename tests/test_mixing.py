@@ -1,6 +1,8 @@
 """The fast block computes the released function: it agrees with the reference path (the
 released per-group rolls and convs) on outputs and gradients, for every variant's stage
 shapes, at odd and tiny sizes, with released weights, compiled and under bf16 autocast."""
+import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -65,8 +67,24 @@ def assert_paths_agree(module: torch.nn.Module, x: torch.Tensor, tol: float = 1e
     assert close(fast[1], ref[1], tol), 'input gradient'
     for name, g in ref[2].items():
         assert close(fast[2][name], g, tol), name
-    with torch.no_grad():  # the inference path (fused, chunked MLP) too
+    with torch.no_grad():  # the inference paths: the CPU kernel, and the PyTorch operations (fused, chunked MLP)
         assert close(run_no_grad(module, 'fast', x), ref[0], tol)
+        with without_cpu_kernel():
+            assert close(run_no_grad(module, 'fast', x), ref[0], tol)
+
+
+@contextlib.contextmanager
+def without_cpu_kernel():
+    """The fast path on its PyTorch operations (``MSMLP_CPU_KERNEL=0``)."""
+    before = os.environ.get('MSMLP_CPU_KERNEL')
+    os.environ['MSMLP_CPU_KERNEL'] = '0'
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ['MSMLP_CPU_KERNEL']
+        else:
+            os.environ['MSMLP_CPU_KERNEL'] = before
 
 
 def run_no_grad(module: torch.nn.Module, impl: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -104,12 +122,16 @@ def test_rolls_wrap_like_torch_roll_when_the_map_is_smaller_than_the_shift(size)
     assert_paths_agree(block, torch.randn(2, 96, *size))
 
 
-@pytest.mark.parametrize('size', [(7, 9), (1, 2), (3, 3)])
-def test_gathered_rolls_used_off_the_cpu_agree(monkeypatch, size):
-    monkeypatch.setattr(mixing, '_gathers', lambda x: True)  # the GPU's index_select rolls, here on the CPU
-    torch.manual_seed(0)
-    block = randomize(MSMLPBlock(96, MIX_SIZES[0]))
-    assert_paths_agree(block, torch.randn(2, 96, *size))
+@pytest.mark.parametrize('dim', [40, 21, 26])
+@pytest.mark.parametrize('batch', [1, 2])
+def test_channel_rows_with_and_without_a_narrower_last_group(dim, batch):
+    """Rolls gather rows of ``group_sizes[0]`` channels: 40 channels split evenly (no junk
+    channels), 21 leave one channel in the last group (four junk channels in its row), 26 two
+    fewer; one run (batch 1) and kernel runs (batch 2); maps smaller than the shifts too."""
+    torch.manual_seed(dim)
+    block = randomize(MSMLPBlock(dim, MIX_SIZES[0]))
+    for size in [(7, 9), (1, 2), (3, 3)]:
+        assert_paths_agree(block, torch.randn(batch, dim, *size))
 
 
 def test_wide_maps_take_the_library_weight_gradient_and_agree():

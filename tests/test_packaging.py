@@ -20,7 +20,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_wheel_holds_every_part(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = ['cli.py', 'msmlp/model.py', 'msmlp/msswin.py', 'tasks/loading.py', 'tasks/checkpointing.py', 'msmlp/checkpoint.py', 'msmlp/mm.py', 'tasks/classification.py',
+    expected = ['cli.py', 'msmlp/model.py', 'msmlp/msswin.py', 'msmlp/cpu_kernel.py', 'msmlp/csrc/shift_mix.cpp', 'tasks/loading.py', 'tasks/checkpointing.py', 'msmlp/checkpoint.py', 'msmlp/mm.py', 'tasks/classification.py',
                 'tasks/openmmlab.py', 'tasks/embedded/__init__.py', 'configs/cls/default.yaml',
                 'configs/cls/msmlp_tiny_in1k.yaml', 'configs/cls/msmlp_small_in1k.yaml',
                 'configs/cls/msmlp_base_in1k.yaml', 'configs/det/default.yaml', 'configs/seg/default.yaml',
