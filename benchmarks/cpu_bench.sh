@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The CPU tables of the README's Speed section (issue 5, point 3): msmlp_tiny's fast and
-# reference paths against timm models, fp32 batch 16 at 224x224 (inference and a training
-# step), the backbone at 1x3x800x1333, torch.compile and bf16 autocast; then the bound that
+# The CPU tables of docs/speed.md: msmlp_tiny's fast and reference paths against timm models,
+# fp32: single images at 224x224 (with and without the CPU mixer kernel; the classifier and the
+# backbone), batch 16 at 224x224 (inference and a training step), the backbone at 1x3x800x1333,
+# torch.compile and bf16 autocast at batch 16; then the bound that
 # the channel MLP alone sets (benchmarks/mixer_bound.py). Every table is measured in one
-# process; run it on an otherwise idle machine. About 15 minutes on 2 cores.
+# process; run it on an otherwise idle machine. About 20 minutes on 2 cores.
 #
 #   benchmarks/cpu_bench.sh            # tables appended to ${OUT:-.}/cpu_bench.md
 set -uo pipefail
@@ -17,6 +18,10 @@ bench() { "$python" -m msmlp.benchmark --output "$table" "$@" || status=1; }
   "$python" -c 'import torch, timm; print("torch", torch.__version__, "| timm", timm.__version__, "| threads", torch.get_num_threads())'
   echo
 } >>"$table"
+single=(--runs 30 --warmup 5 --steps-per-run 5)
+bench --model msmlp_tiny --batch-size 1 --img-size 224 "${single[@]}" --compare convnext_tiny
+MSMLP_CPU_KERNEL=0 bench --model msmlp_tiny --batch-size 1 --img-size 224 "${single[@]}" --compare convnext_tiny
+bench --model msmlp_tiny --batch-size 1 --img-size 224 --features-only "${single[@]}" --compare convnext_tiny
 bench --model msmlp_tiny --batch-size 16 --img-size 224 --compare convnext_tiny swin_tiny
 bench --model msmlp_tiny --batch-size 16 --img-size 224 --train --compare convnext_tiny swin_tiny
 bench --model msmlp_tiny --batch-size 1 --img-size 800x1333 --features-only --compare convnext_tiny

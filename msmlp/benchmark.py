@@ -215,8 +215,9 @@ def measure_peak_mb(step: Callable[[], None], device: torch.device) -> float:
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError:
         return math.nan
+    from msmlp.model import eager_when_watched
     tracker = MemTracker()
-    with tracker:
+    with eager_when_watched(), tracker:  # the fast path's own operations, not the released ones
         step()
     peaks = tracker.get_tracker_snapshot('peak')
     return max((v['Total'] for v in peaks.values()), default=math.nan) / 2 ** 20
@@ -325,7 +326,9 @@ def describe_setting(args: argparse.Namespace, device: torch.device) -> str:
     if device.type == 'cuda':
         machine = torch.cuda.get_device_name(device)
     else:
-        machine = f'{_cpu_name()}, {torch.get_num_threads()} threads'
+        from msmlp import cpu_kernel
+        kernel = 'on' if cpu_kernel.available() else 'off (MSMLP_CPU_KERNEL=0)' if not cpu_kernel.enabled() else 'off'
+        machine = f'{_cpu_name()}, {torch.get_num_threads()} threads, CPU mixer kernel {kernel}'
     return (f'{mode}, {what}, batch {args.batch_size} at {h}x{w}, {", ".join(extras)}; '
             f'median of {args.runs} runs after {args.warmup} warm-up steps; '
             f'{machine}; torch {torch.__version__}')

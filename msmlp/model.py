@@ -8,6 +8,8 @@ of timm and mmdet backbones (``out_indices``, a norm per returned stage,
 ``frozen_stages``, gradient checkpointing, ``feature_info``).
 """
 
+import contextlib
+import contextvars
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,12 +29,27 @@ SHIFT_DIST = (-2, -1, 0, 1, 2)
 MIX_SIZES = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
 
 
+_EAGER_WHEN_WATCHED = contextvars.ContextVar('msmlp_eager_when_watched', default=False)
+
+
+@contextlib.contextmanager
+def eager_when_watched():
+    """Run the eager paths under dispatch modes too: for a mode that watches the operations
+    actually run (a memory tracker), where by default the model runs the released ones."""
+    token = _EAGER_WHEN_WATCHED.set(True)
+    try:
+        yield
+    finally:
+        _EAGER_WHEN_WATCHED.reset(token)
+
+
 @torch.jit.unused
 def _watched() -> bool:
     """Whether the operations are traced (torch.fx, torch.jit.trace) or watched (a dispatch
-    mode: FLOP counting, fake tensors, torch.export)."""
+    mode: FLOP counting, fake tensors, torch.export; not inside ``eager_when_watched``)."""
     from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-    return is_in_torch_dispatch_mode() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    return ((is_in_torch_dispatch_mode() and not _EAGER_WHEN_WATCHED.get()) or torch.jit.is_tracing()
+            or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
 
 
 @torch.jit.unused

@@ -61,6 +61,21 @@ def test_backbone_features_at_a_detection_shape_in_bf16(capsys, tmp_path):
     assert output.read_text().strip() == out.strip()
 
 
+def test_peak_memory_is_measured_on_the_path_it_names(monkeypatch):
+    """The memory tracker is a dispatch mode, under which the model runs the released operations by
+    default (FLOP counting); the fast row's peak is measured on the fast path's own operations."""
+    from msmlp import cpu_kernel
+    calls = []
+    kernel = cpu_kernel.shift_mix
+    monkeypatch.setattr(cpu_kernel, 'shift_mix', lambda *args: calls.append(1) or kernel(*args))
+    args = benchmark.parse_args(['--batch-size', '1', '--img-size', '256', '--features-only', '--threads', '1'])
+    fast, reference = benchmark.build_rows(args)[:2]
+    device = torch.device('cpu')
+    peaks = [benchmark.measure_peak_mb(benchmark.make_step(row.model, args, device), device) for row in (fast, reference)]
+    assert calls  # the fast path ran under the tracker
+    assert peaks[0] < peaks[1]  # its mixer keeps no rolled copies of the map
+
+
 def test_a_model_that_cannot_run_the_setting_gets_a_failed_row(capsys, monkeypatch):
     real = benchmark.make_step
 
