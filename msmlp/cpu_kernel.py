@@ -137,7 +137,7 @@ def suits(x: torch.Tensor) -> bool:
     """Whether the kernel runs the mixer on ``x``: a float32 map on the CPU, outside autocast
     (which runs the mixer's convs in its lower precision), the kernel enabled and built."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
-            and enabled() and load() is not None)
+            and available())
 
 
 def shift_mix(x: torch.Tensor, lr_weights: Sequence[torch.Tensor], lr_biases: Sequence[torch.Tensor],

@@ -202,7 +202,8 @@ def _slot_kernel_index(sizes: Tuple[int, ...], kernels: Tuple[int, ...], first: 
     """Where each value of the run's slot kernels (and biases) sits in ``MixParams.flat``: the
     groups' kernels centred in ``k`` x ``k``, zero (the last index) around them and for junk."""
     taps = [size * kernel * kernel for size, kernel in zip(sizes, kernels)]
-    weight_starts = torch.tensor([0] + taps).cumsum(0)  # lr weights, lr biases, td weights, td biases
+    # flat holds the lr weights, the lr biases, then the td weights and biases at the same offsets + branch
+    weight_starts = torch.tensor([0] + taps).cumsum(0)
     bias_starts = weight_starts[-1] + torch.tensor([0] + list(sizes)).cumsum(0)
     branch = int(bias_starts[-1])
     zero = 2 * branch
@@ -227,10 +228,10 @@ def _gathers_kernels(run: Run, kernels: Tuple[int, ...]) -> bool:
 def _slot_kernels(params: MixParams, flat, run: Run, sizes: Tuple[int, ...],
                   kernels: Tuple[int, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The run's kernels in the pair's layout, each zero-padded (centred) to the run's kernel,
-    zero for junk channels; and the biases. ``flat`` is ``params.flat()`` where the run
-    ``_gathers_kernels``."""
+    zero for junk channels; and the biases. ``flat`` is ``params.flat()`` (computed once per
+    block) where any run ``_gathers_kernels``."""
     k = run.kernel
-    if flat is not None:
+    if _gathers_kernels(run, kernels):
         weight_index, bias_index = _slot_kernel_index(sizes, kernels, run.groups.start, run.groups.stop, k,
                                                       flat.device)
         return flat.index_select(0, weight_index).view(-1, 1, k, k), flat.index_select(0, bias_index)
@@ -255,16 +256,14 @@ def _shift_mix(x: torch.Tensor, block: 'MSMLPBlock', params: MixParams):
     n, h, w, c = x.shape
     sizes, shifts = block.group_sizes, block.shift_dist
     rows = _rows(x, sizes[0])
-    flat = None
+    runs = mix_runs(n, h, w, x.device.type, sizes, block.mix_size)
+    flat = params.flat() if any(_gathers_kernels(run, block.mix_size) for run in runs) else None
     out = None
     pairs, weights = [], []
-    for run in mix_runs(n, h, w, x.device.type, sizes, block.mix_size):
+    for run in runs:
         index = _run_rows(n, h, w, sizes, shifts, run.groups.start, run.groups.stop, x.device).forward
         pair = rows.index_select(0, index).view(n, h, w, -1)
-        gathers = _gathers_kernels(run, block.mix_size)
-        if gathers and flat is None:
-            flat = params.flat()
-        weight, bias = _slot_kernels(params, flat if gathers else None, run, sizes, block.mix_size)
+        weight, bias = _slot_kernels(params, flat, run, sizes, block.mix_size)
         mixed = _depthwise(pair, weight, bias, run.kernel)
         if out is None:
             out = mixed.new_empty(n, h, w, c)  # autocast may have run the conv in another dtype
@@ -394,12 +393,12 @@ def mix_fast_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
     if torch.compiler.is_compiling():  # the compiler fuses the released rolls and concatenations itself
         return mix_reference(x.permute(0, 3, 1, 2), block).permute(0, 2, 3, 1)
     params = MixParams.of(block)
-    flat = [t for group in zip(*params) for t in group]  # per group: lr weight, lr bias, td weight, td bias
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in flat)):
+    tensors = [t for group in zip(*params) for t in group]  # per group: lr weight, lr bias, td weight, td bias
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in tensors)):
         if cpu_kernel.suits(x):  # inference on the CPU: one C++ pass (msmlp/cpu_kernel.py)
             return cpu_kernel.shift_mix(x, *params, block.shift_dist)
         return _shift_mix(x, block, params)[0]  # nothing to differentiate: no autograd node
-    return _ShiftMix.apply(x, block, *flat)
+    return _ShiftMix.apply(x, block, *tensors)
 
 
 def mix_fast(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:

@@ -1,9 +1,9 @@
 """The fast block computes the released function: it agrees with the reference path (the
 released per-group rolls and convs) on outputs and gradients, for every variant's stage
 shapes, at odd and tiny sizes, with released weights, compiled and under bf16 autocast."""
-import contextlib
 import os
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -73,18 +73,9 @@ def assert_paths_agree(module: torch.nn.Module, x: torch.Tensor, tol: float = 1e
             assert close(run_no_grad(module, 'fast', x), ref[0], tol)
 
 
-@contextlib.contextmanager
 def without_cpu_kernel():
     """The fast path on its PyTorch operations (``MSMLP_CPU_KERNEL=0``)."""
-    before = os.environ.get('MSMLP_CPU_KERNEL')
-    os.environ['MSMLP_CPU_KERNEL'] = '0'
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ['MSMLP_CPU_KERNEL']
-        else:
-            os.environ['MSMLP_CPU_KERNEL'] = before
+    return mock.patch.dict(os.environ, MSMLP_CPU_KERNEL='0')
 
 
 def run_no_grad(module: torch.nn.Module, impl: str, x: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -41,11 +41,12 @@ struct Group {
   const int64_t* lr_cols;  // per output column w + j - p in [0, W): the lr source column's offset, times C
 };
 
-// Both branches' taps of kernel row `i` for output pixels [first, stop) of a row, every tap inside the map.
+// Both branches' taps of kernel row `i` for output pixels [first, stop) of a row, every tap inside
+// the map, kBlock pixels at a time with their sums in registers; returns where the whole blocks end.
 template <int kBlock>
-inline void interior_taps(Vec* acc, int64_t first, int64_t stop, int64_t k, int64_t p, int64_t channels,
-                          const float* lr_row, const float* td_row, const int64_t* lr_cols, const float* lr_taps,
-                          const float* td_taps, int64_t tap_stride) {
+inline int64_t interior_taps(Vec* acc, int64_t first, int64_t stop, int64_t k, int64_t p, int64_t channels,
+                             const float* lr_row, const float* td_row, const int64_t* lr_cols, const float* lr_taps,
+                             const float* td_taps, int64_t tap_stride) {
   int64_t w = first;
   for (; w + kBlock <= stop; w += kBlock) {
     Vec sum[kBlock];
@@ -59,15 +60,13 @@ inline void interior_taps(Vec* acc, int64_t first, int64_t stop, int64_t k, int6
     }
     for (int q = 0; q < kBlock; ++q) acc[w + q] = sum[q];
   }
-  for (; w < stop; ++w)
-    for (int64_t j = 0; j < k; ++j)
-      acc[w] += load(lr_taps + j * tap_stride) * load(lr_row + lr_cols[w + j - p]) +
-                load(td_taps + j * tap_stride) * load(td_row + (w + j - p) * channels);
+  return w;
 }
 
 // Sum of both branches for channels [c, c + kLanes) of `group` along one output row. Pixels whose
 // taps all fall inside the map accumulate every tap of a kernel row in registers, a few pixels at a
-// time; the border pixels tap by tap, over the range each tap stays inside the map.
+// time; the others (the border, and what is left of the inside) tap by tap, over the range each tap
+// stays inside the map.
 void mix_row_vectors(const float* image, float* out_row, int64_t height, int64_t width, int64_t channels, int64_t h,
                      const Group& group, int64_t c, const float* bias, std::vector<Vec>& acc) {
   const int64_t k = group.kernel, p = k / 2;
@@ -81,18 +80,19 @@ void mix_row_vectors(const float* image, float* out_row, int64_t height, int64_t
     const float* td_row = image + wrap(hh - group.shift, height) * width * channels + group.start + c;
     const float* lr_taps = group.lr + i * k * group.size + c;
     const float* td_taps = group.td + i * k * group.size + c;
-    interior_taps<4>(acc.data(), inner_first, inner_stop, k, p, channels, lr_row, td_row, group.lr_cols, lr_taps,
-                     td_taps, group.size);
+    const int64_t blocks_stop = interior_taps<4>(acc.data(), inner_first, inner_stop, k, p, channels, lr_row,
+                                                 td_row, group.lr_cols, lr_taps, td_taps, group.size);
     for (int64_t j = 0; j < k; ++j) {
       const Vec lr_tap = load(lr_taps + j * group.size), td_tap = load(td_taps + j * group.size);
       const int64_t first = std::max<int64_t>(0, p - j), stop = std::min(width, width + p - j);
       const int64_t* lr_cols = group.lr_cols + (j - p);
       const float* td_src = td_row + (j - p) * channels;
-      // the border: [first, inner_first) and [inner_stop, stop)
-      for (int64_t w = first; w < std::min(stop, inner_first); ++w)
-        acc[w] += lr_tap * load(lr_row + lr_cols[w]) + td_tap * load(td_src + w * channels);
-      for (int64_t w = std::max(first, inner_stop); w < stop; ++w)
-        acc[w] += lr_tap * load(lr_row + lr_cols[w]) + td_tap * load(td_src + w * channels);
+      auto taps_over = [&](int64_t from, int64_t to) {
+        for (int64_t w = from; w < to; ++w)
+          acc[w] += lr_tap * load(lr_row + lr_cols[w]) + td_tap * load(td_src + w * channels);
+      };
+      taps_over(first, std::min(stop, inner_first));
+      taps_over(std::max(first, blocks_stop), stop);
     }
   }
   for (int64_t w = 0; w < width; ++w) store(out_row + w * channels + group.start + c, acc[w]);
