@@ -227,7 +227,7 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
     """The model's GMACs (an MS-MLP's counted on its reference path) and, for the eager fast
     path, those it executes: the kernels of groups sharing a conv are zero-padded to the
     largest among them (``mix_runs``), and a narrower last group is convolved over the width of
-    the others (``mixing._run_rows``); the CPU kernel (float32 inference) pads none. Compiled,
+    the others (``mixing._run_rows``); the CPU kernel (float32) pads none. Compiled,
     both paths run the released operations."""
     from msmlp import cpu_kernel
     from msmlp.mixing import mix_runs
@@ -258,8 +258,8 @@ def count_both_gmacs(row: Row, args: argparse.Namespace, device: torch.device) -
         owner.set_mix_impl(impl)
         for hook in hooks:
             hook.remove()
-    # the CPU kernel (float32 inference) runs every group at its own kernel size
-    kernel = not args.train and device.type == 'cpu' and args.precision == 'fp32' and cpu_kernel.available()
+    # the CPU kernel (float32, inference and training) runs every group at its own kernel size
+    kernel = device.type == 'cpu' and args.precision == 'fp32' and cpu_kernel.available()
     padded = impl == 'fast' and not args.compile and not kernel
     row.executed_gmacs = row.gmacs + (sum(zero_taps) / 1e9 if padded else 0.)
 

@@ -1,9 +1,10 @@
 """The fast path's CPU kernel: a block's whole token mixer in one C++ pass (``csrc/shift_mix.cpp``).
 
-For inference on the CPU in float32, the fast path runs the mixer as one loop over the map: both
-branches' rolls read in place, every group at its own kernel size (no zero taps, no rolled copies),
-one write of the output, on torch's intra-op threads. Measured on msmlp_tiny at batch 1 it is 2.5-4x
-the PyTorch fast path's mixer (docs/speed.md).
+On the CPU in float32 the fast path runs the mixer as one loop over the map: both branches' rolls
+read in place, every group at its own kernel size (no zero taps, no rolled copies), one write of the
+output, on torch's intra-op threads; for training, its input gradient and its kernels' gradients in
+one more loop each. Measured on msmlp_tiny it is 2.5-4x the PyTorch fast path's mixer at batch 1,
+and 2.2-3.2x its forward and backward in training at batch 16 (docs/speed.md).
 
 It is built on first use with torch's extension builder (a C++ compiler and ninja; ``make setup``
 builds it) for this machine's CPU (``-march=native``), once per CPU model, source and torch
@@ -23,12 +24,12 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
 import filelock
 import torch
 
-__all__ = ['available', 'enabled', 'load', 'shift_mix', 'suits']
+__all__ = ['available', 'enabled', 'load', 'shift_mix', 'shift_mix_grad_input', 'shift_mix_grad_weight', 'suits']
 
 SOURCE = Path(__file__).with_name('csrc') / 'shift_mix.cpp'
 CFLAGS = ('-O3', '-march=native', '-fopenmp')
@@ -134,8 +135,8 @@ def available() -> bool:
 
 
 def suits(x: torch.Tensor) -> bool:
-    """Whether the kernel runs the mixer on ``x``: a float32 map on the CPU, outside autocast
-    (which runs the mixer's convs in its lower precision), the kernel enabled and built."""
+    """Whether the kernel runs the mixer (and its gradients) on ``x``: a float32 map on the CPU,
+    outside autocast (which runs the mixer's convs in its lower precision), the kernel enabled and built."""
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
             and available())
 
@@ -143,8 +144,22 @@ def suits(x: torch.Tensor) -> bool:
 def shift_mix(x: torch.Tensor, lr_weights: Sequence[torch.Tensor], lr_biases: Sequence[torch.Tensor],
               td_weights: Sequence[torch.Tensor], td_biases: Sequence[torch.Tensor],
               shifts: Sequence[int]) -> torch.Tensor:
-    """The token mixer of a contiguous NHWC float32 map (no autograd): see ``csrc/shift_mix.cpp``."""
+    """The token mixer of a contiguous NHWC float32 map (no autograd node; ``mixing`` adds the
+    gradients): see ``csrc/shift_mix.cpp``."""
     return load().shift_mix(x, list(lr_weights), list(lr_biases), list(td_weights), list(td_biases), list(shifts))
+
+
+def shift_mix_grad_input(grad: torch.Tensor, lr_weights: Sequence[torch.Tensor], td_weights: Sequence[torch.Tensor],
+                         shifts: Sequence[int]) -> torch.Tensor:
+    """The mixer's input gradient from its output gradient (contiguous NHWC float32)."""
+    return load().shift_mix_grad_input(grad, list(lr_weights), list(td_weights), list(shifts))
+
+
+def shift_mix_grad_weight(grad: torch.Tensor, x: torch.Tensor, lr_weights: Sequence[torch.Tensor],
+                          td_weights: Sequence[torch.Tensor], shifts: Sequence[int]) -> List[torch.Tensor]:
+    """The kernels' gradients, per group lr then td, from the output gradient and the input (contiguous
+    NHWC float32); ``lr_weights`` and ``td_weights`` give only the shapes."""
+    return load().shift_mix_grad_weight(grad, x, list(lr_weights), list(td_weights), list(shifts))
 
 
 def main() -> None:

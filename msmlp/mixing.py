@@ -8,9 +8,11 @@ residual add. ``reference`` does exactly that, in NCHW, as released: ten rolls, 
 convs, two concatenations and two permute copies per block. ``fast`` computes the same
 function channels-last (NHWC) in a few large operations:
 
-* Mixer for inference on the CPU in float32: one C++ pass over the map (``cpu_kernel``,
+* Mixer on the CPU in float32: one C++ pass over the map (``cpu_kernel``,
   ``csrc/shift_mix.cpp``): both branches' rolls read in place, each group at its own kernel
-  size, one write. Where that kernel is not built, and for training and autocast:
+  size, one write; for training (``_KernelShiftMix``) it keeps only its input, and its backward
+  is one C++ pass for the input gradient and one for the kernels'. Where that kernel is not
+  built, under autocast and on GPUs:
 * Mixer (``_ShiftMix``): run by run (consecutive groups sharing a kernel size, 1x1 kernels
   joining 3x3 ones; a single image's small maps on the CPU: all groups as one run,
   ``ONE_RUN_MAX_PIXELS``), one gather of channel rows writes the run's rolled copies of both
@@ -394,11 +396,44 @@ def mix_fast_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
         return mix_reference(x.permute(0, 3, 1, 2), block).permute(0, 2, 3, 1)
     params = MixParams.of(block)
     tensors = [t for group in zip(*params) for t in group]  # per group: lr weight, lr bias, td weight, td bias
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in tensors)):
-        if cpu_kernel.suits(x):  # inference on the CPU: one C++ pass (msmlp/cpu_kernel.py)
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in tensors))
+    if cpu_kernel.suits(x):  # float32 on the CPU: C++ passes (msmlp/cpu_kernel.py)
+        if not differentiable:
             return cpu_kernel.shift_mix(x, *params, block.shift_dist)
-        return _shift_mix(x, block, params)[0]  # nothing to differentiate: no autograd node
+        return _KernelShiftMix.apply(x, block, *tensors)
+    if not differentiable:
+        return _shift_mix(x, block, params)[0]  # no autograd node
     return _ShiftMix.apply(x, block, *tensors)
+
+
+class _KernelShiftMix(torch.autograd.Function):
+    """The mixer by the CPU kernel, with its gradients: the forward keeps only its input; the
+    backward is one C++ pass for the input gradient (each branch's adjoint: the rotated kernel
+    read around where the roll moved each pixel) and one for the kernels' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, block: 'MSMLPBlock', *tensors: torch.Tensor) -> torch.Tensor:
+        params = MixParams(*(tensors[i::4] for i in range(4)))
+        ctx.block_args = block.group_sizes, block.shift_dist
+        ctx.save_for_backward(x, *params.lr_weights, *params.td_weights)
+        return cpu_kernel.shift_mix(x, *params, block.shift_dist)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        sizes, shifts = ctx.block_args
+        x, *weights = ctx.saved_tensors
+        lr_weights, td_weights = weights[:len(sizes)], weights[len(sizes):]
+        grad = grad.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = cpu_kernel.shift_mix_grad_input(grad, lr_weights, td_weights, shifts)
+        if not any(ctx.needs_input_grad[2:]):  # frozen mixer
+            return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
+        grad_weights = cpu_kernel.shift_mix_grad_weight(grad, x, lr_weights, td_weights, shifts)
+        grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
+        return (grad_x, None, *[t for g in range(len(sizes))
+                                for t in (grad_weights[2 * g], grad_bias[g], grad_weights[2 * g + 1], grad_bias[g])])
 
 
 def mix_fast(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:

@@ -44,7 +44,7 @@ def test_training_step_and_prefix_names(capsys):
     out = capsys.readouterr().out
     _, rows = table_rows(out)
     assert 'training step (forward, backward, AdamW)' in out
-    assert 'the fast path executes' in out  # training pads small kernels into the conv of their run
+    assert 'the fast path executes' not in out  # the CPU kernel trains each group at its own kernel size
     assert 'swin_tiny_patch4_window7_224' in rows  # the prefix resolved to a timm model
     assert rows['msmlp_tiny (fast)']['peak memory (MiB)'] == '-'
 
@@ -115,7 +115,8 @@ def executed_minus_counted(batch_size: int, *flags: str) -> float:
     return row.executed_gmacs - row.gmacs
 
 
-def test_executed_gmacs_count_the_zero_taps_of_the_convs_the_fast_path_runs():
+def test_executed_gmacs_count_the_zero_taps_of_the_convs_the_fast_path_runs(monkeypatch):
+    monkeypatch.setenv('MSMLP_CPU_KERNEL', '0')  # the PyTorch operations
     # Every group fills a slot as wide as the first group; the last group of msmlp_tiny's stages is
     # narrower (16 of 20, 36 of 39, 76 of 77, 152 of 154 channels), its slot padded with zero kernels.
     # At batch 16 msmlp_tiny pads its 1x1 kernels into the 3x3 conv they share: stage 0 groups 0-1
@@ -135,7 +136,7 @@ def test_executed_gmacs_count_the_zero_taps_of_the_convs_the_fast_path_runs():
     assert executed_minus_counted(1, '--train') == pytest.approx((stage_0 + one_run) / 1e9, rel=1e-9)
 
 
-def test_inference_on_the_cpu_kernel_executes_what_is_counted(monkeypatch):
-    assert executed_minus_counted(16) == 0  # every group at its own kernel size
+def test_the_cpu_kernel_executes_what_is_counted(monkeypatch):
+    assert executed_minus_counted(16) == executed_minus_counted(16, '--train') == 0  # each group at its own size
     monkeypatch.setenv('MSMLP_CPU_KERNEL', '0')
     assert executed_minus_counted(16) == executed_minus_counted(16, '--train') > 0

@@ -1,6 +1,6 @@
-"""The fast path's CPU kernel (msmlp/csrc/shift_mix.cpp): the released mixer in one C++ pass for
-inference; built here (CI's machine has a compiler), and where it cannot be built the PyTorch fast
-path runs instead, with one warning."""
+"""The fast path's CPU kernel (msmlp/csrc/shift_mix.cpp): the released mixer in one C++ pass, and
+its input and kernel gradients in one pass each, for float32 on the CPU; built here (CI's machine
+has a compiler), and where it cannot be built the PyTorch fast path runs instead, with one warning."""
 import warnings
 
 import pytest
@@ -21,6 +21,23 @@ def mix(x: torch.Tensor, block: MSMLPBlock) -> torch.Tensor:
 def released(x: torch.Tensor, block: MSMLPBlock) -> torch.Tensor:
     with torch.no_grad():
         return mixing.mix_reference(x, block)
+
+
+def gradients(x: torch.Tensor, block: MSMLPBlock, grad: torch.Tensor, impl: str):
+    """The mixer's gradients: of the input if it requires one, then of each kernel and bias that does."""
+    block.zero_grad()
+    x = x.detach().requires_grad_(x.requires_grad)
+    mixing.shift_mix(x, block, impl).backward(grad)
+    mixer = [p for p in (*block.dwconv_lr.parameters(), *block.dwconv_td.parameters()) if p.requires_grad]
+    return ([x.grad] if x.requires_grad else []) + [p.grad for p in mixer]
+
+
+def assert_gradients_released(x: torch.Tensor, block: MSMLPBlock) -> None:
+    grad = torch.randn(x.shape)
+    ours, theirs = gradients(x, block, grad, 'fast'), gradients(x, block, grad, 'reference')
+    assert ours and len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a is not None and close(a, b), i
 
 
 @pytest.fixture
@@ -78,13 +95,64 @@ def test_a_model_with_channels_last_weights_gives_the_released_logits():
         assert close(model(data['input']), data['logits'])
 
 
-def test_training_and_autocast_take_the_pytorch_operations(counted_kernel_calls):
+@pytest.mark.parametrize('dim, stage', STAGES, ids=[f'{d}ch-stage{s}' for d, s in STAGES])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_kernel_gradients_equal_the_released_mixers(dim, stage, batch, counted_kernel_calls):
+    torch.manual_seed(dim + batch)
+    block = randomize(MSMLPBlock(dim, MIX_SIZES[stage]))
+    for size in [(7, 9), (13, 5), (1, 1), (2, 5), (16, 17)]:  # odd, smaller than shifts and kernels
+        assert_gradients_released(torch.randn(batch, dim, *size, requires_grad=True), block)
+    assert len(counted_kernel_calls) == 5  # the forwards of the five training steps
+
+
+@pytest.mark.parametrize('dim', [20, 21, 40, 97])
+def test_kernel_gradients_of_narrow_and_uneven_groups(dim):
+    torch.manual_seed(dim)
+    block = randomize(MSMLPBlock(dim, MIX_SIZES[0]))
+    assert_gradients_released(torch.randn(2, dim, 9, 6, requires_grad=True), block)
+
+
+def test_kernel_gradients_with_shifts_and_kernels_other_than_the_released():
+    """A 9x9 kernel's weight gradient takes the one-channel-at-a-time loop."""
+    torch.manual_seed(0)
+    block = randomize(MSMLPBlock(96, (3, 1, 5, 9, 3), shift_dist=(4, -3, 0, 7, -1)))
+    assert_gradients_released(torch.randn(2, 96, 6, 11, requires_grad=True), block)
+
+
+def test_kernel_gradients_of_a_frozen_mixer_and_of_a_frozen_input():
+    torch.manual_seed(0)
+    block = randomize(MSMLPBlock(96, MIX_SIZES[0]))
+    x = torch.randn(2, 96, 8, 7)
+    assert_gradients_released(x, block)  # the input needs no gradient (a frozen stem)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    x.requires_grad_()
+    assert len(gradients(x, block, torch.randn(x.shape), 'fast')) == 1
+    assert_gradients_released(x, block)
+
+
+def test_kernel_gradients_do_not_change_from_run_to_run():
+    """Each thread sums its rows' kernel gradients into its own buffer, added in a fixed order."""
+    torch.manual_seed(0)
+    block = randomize(MSMLPBlock(96, MIX_SIZES[0]))
+    x, grad = torch.randn(4, 96, 30, 30, requires_grad=True), torch.randn(4, 96, 30, 30)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = gradients(x, block, grad, 'fast'), gradients(x, block, grad, 'fast')
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_autocast_takes_the_pytorch_operations(counted_kernel_calls):
     torch.manual_seed(0)
     block = randomize(MSMLPBlock(96, MIX_SIZES[0]))
     x = torch.randn(1, 96, 8, 8)
-    block(x.requires_grad_()).sum().backward()
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        assert mixing.mix_fast(x, block).dtype == torch.bfloat16  # the convs in autocast's precision
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert mixing.mix_fast(x, block).dtype == torch.bfloat16  # the convs in autocast's precision
+        block(x.requires_grad_()).float().sum().backward()
     assert not counted_kernel_calls
 
 

@@ -61,12 +61,17 @@ def run(module: torch.nn.Module, impl: str, x: torch.Tensor, grad: torch.Tensor,
 
 
 def assert_paths_agree(module: torch.nn.Module, x: torch.Tensor, tol: float = 1e-5) -> None:
+    """Outputs and every gradient of the fast path, on the CPU kernel and on the PyTorch
+    operations (``MSMLP_CPU_KERNEL=0``), equal the reference path's; so do its inference outputs."""
     grad = torch.randn(module(x).shape)
-    fast, ref = run(module, 'fast', x, grad), run(module, 'reference', x, grad)
-    assert close(fast[0], ref[0], tol), 'outputs'
-    assert close(fast[1], ref[1], tol), 'input gradient'
-    for name, g in ref[2].items():
-        assert close(fast[2][name], g, tol), name
+    ref = run(module, 'reference', x, grad)
+    with without_cpu_kernel():
+        operations = run(module, 'fast', x, grad)
+    for path, fast in (('kernel', run(module, 'fast', x, grad)), ('operations', operations)):
+        assert close(fast[0], ref[0], tol), f'{path}: outputs'
+        assert close(fast[1], ref[1], tol), f'{path}: input gradient'
+        for name, g in ref[2].items():
+            assert close(fast[2][name], g, tol), f'{path}: {name}'
     with torch.no_grad():  # the inference paths: the CPU kernel, and the PyTorch operations (fused, chunked MLP)
         assert close(run_no_grad(module, 'fast', x), ref[0], tol)
         with without_cpu_kernel():
@@ -155,9 +160,12 @@ def test_frozen_mixer_passes_the_input_gradient_only():
         p.requires_grad_(False)
     x = torch.randn(2, 96, 8, 8)
     grad = torch.randn(2, 96, 8, 8)
-    fast, ref = run(block, 'fast', x, grad), run(block, 'reference', x, grad)
-    assert close(fast[1], ref[1])
-    assert all(g is None for g in fast[2].values())
+    ref = run(block, 'reference', x, grad)
+    with without_cpu_kernel():
+        operations = run(block, 'fast', x, grad)
+    for fast in (run(block, 'fast', x, grad), operations):
+        assert close(fast[1], ref[1])
+        assert all(g is None for g in fast[2].values())
 
 
 def test_token_mixer_alone_matches_reference():
