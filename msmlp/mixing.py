@@ -325,10 +325,20 @@ class _ShiftMix(torch.autograd.Function):
                 _split_weight_grad(run_weight_grad.view(2, half, run.kernel, run.kernel), run, sizes, kernels,
                                    grad_weight)
         if not need_params:  # frozen mixer
-            return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
-        grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
-        return (grad_x, None, *[t for g in range(len(sizes))
-                                for t in (grad_weight[0][g], grad_bias[g], grad_weight[1][g], grad_bias[g])])
+            return _mixer_grads(ctx, grad_x)
+        return _mixer_grads(ctx, grad_x, grad, *grad_weight)
+
+
+def _mixer_grads(ctx, grad_x, grad=None, lr_weight_grads=(), td_weight_grads=()) -> tuple:
+    """A mixer function's backward result for ``(x, block, *per group: lr weight, lr bias, td
+    weight, td bias)``: no parameter gradients without ``grad`` (a frozen mixer); else the
+    kernels' as given and the biases' from the output gradient."""
+    if grad is None:
+        return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
+    sizes = [w.shape[0] for w in lr_weight_grads]
+    grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
+    return (grad_x, None, *[t for g in range(len(sizes))
+                            for t in (lr_weight_grads[g], grad_bias[g], td_weight_grads[g], grad_bias[g])])
 
 
 def _depthwise_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel: int,
@@ -429,11 +439,9 @@ class _KernelShiftMix(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = cpu_kernel.shift_mix_grad_input(grad, lr_weights, td_weights, shifts)
         if not any(ctx.needs_input_grad[2:]):  # frozen mixer
-            return (grad_x, None) + (None,) * (len(ctx.needs_input_grad) - 2)
+            return _mixer_grads(ctx, grad_x)
         grad_weights = cpu_kernel.shift_mix_grad_weight(grad, x, lr_weights, td_weights, shifts)
-        grad_bias = grad.sum((0, 1, 2)).split(sizes)  # d(lr + td)/d bias: the same for both branches
-        return (grad_x, None, *[t for g in range(len(sizes))
-                                for t in (grad_weights[2 * g], grad_bias[g], grad_weights[2 * g + 1], grad_bias[g])])
+        return _mixer_grads(ctx, grad_x, grad, grad_weights[0::2], grad_weights[1::2])
 
 
 def mix_fast(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:

@@ -306,32 +306,33 @@ void weight_grad_vectors(float* sums, int64_t tap_stride, const float* g_row, co
   }
 }
 
-// The same for any kernel size, one channel at a time.
-void weight_grad_scalar(float* sums, int64_t tap_stride, const float* g_row, const float* const* rows,
-                        const int64_t* cols, int64_t width, int64_t channels, int64_t k, int64_t lanes) {
+// The same for any kernel size, one channel at a time (sums: [k * k][size]).
+void weight_grad_scalar(float* sums, int64_t size, const float* g_row, const float* const* rows,
+                        const int64_t* cols, int64_t width, int64_t channels, int64_t k) {
   const int64_t p = k / 2;
   for (int64_t i = 0; i < k; ++i) {
     if (rows[i] == nullptr) continue;
     for (int64_t j = 0; j < k; ++j)
-      for (int64_t c = 0; c < lanes; ++c) {
+      for (int64_t c = 0; c < size; ++c) {
         float sum = 0;
         for (int64_t w = std::max<int64_t>(0, p - j); w < std::min(width, width + p - j); ++w)
           sum += g_row[w * channels + c] * rows[i][cols[w + j - p] + c];
-        sums[(i * k + j) * tap_stride + c] += sum;
+        sums[(i * k + j) * size + c] += sum;
       }
   }
 }
 
-// One branch of one group for one row of g: `rows` its kernel rows of x at the group's first channel.
+// One branch of one group for one row of g: `rows` its kernel rows of x at the group's first channel;
+// `at_c` scratch for as many row pointers.
 void weight_grad_branch(float* sums, const Group& group, const float* g_row, const float* const* rows,
-                        const int64_t* cols, int64_t width, int64_t channels) {
+                        const int64_t* cols, int64_t width, int64_t channels, std::vector<const float*>& at_c) {
   const int64_t k = group.kernel, size = group.size;
   const bool vectors = size >= kLanes && (k == 1 || k == 3 || k == 5 || k == 7);
   if (!vectors) {
-    weight_grad_scalar(sums, size, g_row, rows, cols, width, channels, k, size);
+    weight_grad_scalar(sums, size, g_row, rows, cols, width, channels, k);
     return;
   }
-  std::vector<const float*> at_c(k);
+  at_c.resize(k);
   for_each_vector(group, [&](int64_t c, int64_t unshifted) {
     for (int64_t i = 0; i < k; ++i) at_c[i] = rows[i] ? rows[i] + c : nullptr;
     const int first_lane = static_cast<int>(unshifted - c);  // > 0 for an overlapping last vector
@@ -450,7 +451,7 @@ std::vector<torch::Tensor> shift_mix_grad_weight(const torch::Tensor& grad, cons
   const float* gs = grad.data_ptr<float>();
   const int64_t row_stride = width * channels;
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> rows;
+    std::vector<const float*> rows, at_c;
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       float* sums = partial.data() + chunk * total;
       for (int64_t row = chunk * rows_total / chunks; row < (chunk + 1) * rows_total / chunks; ++row) {
@@ -468,9 +469,9 @@ std::vector<torch::Tensor> shift_mix_grad_weight(const torch::Tensor& grad, cons
             rows[k + i] = inside ? image + wrap(hh - group.shift, height) * row_stride + group.start : nullptr;
           }
           float* lr_sums = sums + plan.offsets[g];
-          weight_grad_branch(lr_sums, group, g_row, rows.data(), group.lr_cols, width, channels);
+          weight_grad_branch(lr_sums, group, g_row, rows.data(), group.lr_cols, width, channels, at_c);
           weight_grad_branch(lr_sums + group.size * k * k, group, g_row, rows.data() + k, plan.plain_cols.data(),
-                             width, channels);
+                             width, channels, at_c);
         }
       }
     }
