@@ -36,7 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 import msmlp  # noqa: F401  (registers the msmlp_* models with timm)
 from tasks.base import BaseTask, InputError
 from tasks.embedded import ensure_dataset
-from tasks.loading import ResumableLoader, check_loader_args, eval_loader, gather_in_order, world
+from tasks.loading import ResumableLoader, check_loader_args, eval_loader, gather_in_order, worker_args, world
 
 __all__ = ['ClassificationTask', 'ImageFolderDataModule', 'ImageFiles', 'load_rgb', 'scan_image_folder',
            'find_images']
@@ -269,9 +269,9 @@ class ImageFolderDataModule(LightningDataModule):
         if stage == 'test':
             self.datasets['test'] = self._split(hp.test_split, self.eval_transform())
 
-    def _loader_args(self, persistent: bool = True) -> Dict[str, Any]:
+    def _loader_args(self, split: str, persistent: bool = True) -> Dict[str, Any]:
         workers = self.hparams.num_workers
-        return dict(num_workers=workers, persistent_workers=workers > 0 and persistent,
+        return dict(worker_args(workers, self.datasets[split]), persistent_workers=workers > 0 and persistent,
                     pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
@@ -281,17 +281,18 @@ class ImageFolderDataModule(LightningDataModule):
                              f'(batch_size={self.batch_size}' + (f' on each of {processes} processes)' if processes > 1
                                                                  else ')'))
         return ResumableLoader(train, batch_size=self.batch_size, seed=int(os.environ.get('PL_GLOBAL_SEED', 0)),
-                               drop_last=True, **self._loader_args())
+                               drop_last=True, **self._loader_args('train'))
 
     def val_dataloader(self) -> DataLoader:
-        return eval_loader(self.datasets['val'], self.batch_size, **self._loader_args())
+        return eval_loader(self.datasets['val'], self.batch_size, **self._loader_args('val'))
 
     def test_dataloader(self) -> DataLoader:
-        return eval_loader(self.datasets['test'], self.batch_size, **self._loader_args())
+        return eval_loader(self.datasets['test'], self.batch_size, **self._loader_args('test'))
 
     def predict_dataloader(self) -> DataLoader:
         # Lightning gives each process its share of a plain loader for predict, without repeats.
-        return DataLoader(self.datasets['predict'], batch_size=self.batch_size, **self._loader_args(persistent=False))
+        return DataLoader(self.datasets['predict'], batch_size=self.batch_size,
+                          **self._loader_args('predict', persistent=False))
 
 
 # ----- model ------------------------------------------------------------------------------

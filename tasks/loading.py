@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import multiprocessing
 import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -30,8 +31,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = ['ResumableLoader', 'ShuffledSampler', 'SeededDataset', 'seeded_rngs', 'sample_seed', 'eval_loader',
-           'check_loader_args',
-           'gather_in_order', 'world']
+           'check_loader_args', 'worker_args', 'gather_in_order', 'world']
 
 
 def check_loader_args(batch_size: Optional[int], num_workers: Optional[int]) -> None:
@@ -43,6 +43,24 @@ def check_loader_args(batch_size: Optional[int], num_workers: Optional[int]) -> 
     if num_workers is not None and num_workers < 0:
         raise InputError(f'data.num_workers={num_workers}: the loader processes must be 0 (load in the training '
                          'process) or more')
+
+
+def worker_args(num_workers: int, dataset: Dataset) -> Dict[str, Any]:
+    """``DataLoader`` arguments for ``num_workers`` loader processes, started from a fork server
+    where the platform has one (Python 3.14's default on Linux) instead of forked from the
+    training process: that process runs threads (the progress bar's, the loggers', other
+    loaders' queues, the process group's), and a fork taken while one of them holds a lock
+    can hang the new worker for good (seen here: CPython 3.11's after-fork clean-up, under
+    DDP). The server imports the dataset's modules once, so each worker starts in a fraction
+    of a second; the dataset reaches it pickled."""
+    if num_workers == 0 or 'forkserver' not in multiprocessing.get_all_start_methods():
+        return dict(num_workers=num_workers)
+    modules = {__name__}
+    while dataset is not None:
+        modules.add(type(dataset).__module__)
+        dataset = getattr(dataset, 'dataset', None)
+    multiprocessing.set_forkserver_preload(sorted(modules))  # used when the server starts
+    return dict(num_workers=num_workers, multiprocessing_context='forkserver')
 
 
 def world() -> Tuple[int, int]:

@@ -62,7 +62,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.base import BaseTask, InputError
-from tasks.loading import ResumableLoader, check_loader_args, eval_loader
+from tasks.loading import ResumableLoader, check_loader_args, eval_loader, worker_args
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'resolve_config', 'load_config']
 
@@ -594,10 +594,11 @@ class OpenMMLabDataModule(LightningDataModule):
     # ----- loaders -------------------------------------------------------------------------
     def _loader_args(self, split: str) -> Dict[str, Any]:
         from mmengine.dataset import pseudo_collate
-        loader_cfg = self.cfg.get(f'{split}_dataloader') or self.cfg.get('val_dataloader')
+        config_split = 'test' if split == 'predict' else split  # predict reads images as test does
+        loader_cfg = self.cfg.get(f'{config_split}_dataloader') or self.cfg.get('val_dataloader')
         batch_size = self.batch_size if split == 'train' and self.batch_size else loader_cfg.get('batch_size', 1)
         workers = self.num_workers if self.num_workers is not None else loader_cfg.get('num_workers', 0)
-        return dict(batch_size=batch_size, num_workers=workers, collate_fn=pseudo_collate)
+        return dict(batch_size=batch_size, collate_fn=pseudo_collate, **worker_args(workers, self.datasets[split]))
 
     def train_dataloader(self) -> DataLoader:
         args = self._loader_args('train')
@@ -612,4 +613,4 @@ class OpenMMLabDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         # Lightning gives each process its share of a plain loader for predict, without repeats.
-        return DataLoader(self.datasets['predict'], shuffle=False, **self._loader_args('test'))
+        return DataLoader(self.datasets['predict'], shuffle=False, **self._loader_args('predict'))

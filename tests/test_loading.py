@@ -1,5 +1,6 @@
 """tasks.loading: training batches that resume mid-epoch and do not depend on the workers;
 evaluation that sees every sample once and results gathered in dataset order."""
+import os
 import random
 import socket
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from tasks.loading import (ResumableLoader, ShuffledSampler, eval_loader, gather_in_order, sample_seed,
-                           seeded_rngs)
+                           seeded_rngs, worker_args)
 
 
 class RandomItems(Dataset):
@@ -59,6 +60,22 @@ def test_a_resumed_epoch_continues_with_the_same_batches(workers):
     assert len(rest) == len(uninterrupted) - 3 == 6  # 37 samples, batches of 4, the last one dropped
     assert all(torch.equal(a, b) for a, b in zip(seen + rest, uninterrupted))
     assert resumed.state_dict() == {'epoch': 1, 'batches': 9}
+
+
+class ParentProcesses(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return os.getppid()
+
+
+def test_loader_workers_are_not_forked_from_the_training_process():
+    # the training process runs threads: a fork taken while one holds a lock can hang the worker
+    dataset = ParentProcesses()
+    parents = {int(batch) for batch in DataLoader(dataset, batch_size=1, **worker_args(2, dataset))}
+    assert len(parents) == 1 and os.getpid() not in parents
+    assert worker_args(0, dataset) == {'num_workers': 0}
 
 
 def test_a_state_saved_at_the_end_of_an_epoch_starts_the_next_one_whole():
