@@ -150,6 +150,17 @@ class MSMLPCLI(LightningCLI):
         self.pinned_versions = share_log_version(config.trainer, self.run_folder)
         self.new_folders += [top for top in map(first_missing_folder, run_folders(self.pinned_versions)) if top]
 
+    def instantiate_trainer(self, **kwargs: Any):
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        from tasks.base import InputError
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:  # options the machine cannot run
+            trainer = self.config_init[self.subcommand].trainer
+            given = ', '.join(f'{key}={getattr(trainer, key, None)}' for key in ('accelerator', 'strategy', 'devices'))
+            raise InputError(f'trainer ({given}): {err}') from err
+
     def after_instantiate_classes(self) -> None:
         for logger_args in self.pinned_versions:  # the saved config.yaml stays reusable
             logger_args['version'] = None
@@ -166,10 +177,27 @@ class MSMLPCLI(LightningCLI):
     def before_validate(self) -> None:
         if first_process():
             print(f'msmlp: validate {describe_run(self.task, self.model, self.datamodule)}', flush=True)
+            self.warn_if_untrained()
 
     def before_test(self) -> None:
         if first_process():
             print(f'msmlp: test {describe_run(self.task, self.model, self.datamodule)}', flush=True)
+            self.warn_if_untrained()
+
+    def before_predict(self) -> None:
+        if first_process():
+            self.warn_if_untrained()
+
+    def warn_if_untrained(self) -> None:
+        """One line on stderr when validate, test or predict would run freshly initialised weights:
+        no checkpoint, and no pretrained classifier (a detector's or segmenter's pretrained
+        backbone leaves its heads untrained)."""
+        if self.config[self.subcommand].get('ckpt_path'):
+            return
+        if self.task == 'cls' and getattr(self.model, 'hparams', {}).get('pretrained'):
+            return
+        print(f'msmlp: warning: no --ckpt_path: {self.subcommand} runs untrained weights '
+              '(--ckpt_path FILE, or last for the newest run\'s last.ckpt)', file=sys.stderr, flush=True)
 
     def after_fit(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
@@ -216,8 +244,8 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
         warnings.filterwarnings('ignore', message='`reduce_zero_label` will be deprecated')
         MSMLPCLI(BaseTask, LightningDataModule, task=task, new_folders=new_folders, subclass_mode_model=True,
                  subclass_mode_data=True, seed_everything_default=0, args=argv,
-                 parser_kwargs={cmd: {'default_config_files': [str(task_config(task))],
-                                      'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS},
+                 parser_kwargs={'prog': 'msmlp', **{cmd: {'default_config_files': [str(task_config(task))],
+                                                          'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS}},
                  save_config_kwargs={'overwrite': True})
 
 

@@ -77,6 +77,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
     if args.warmup < 0:
         parser.error(f'--warmup must be >= 0, got {args.warmup}')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f'--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f'--device {args.device}: {torch.cuda.device_count()} CUDA devices are visible here')
     return args
 
 

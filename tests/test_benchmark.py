@@ -94,6 +94,8 @@ def test_a_model_that_cannot_run_the_setting_gets_a_failed_row(capsys, monkeypat
     (['--img-size', '800x'], '--img-size must be N or HxW'),
     (['--batch-size', '0'], '--batch-size must be at least 1'),
     (['--model', 'no_such_model_xyz'], "unknown timm model 'no_such_model_xyz'"),
+    (['--device', 'gpu'], "--device 'gpu' is not a torch device"),
+    (['--device', 'cuda:99'], 'CUDA devices are visible here'),
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -362,9 +362,9 @@ def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, 
     monkeypatch.chdir(trained['tmp'])
     folder = trained['data'] / 'val' / 'bee'
     path = folder / '0.png' if target == 'image' else folder
-    status, out, _ = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
-                               f'--data.predict_path={path}')
-    assert status == 0
+    status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                                 f'--data.predict_path={path}')
+    assert status == 0 and 'untrained' not in err
     images = [folder / '0.png'] if target == 'image' else sorted(folder.iterdir())
     for image in images:
         block = out[out.index(str(image)):].splitlines()[1:4]
@@ -373,6 +373,16 @@ def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, 
         assert sorted(r[2] for r in ranked) == ['ant', 'bee', 'cat']
         probabilities = [float(r[1]) for r in ranked]
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1, abs=2e-4)
+
+
+@pytest.mark.parametrize('subcommand', ['validate', 'predict'])
+def test_running_untrained_weights_is_said(subcommand, trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained['tmp'])
+    status, _, err = msmlp_run(capsys, subcommand, '--task', 'cls', f'--data.root={trained["data"]}',
+                               f'--data.predict_path={trained["data"] / "val" / "bee" / "0.png"}',
+                               '--model.num_classes=3', *SMALL_MODEL)
+    assert status == 0
+    assert f'msmlp: warning: no --ckpt_path: {subcommand} runs untrained weights' in err
 
 
 def test_predict_shows_at_most_five_classes(in_tmp, capsys):
@@ -402,6 +412,7 @@ def test_ema_weights_are_kept_beside_the_model(in_tmp, capsys):
 def test_embedded_default_fast_dev_run(in_tmp, capsys):
     status, out, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--trainer.fast_dev_run=true')
     assert status == 0, err
+    assert 'fast_dev_run: nothing is logged or saved' in out and not (in_tmp / 'runs').exists()
     assert (in_tmp / 'data' / shapes.DIRNAME / 'train' / 'circle').is_dir()
     assert re.search(r'Total FLOPs: [1-9][0-9.]* M', out)  # counted on a real input, not 0
 

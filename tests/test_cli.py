@@ -105,6 +105,20 @@ def test_bad_flag_value_exits_with_the_parser_error(capsys):
     assert 'max_epochs' in capsys.readouterr().err
 
 
+def test_trainer_options_the_machine_cannot_run_are_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', 'cls', '--trainer.strategy=fsdp', '--trainer.accelerator=cpu']) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('msmlp: error: trainer (accelerator=cpu, strategy=fsdp, devices=1): ')
+    assert err.count('\n') == 0 and 'requires a GPU' in err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_usage_names_the_command(capsys):
+    assert cli.main(['fit', '--task', 'cls', '--trainer.max_epochs=many']) != 0
+    assert 'usage: msmlp [options] fit' in capsys.readouterr().err
+
+
 def test_benchmark_is_dispatched_with_its_arguments(monkeypatch):
     calls = []
     fake = types.ModuleType('msmlp.benchmark')

@@ -285,6 +285,7 @@ def test_fit_fast_dev_run_through_the_cli(embedded_data, tmp_path, capsys, monke
     # that fast_dev_run does not write, no notices the user cannot act on
     assert 'FLOPs' not in out and 'Flops' not in out and '(1.7M parameters)' in out
     assert 'fast_dev_run: nothing is logged or saved' in out and 'run finished' not in out
+    assert not (tmp_path / 'runs').exists()
     for noise in ('override existing callbacks', 'transfer_batch_to_device', 'build_loss', 'reduce_zero_label'):
         assert noise not in out
 
