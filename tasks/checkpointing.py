@@ -99,7 +99,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._last_time = time.monotonic()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.fast_dev_run:  # Lightning 2.6 writes last.ckpt here even under fast_dev_run
+        if self._fitting(trainer):  # Lightning 2.6 writes last.ckpt here even under fast_dev_run
             super().on_train_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
