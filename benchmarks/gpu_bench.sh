@@ -4,7 +4,8 @@
 # 224x224, bf16 autocast, inference and a training step (forward, backward, AdamW), with NCHW
 # and with channels_last input; backbone features at 2x3x800x1333; then compiled, and fp32
 # (TF32 off: msmlp benchmark's default). Every table is measured in one process by `msmlp benchmark`;
-# first, benchmarks/gpu_check.py checks that the fast and triton paths equal the reference there.
+# first, benchmarks/gpu_check.py checks that the fast and triton paths equal the reference there,
+# and benchmarks/triton_kernels.py splits a training step's GPU time by kernel.
 #
 # Needs only python3 with torch and timm, as on the device image; nothing is installed and
 # the repository is used in place. Tables go to $OUT/gpu_bench.md (./gpu_bench.md without
@@ -33,6 +34,8 @@ python="${PYTHON:-python3}"  # the device image's python3 holds torch and timm
 status=0
 "$python" benchmarks/gpu_check.py --device "$device" 2>&1 | tee -a "$table" "$log" || status=1
 echo | tee -a "$table"
+[[ $device == cuda ]] && { timeout "${STEP_TIMEOUT:-150}" "$python" benchmarks/triton_kernels.py \
+  --batch-size "${BATCH:-128}" --img-size "${SIZE:-224}" 2>&1 | tee -a "$table" "$log" || status=1; echo | tee -a "$table"; }
 bench() {  # one table: the fast, triton and reference paths against convnext_tiny
   echo "== $*" | tee -a "$log"
   timeout "${STEP_TIMEOUT:-150}" "$python" -m msmlp.benchmark --device "$device" \

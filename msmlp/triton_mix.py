@@ -9,15 +9,19 @@ with ``lr = torch.roll(x, s, W)`` and ``td = torch.roll(x, s, H)``, both zero ou
 the released block's rolls and depthwise convs, without materialising the rolled copies.
 
 * Forward (``_mix_kernel``): one program per (image ``n``, tile of ``BLOCK_P`` output pixels,
-  block of ``BLOCK_C`` channels). It loops over the taps of the largest kernel's
-  window, masks the taps outside each channel's own kernel, finds each tap's source in ``x``
-  (zero padding around the rolled map, then the roll) and accumulates both branches in fp32;
-  ``x`` is read once (repeated taps hit the cache) and the output is written once.
+  aligned block of ``BLOCK_C`` channels). It takes the groups the block overlaps one at a time,
+  so that a group's shift and kernel size are scalars: the sources of a tap are computed per
+  pixel, not per pixel and channel, and the channels load as whole 16-byte vectors. For each
+  tap of the group's own kernel (no zero taps) it finds the tap's sources in ``x`` (zero
+  padding around the rolled map, then the roll) and accumulates both branches in fp32 over
+  the whole block; the group's channels keep that sum. ``x`` is read once (repeated taps hit
+  the cache) and the output is written once.
 * Input gradient: the same kernel in its adjoint form (``ADJOINT``): per branch the inverse
   roll of the output pixel, then the transposed tap.
-* Weight gradient (``_weight_grad_kernel``): one program per (range of pixels over the whole
-  batch, block of channels), summing ``grad * source`` per tap into a (taps, channels) fp32
-  accumulator; the per-program partial sums are added with torch (deterministic, no atomics).
+* Weight gradient (``_weight_grad_kernel``): one program per (tap of the largest kernel, block
+  of channels, range of the batch's pixels), summing ``grad * source`` elementwise over its
+  pixels, group by group, and reducing once at the end; taps outside a group's kernel give
+  zeros. The per-program partial sums are added with torch (deterministic, no atomics).
 * Bias gradient: ``grad`` summed over N, H, W (both branches get the same).
 
 The groups' kernels are packed into one ``(2, K * K, C)`` fp32 tensor (branch, tap, channel;
@@ -46,9 +50,9 @@ except ImportError:  # the module stays importable; ``available()`` says False
 __all__ = ['available', 'interpreted', 'pack_weights', 'shift_mix_triton']
 
 MAX_KERNEL = 7
-# Programs of the weight gradient: enough to fill a GPU, few enough that the partial sums
-# (programs x 2 x taps x channels fp32) stay small.
-WEIGHT_GRAD_PROGRAMS = 512
+# Programs of the weight gradient (taps x channel blocks x pixel ranges): enough to fill a GPU,
+# few enough that the partial sums (pixel ranges x 2 x taps x channels fp32) stay small.
+WEIGHT_GRAD_PROGRAMS = 4096
 
 
 @functools.lru_cache(maxsize=None)  # fixed when the kernels were defined; asked by every block
@@ -77,115 +81,136 @@ if triton is not None:
         return tl.where(index >= size, index - size, index)
 
     @triton.jit
-    def _tap(tap, RADIUS: tl.constexpr, radius, c_in):
-        """Tap ``tap`` of the largest window (row-major): its offsets ``(di, dj)`` and the
-        channels whose own kernel holds it."""
-        di = tap // (2 * RADIUS + 1) - RADIUS
-        dj = tap % (2 * RADIUS + 1) - RADIUS
-        return di, dj, c_in & (radius >= di) & (radius >= -di) & (radius >= dj) & (radius >= -dj)
+    def _group(group_ptr, g, H, W):
+        """Group ``g``'s first and end channel, kernel radius, and shift brought into ``[0, H)``
+        and ``[0, W)`` whatever the sign convention of ``%``."""
+        start = tl.load(group_ptr + 4 * g)
+        end = tl.load(group_ptr + 4 * g + 1)
+        shift = tl.load(group_ptr + 4 * g + 2)
+        radius = tl.load(group_ptr + 4 * g + 3)
+        return start, end, radius, (shift % H + H) % H, (shift % W + W) % W
 
     @triton.jit
-    def _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c):
-        """Offsets in an image and masks of tap ``(di, dj)``'s sources, lr then td: the zero
-        padding lies around the rolled map, so bounds are checked before the roll."""
+    def _block_groups(channel_group_ptr, c0, C, BLOCK_C: tl.constexpr):
+        """The first and last group holding a channel of the block starting at ``c0``."""
+        return tl.load(channel_group_ptr + c0), tl.load(channel_group_ptr + tl.minimum(c0 + BLOCK_C, C) - 1)
+
+    @triton.jit
+    def _forward_pixels(h, w, shift_h, shift_w, di, dj, H, W):
+        """Tap ``(di, dj)``'s source pixels (row-major indices) of the lr and td branches, and
+        whether they lie in the map: the zero padding lies around the rolled map, so bounds are
+        checked before the roll (one test for both branches)."""
         row = h + di
         col = w + dj
-        inside = ((row >= 0) & (row < H) & (col >= 0) & (col < W))[:, None]
-        lr = (row[:, None] * W + _wrap(col[:, None] - shift_w[None, :], W)) * C + c[None, :]
-        td = (_wrap(row[:, None] - shift_h[None, :], H) * W + col[:, None]) * C + c[None, :]
-        return lr, inside, td, inside
+        inside = (row >= 0) & (row < H) & (col >= 0) & (col < W)
+        return row * W + _wrap(col - shift_w, W), inside, _wrap(row - shift_h, H) * W + col, inside
 
     @triton.jit
-    def _adjoint_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c):
-        """The adjoint of ``_forward_sources``: each pixel's place in the rolled map (the
-        inverse roll), then the transposed tap, bounds checked after the roll."""
+    def _adjoint_pixels(h, w_rolled, h_rolled, w, di, dj, H, W):
+        """The adjoint of ``_forward_pixels``: each pixel's place in the rolled map
+        (``w_rolled``, ``h_rolled``: the inverse rolls), then the transposed tap, bounds
+        checked after the roll."""
         row = h - di
-        col = _wrap(w[:, None] + shift_w[None, :], W) - dj
-        lr_inside = ((row >= 0) & (row < H))[:, None] & (col >= 0) & (col < W)
-        lr = (row[:, None] * W + col) * C + c[None, :]
-        row = _wrap(h[:, None] + shift_h[None, :], H) - di
-        col = w - dj
-        td_inside = (row >= 0) & (row < H) & ((col >= 0) & (col < W))[:, None]
-        td = (row * W + col[:, None]) * C + c[None, :]
-        return lr, lr_inside, td, td_inside
+        col = w_rolled - dj
+        lr_inside = (row >= 0) & (row < H) & (col >= 0) & (col < W)
+        row_td = h_rolled - di
+        col_td = w - dj
+        td_inside = (row_td >= 0) & (row_td < H) & (col_td >= 0) & (col_td < W)
+        return row * W + col, lr_inside, row_td * W + col_td, td_inside
 
     @triton.jit
-    def _mix_kernel(src_ptr, weight_ptr, bias_ptr, shift_ptr, radius_ptr, out_ptr, H, W, C,
+    def _mix_kernel(src_ptr, weight_ptr, bias_ptr, group_ptr, channel_group_ptr, out_ptr, H, W, C,
                     RADIUS: tl.constexpr, ADJOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Forward mixer of ``src`` (or, ``ADJOINT``, its input gradient from ``src = grad``)."""
         K: tl.constexpr = 2 * RADIUS + 1
-        n = tl.program_id(0)
         p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c0 = tl.program_id(2) * BLOCK_C
+        c = c0 + tl.arange(0, BLOCK_C)
         p_in = p < H * W
         c_in = c < C
         h = p // W
         w = p % W
-        shift = tl.load(shift_ptr + c, mask=c_in, other=0)
-        radius = tl.load(radius_ptr + c, mask=c_in, other=-1)
-        shift_w = (shift % W + W) % W  # in [0, W) whatever the sign convention of %
-        shift_h = (shift % H + H) % H
-        image = n.to(tl.int64) * H * W * C
+        image = tl.program_id(0).to(tl.int64) * H * W * C
+        src_ptr += image
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for tap in range(K * K):  # a loop, not unrolled: unrolled, the GPU compile takes minutes
-            di, dj, tap_in = _tap(tap, RADIUS, radius, c_in)
-            w_lr = tl.load(weight_ptr + tap * C + c, mask=tap_in, other=0.)
-            w_td = tl.load(weight_ptr + (K * K + tap) * C + c, mask=tap_in, other=0.)
-            if ADJOINT:
-                lr, lr_in, td, td_in = _adjoint_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
-            else:
-                lr, lr_in, td, td_in = _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
-            mask = p_in[:, None] & tap_in[None, :]
-            x_lr = tl.load(src_ptr + image + lr, mask=mask & lr_in, other=0.).to(tl.float32)
-            x_td = tl.load(src_ptr + image + td, mask=mask & td_in, other=0.).to(tl.float32)
-            acc += x_lr * w_lr[None, :] + x_td * w_td[None, :]
+        first, last = _block_groups(channel_group_ptr, c0, C, BLOCK_C)
+        for g in range(first, last + 1):  # the block's channels group by group, each its own taps
+            start, end, radius, shift_h, shift_w = _group(group_ptr, g, H, W)
+            w_rolled = _wrap(w + shift_w, W)
+            h_rolled = _wrap(h + shift_h, H)
+            size = 2 * radius + 1
+            part = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            di = -radius
+            dj = -radius
+            for _ in range(size * size):  # a loop, not unrolled: unrolled, the GPU compile takes minutes
+                packed = (di + RADIUS) * K + dj + RADIUS
+                w_lr = tl.load(weight_ptr + packed * C + c, mask=c_in, other=0.)
+                w_td = tl.load(weight_ptr + (K * K + packed) * C + c, mask=c_in, other=0.)
+                if ADJOINT:
+                    lr, lr_in, td, td_in = _adjoint_pixels(h, w_rolled, h_rolled, w, di, dj, H, W)
+                else:
+                    lr, lr_in, td, td_in = _forward_pixels(h, w, shift_h, shift_w, di, dj, H, W)
+                x_lr = tl.load(src_ptr + (lr * C)[:, None] + c[None, :],
+                               mask=(p_in & lr_in)[:, None] & c_in[None, :], other=0.)
+                x_td = tl.load(src_ptr + (td * C)[:, None] + c[None, :],
+                               mask=(p_in & td_in)[:, None] & c_in[None, :], other=0.)
+                part += x_lr.to(tl.float32) * w_lr[None, :]  # two fused multiply-adds
+                part += x_td.to(tl.float32) * w_td[None, :]
+                row_done = dj == radius  # the next tap, row by row, without a division
+                di = tl.where(row_done, di + 1, di)
+                dj = tl.where(row_done, -radius, dj + 1)
+            acc = tl.where(((c >= start) & (c < end))[None, :], part, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + c, mask=c_in, other=0.)[None, :]
         out = out_ptr + image + p[:, None] * C + c[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_in[:, None] & c_in[None, :])
 
     @triton.jit
-    def _weight_grad_kernel(x_ptr, grad_ptr, shift_ptr, radius_ptr, partial_ptr, N, H, W, C,
-                            pixels_per_program, RADIUS: tl.constexpr, TAPS: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Partial weight gradients of both branches over one range of the batch's pixels:
-        ``partial[program, branch, tap, c] = sum_pixels grad * source(tap)``."""
+    def _weight_grad_kernel(x_ptr, grad_ptr, group_ptr, channel_group_ptr, partial_ptr, N, H, W, C,
+                            pixels_per_program, RADIUS: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+        """Partial gradients of one tap of both branches' kernels over one range of the batch's
+        pixels: ``partial[program, branch, tap, c] = sum_pixels grad * source(tap)``."""
         K: tl.constexpr = 2 * RADIUS + 1
-        split = tl.program_id(0)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        tap = tl.program_id(0)
+        di = tap // K - RADIUS
+        dj = tap % K - RADIUS
+        c0 = tl.program_id(1) * BLOCK_C
+        c = c0 + tl.arange(0, BLOCK_C)
         c_in = c < C
-        taps = tl.arange(0, TAPS)
-        shift = tl.load(shift_ptr + c, mask=c_in, other=0)
-        radius = tl.load(radius_ptr + c, mask=c_in, other=-1)
-        shift_w = (shift % W + W) % W
-        shift_h = (shift % H + H) % H
-        acc_lr = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
-        acc_td = tl.zeros((TAPS, BLOCK_C), dtype=tl.float32)
-        start = split * pixels_per_program
-        end = tl.minimum(start + pixels_per_program, N * H * W)
-        for first in range(start, end, BLOCK_P):
-            p = first + tl.arange(0, BLOCK_P)
-            p_in = p < end
-            n = p // (H * W)
-            h = p % (H * W) // W
-            w = p % W
-            image = (n.to(tl.int64) * H * W * C)[:, None]
-            grad = tl.load(grad_ptr + p.to(tl.int64)[:, None] * C + c[None, :],
-                           mask=p_in[:, None] & c_in[None, :], other=0.).to(tl.float32)
-            for tap in range(K * K):
-                di, dj, tap_in = _tap(tap, RADIUS, radius, c_in)
-                lr, lr_in, td, td_in = _forward_sources(h, w, shift_h, shift_w, di, dj, H, W, C, c)
-                mask = p_in[:, None] & tap_in[None, :]
-                x_lr = tl.load(x_ptr + image + lr, mask=mask & lr_in, other=0.).to(tl.float32)
-                x_td = tl.load(x_ptr + image + td, mask=mask & td_in, other=0.).to(tl.float32)
-                here = taps[:, None] == tap
-                acc_lr += tl.where(here, tl.sum(grad * x_lr, axis=0)[None, :], 0.)
-                acc_td += tl.where(here, tl.sum(grad * x_td, axis=0)[None, :], 0.)
-        out = partial_ptr + (split * 2 * K * K + taps[:, None]) * C + c[None, :]
-        mask = (taps < K * K)[:, None] & c_in[None, :]
-        tl.store(out, acc_lr, mask=mask)
-        tl.store(out + K * K * C, acc_td, mask=mask)
+        split = tl.program_id(2)
+        begin = split * pixels_per_program
+        end_p = tl.minimum(begin + pixels_per_program, N * H * W)
+        sum_lr = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        sum_td = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        first, last = _block_groups(channel_group_ptr, c0, C, BLOCK_C)
+        for g in range(first, last + 1):
+            start, end, radius, shift_h, shift_w = _group(group_ptr, g, H, W)
+            in_kernel = (di <= radius) & (-di <= radius) & (dj <= radius) & (-dj <= radius)
+            acc_lr = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            acc_td = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+            for first_p in range(begin, tl.where(in_kernel, end_p, begin), BLOCK_P):
+                p = first_p + tl.arange(0, BLOCK_P)
+                p_in = p < end_p
+                h = p % (H * W) // W
+                w = p % W
+                image = (p // (H * W)).to(tl.int64) * H * W * C
+                grad = tl.load(grad_ptr + p.to(tl.int64)[:, None] * C + c[None, :],
+                               mask=p_in[:, None] & c_in[None, :], other=0.)
+                lr, lr_in, td, td_in = _forward_pixels(h, w, shift_h, shift_w, di, dj, H, W)
+                x_lr = tl.load(x_ptr + (image + lr * C)[:, None] + c[None, :],
+                               mask=(p_in & lr_in)[:, None] & c_in[None, :], other=0.)
+                x_td = tl.load(x_ptr + (image + td * C)[:, None] + c[None, :],
+                               mask=(p_in & td_in)[:, None] & c_in[None, :], other=0.)
+                acc_lr += grad.to(tl.float32) * x_lr.to(tl.float32)
+                acc_td += grad.to(tl.float32) * x_td.to(tl.float32)
+            in_group = (c >= start) & (c < end)
+            sum_lr = tl.where(in_group, tl.sum(acc_lr, axis=0), sum_lr)
+            sum_td = tl.where(in_group, tl.sum(acc_td, axis=0), sum_td)
+        out = partial_ptr + (split * 2 * K * K + tap) * C + c
+        tl.store(out, sum_lr, mask=c_in)
+        tl.store(out + K * K * C, sum_td, mask=c_in)
 
 
 # ----- launches ------------------------------------------------------------------------------
@@ -197,66 +222,77 @@ def _check_runnable(t: torch.Tensor) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _channel_table(shifts: Tuple[int, ...], kernel_sizes: Tuple[int, ...], group_sizes: Tuple[int, ...],
-                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per channel: the group's shift and kernel radius (int32, on ``device``)."""
-    sizes = torch.tensor(group_sizes)
-    shift = torch.repeat_interleave(torch.tensor(shifts, dtype=torch.int32), sizes)
-    radius = torch.repeat_interleave(torch.tensor([k // 2 for k in kernel_sizes], dtype=torch.int32), sizes)
-    return shift.to(device), radius.to(device)
+def _group_tables(shifts: Tuple[int, ...], kernel_sizes: Tuple[int, ...], group_sizes: Tuple[int, ...],
+                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per group its first and end channel, shift and kernel radius; per channel its group
+    (int32, on ``device``)."""
+    ends = torch.tensor(group_sizes).cumsum(0)
+    groups = torch.stack([ends - torch.tensor(group_sizes), ends, torch.tensor(shifts),
+                          torch.tensor([k // 2 for k in kernel_sizes])], 1)
+    channel_group = torch.repeat_interleave(torch.arange(len(group_sizes)), torch.tensor(group_sizes))
+    return groups.to(device, torch.int32).contiguous(), channel_group.to(device, torch.int32)
 
 
-def _block_sizes(pixels: int, channels: int, max_channels: int = 64) -> Tuple[int, int]:
-    return min(64, triton.next_power_of_2(pixels)), min(max_channels, triton.next_power_of_2(channels))
+def _block_sizes(pixels: int, channels: int) -> Tuple[int, int]:
+    """The interpreter's tile (it cannot time tiles): the smallest holding the map, up to 64 x 64."""
+    return min(64, triton.next_power_of_2(pixels)), min(64, triton.next_power_of_2(channels))
 
 
-# Tiles of the mixer kernel on a GPU, each compiled for sm_90 without register spills
-# (tests/test_triton_compile.py); triton times them on the first call of each map size and
-# keeps the fastest. The interpreter runs _block_sizes' tile (_one_tile_kernel).
-MIX_CONFIGS = [(64, 64, 8), (32, 64, 4), (16, 64, 2), (64, 32, 4), (32, 32, 2)]  # BLOCK_P, BLOCK_C, warps
-WEIGHT_GRAD_WARPS = 4
+# Tiles (BLOCK_P pixels, BLOCK_C channels, warps) of the kernels on a GPU, each compiled for sm_90
+# without register spills (tests/test_triton_compile.py); triton times them on the first call of
+# each map size and keeps the fastest. Narrow channel blocks suit stages whose groups are narrow
+# (20 channels in msmlp_tiny's first stage): a block runs the taps of every group it overlaps.
+MIX_CONFIGS = [(64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 32, 8), (64, 16, 2), (128, 16, 4)]
+WEIGHT_GRAD_CONFIGS = [(64, 32, 4), (64, 16, 2), (128, 16, 4)]
+PIXEL_UNIT = 128  # the weight gradient's pixel ranges are multiples of every tile's BLOCK_P
+
+
+def _tuned(kernel, configs, key: List[str]):
+    return triton.autotune([triton.Config(dict(BLOCK_P=p, BLOCK_C=c), num_warps=warps) for p, c, warps in configs],
+                           key=key)(kernel)
+
 
 if triton is not None:
-    _mix_kernel_tuned = triton.autotune(
-        [triton.Config(dict(BLOCK_P=p, BLOCK_C=c), num_warps=warps) for p, c, warps in MIX_CONFIGS],
-        key=['H', 'W', 'C', 'RADIUS', 'ADJOINT'])(_mix_kernel)
+    _mix_kernel_tuned = _tuned(_mix_kernel, MIX_CONFIGS, ['H', 'W', 'C', 'RADIUS', 'ADJOINT'])
+    _weight_grad_kernel_tuned = _tuned(_weight_grad_kernel, WEIGHT_GRAD_CONFIGS, ['N', 'H', 'W', 'C', 'RADIUS'])
+
+
+@functools.lru_cache(maxsize=None)
+def _one_tile(kernel, block_p: int, block_c: int):
+    """``kernel`` tuned to a single tile, for the interpreter: the launch is the GPU's, config
+    and grid included."""
+    return _tuned(kernel, [(block_p, block_c, 4)], [])
 
 
 def _launch_mix(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
                 shifts, kernel_sizes, group_sizes, adjoint: bool) -> torch.Tensor:
     _check_runnable(src)
     n, h, w, c = src.shape
-    shift, radius = _channel_table(tuple(shifts), tuple(kernel_sizes), tuple(group_sizes), src.device)
+    groups, channel_group = _group_tables(tuple(shifts), tuple(kernel_sizes), tuple(group_sizes), src.device)
     out = torch.empty(src.shape, dtype=out_dtype, device=src.device)
-    args = (src, weight, weight if bias is None else bias, shift, radius, out, h, w, c)
+    args = (src, weight, weight if bias is None else bias, groups, channel_group, out, h, w, c)
     options = dict(RADIUS=max(kernel_sizes) // 2, ADJOINT=adjoint, HAS_BIAS=bias is not None)
-    kernel = _one_tile_kernel(*_block_sizes(h * w, c)) if interpreted() else _mix_kernel_tuned
+    kernel = _one_tile(_mix_kernel, *_block_sizes(h * w, c)) if interpreted() else _mix_kernel_tuned
     kernel[lambda meta: (n, triton.cdiv(h * w, meta['BLOCK_P']), triton.cdiv(c, meta['BLOCK_C']))](*args, **options)
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _one_tile_kernel(block_p: int, block_c: int):
-    """The mixer kernel tuned to a single tile, for the interpreter (which cannot time tiles):
-    the launch is the GPU's, config and grid included."""
-    return triton.autotune([triton.Config(dict(BLOCK_P=block_p, BLOCK_C=block_c))], key=[])(_mix_kernel)
 
 
 def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_sizes, group_sizes) -> torch.Tensor:
     _check_runnable(x)
     n, h, w, c = x.shape
-    shift, radius = _channel_table(tuple(shifts), tuple(kernel_sizes), tuple(group_sizes), x.device)
+    groups, channel_group = _group_tables(tuple(shifts), tuple(kernel_sizes), tuple(group_sizes), x.device)
     size = max(kernel_sizes)
-    block_p, block_c = _block_sizes(n * h * w, c, max_channels=32)  # two (taps, channels) accumulators
-    channel_blocks = triton.cdiv(c, block_c)
-    chunks = triton.cdiv(n * h * w, block_p)
-    splits = max(1, min(chunks, WEIGHT_GRAD_PROGRAMS // channel_blocks))
-    pixels_per_program = triton.cdiv(chunks, splits) * block_p
+    units = triton.cdiv(n * h * w, PIXEL_UNIT)
+    splits = max(1, min(units, triton.cdiv(WEIGHT_GRAD_PROGRAMS, size * size * triton.cdiv(c, 32))))
+    pixels_per_program = triton.cdiv(units, splits) * PIXEL_UNIT
     splits = triton.cdiv(n * h * w, pixels_per_program)
     partial = torch.empty(splits, 2, size * size, c, dtype=torch.float32, device=x.device)
-    _weight_grad_kernel[(splits, channel_blocks)](
-        x, grad, shift, radius, partial, n, h, w, c, pixels_per_program, RADIUS=size // 2,
-        TAPS=triton.next_power_of_2(size * size), BLOCK_P=block_p, BLOCK_C=block_c, num_warps=WEIGHT_GRAD_WARPS)
+    if interpreted():
+        kernel = _one_tile(_weight_grad_kernel, *_block_sizes(n * h * w, min(c, 32)))
+    else:
+        kernel = _weight_grad_kernel_tuned
+    kernel[lambda meta: (size * size, triton.cdiv(c, meta['BLOCK_C']), splits)](
+        x, grad, groups, channel_group, partial, n, h, w, c, pixels_per_program, RADIUS=size // 2)
     return partial.sum(0)
 
 

@@ -111,6 +111,22 @@ def test_matches_reference(case, monkeypatch):
     assert_agree(triton_run(x, params, shifts, kernels, groups, grad), ref, 1e-5)
 
 
+@pytest.mark.parametrize('tile', [(16, 8), (32, 16)], ids=['16x8', '32x16'])
+def test_every_tile_matches_reference(tile, monkeypatch):
+    """Channel blocks narrower than a group, blocks holding parts of two groups, pixel tiles
+    smaller than the map (the GPU's tuned tiles; the interpreter otherwise runs the largest)."""
+    if not triton_mix.interpreted():
+        pytest.skip('on a GPU the autotuner chooses the tiles')
+    monkeypatch.setattr(triton_mix, '_block_sizes', lambda pixels, channels: tile)
+    dim, kernels, shifts, (n, h, w), _ = CASES['96ch-7x9']
+    _, params = block_params(dim, kernels)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
+    grad = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
+    ours = triton_run(x, params, shifts, kernels, channel_groups(dim), grad)
+    assert_agree(ours, reference_run(x, params, shifts, grad), 1e-5)
+
+
 def test_bf16_within_its_precision():
     dim, kernels = 24, (1, 3, 3, 5, 7)
     block, params = block_params(dim, kernels)
