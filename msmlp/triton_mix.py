@@ -167,9 +167,15 @@ if triton is not None:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_in[:, None] & c_in[None, :])
 
     @triton.jit
+    def _divide(n, magic, shift):
+        """``n // d`` for ``0 <= n < 2**31`` by ``_magic(d)``'s multiplier and shift: one wide
+        multiply instead of a division's twenty instructions."""
+        return ((n.to(tl.uint64) * magic.to(tl.uint64)) >> shift).to(tl.int32)
+
+    @triton.jit
     def _weight_grad_kernel(x_ptr, grad_ptr, group_ptr, channel_group_ptr, partial_ptr, N, H, W, C,
-                            pixels_per_program, RADIUS: tl.constexpr, BLOCK_P: tl.constexpr,
-                            BLOCK_C: tl.constexpr):
+                            pixels_per_program, h_magic, h_shift, w_magic, w_shift, RADIUS: tl.constexpr,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Partial gradients of one tap of both branches' kernels over one range of the batch's
         pixels: ``partial[program, branch, tap, c] = sum_pixels grad * source(tap)``."""
         K: tl.constexpr = 2 * RADIUS + 1
@@ -193,15 +199,16 @@ if triton is not None:
             for first_p in range(begin, tl.where(in_kernel, end_p, begin), BLOCK_P):
                 p = first_p + tl.arange(0, BLOCK_P)
                 p_in = p < end_p
-                h = p % (H * W) // W
-                w = p % W
-                image = (p // (H * W)).to(tl.int64) * H * W * C
+                rows = _divide(p, w_magic, w_shift)  # image * H + row
+                w = p - rows * W
+                h = rows - _divide(rows, h_magic, h_shift) * H
+                top = (rows - h) * W  # the image's first pixel
                 grad = tl.load(grad_ptr + p.to(tl.int64)[:, None] * C + c[None, :],
                                mask=p_in[:, None] & c_in[None, :], other=0.)
                 lr, lr_in, td, td_in = _forward_pixels(h, w, shift_h, shift_w, di, dj, H, W)
-                x_lr = tl.load(x_ptr + (image + lr * C)[:, None] + c[None, :],
+                x_lr = tl.load(x_ptr + (top + lr).to(tl.int64)[:, None] * C + c[None, :],
                                mask=(p_in & lr_in)[:, None] & c_in[None, :], other=0.)
-                x_td = tl.load(x_ptr + (image + td * C)[:, None] + c[None, :],
+                x_td = tl.load(x_ptr + (top + td).to(tl.int64)[:, None] * C + c[None, :],
                                mask=(p_in & td_in)[:, None] & c_in[None, :], other=0.)
                 acc_lr += grad.to(tl.float32) * x_lr.to(tl.float32)
                 acc_td += grad.to(tl.float32) * x_td.to(tl.float32)
@@ -277,6 +284,14 @@ def _launch_mix(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return out
 
 
+def _magic(divisor: int) -> Tuple[int, int]:
+    """The multiplier ``m`` (in ``[2**31, 2**32)``) and shift ``s`` with ``n // divisor == (n * m) >> s``
+    for every ``0 <= n < 2**31`` (Granlund and Montgomery, 1994: ``m * divisor`` exceeds ``2**s`` by
+    at most ``2**(s - 31)``)."""
+    shift = 31 + (divisor - 1).bit_length()
+    return -(-(1 << shift) // divisor), shift
+
+
 def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_sizes, group_sizes) -> torch.Tensor:
     _check_runnable(x)
     n, h, w, c = x.shape
@@ -292,7 +307,8 @@ def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_size
     else:
         kernel = _weight_grad_kernel_tuned
     kernel[lambda meta: (size * size, triton.cdiv(c, meta['BLOCK_C']), splits)](
-        x, grad, groups, channel_group, partial, n, h, w, c, pixels_per_program, RADIUS=size // 2)
+        x, grad, groups, channel_group, partial, n, h, w, c, pixels_per_program, *_magic(h), *_magic(w),
+        RADIUS=size // 2)
     return partial.sum(0)
 
 

@@ -19,3 +19,19 @@ def test_triton_mixer_checks_pass_in_their_own_process():
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert ' passed' in summary and 'skipped' not in summary, summary
+
+
+def test_the_weight_gradients_division_by_multiply_is_exact():
+    """``_magic(d)`` locates pixels with a multiply: exact for every numerator below 2**31."""
+    pytest.importorskip('triton')
+    import random
+    from msmlp.triton_mix import _magic
+    generator = random.Random(0)
+    divisors = list(range(1, 3000)) + [generator.randrange(1, 2 ** 31) for _ in range(1000)] + [2 ** 30, 2 ** 31 - 1]
+    for d in divisors:
+        m, s = _magic(d)
+        assert 2 ** 31 <= m < 2 ** 32  # an unsigned 32-bit multiplier: one wide multiply
+        largest = (2 ** 31 - 1) // d * d
+        for n in (0, 1, d - 1, d, d + 1, largest - 1, largest, 2 ** 31 - 1, generator.randrange(2 ** 31)):
+            if 0 <= n < 2 ** 31:
+                assert (n * m) >> s == n // d, (n, d)
