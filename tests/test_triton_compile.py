@@ -4,7 +4,10 @@ its bundled ptxas, whose report gives registers and spills (the size of the PTX 
 the tap loop was unrolled). Triton's interpreter
 (tests/triton_kernel_checks.py) checks what the kernels compute but accepts code the GPU
 compiler rejects (a constexpr reassigned in an unrolled loop did), and it cannot tell how
-large the compiled code is (fully unrolled, the mixer kernel took 11 minutes to compile)."""
+large the compiled code is (fully unrolled, the mixer kernel took 11 minutes to compile).
+
+``python tests/test_triton_compile.py`` prints every tuned tile's registers, spills and
+tap-loop instructions (the figures in docs/speed.md)."""
 import os
 import re
 import subprocess
@@ -161,3 +164,22 @@ def test_a_tap_costs_few_instructions_and_reads_whole_vectors(kernel):
     per_element = len(loop) / (block_p * block_c / (32 * num_warps))
     assert per_element <= limit, f'{per_element:.1f} instructions an element per tap'
     assert any('LDG.E.128' in line for line in loop), 'no 16-byte load in the tap loop'
+
+
+def tile_report() -> None:
+    """Each tuned tile's ptxas report and tap-loop cost on sm_90 (``python tests/test_triton_compile.py``)."""
+    print('| kernel | dtype | tile (pixels x channels, warps) | registers | spilled bytes | instructions an element per tap |')
+    print('|---|---|---|---|---|---|')
+    rows = [(name, dtype, tile, make(dtype, tile)) for dtype in ('bf16', 'fp32') for tile in triton_mix.MIX_CONFIGS
+            for name, make in (('forward', lambda d, t: mix_source(d, False, t[0], t[1])),
+                               ('input gradient', lambda d, t: mix_source(d, True, t[0], t[1])))]
+    rows += [('weight gradient', dtype, tile, weight_grad_source(dtype, tile[0], tile[1]))
+             for dtype in ('bf16', 'fp32') for tile in triton_mix.WEIGHT_GRAD_CONFIGS]
+    for name, dtype, (block_p, block_c, warps), source_ in rows:
+        registers, spilled = compiled_registers_and_spills(source_, HOPPER, warps)
+        per_element = len(innermost_loop(source_, warps)) / (block_p * block_c / (32 * warps))
+        print(f'| {name} | {dtype} | {block_p}x{block_c}, {warps} | {registers} | {spilled} | {per_element:.1f} |')
+
+
+if __name__ == '__main__':
+    tile_report()
