@@ -265,10 +265,21 @@ if triton is not None:
 
 
 @functools.lru_cache(maxsize=None)
-def _one_tile(kernel, block_p: int, block_c: int):
-    """``kernel`` tuned to a single tile, for the interpreter: the launch is the GPU's, config
-    and grid included."""
-    return _tuned(kernel, [(block_p, block_c, 4)], [])
+def _one_tile(kernel, block_p: int, block_c: int, warps: int = 4):
+    """``kernel`` tuned to a single tile: the launch is the tuned one's, config and grid included."""
+    return _tuned(kernel, [(block_p, block_c, warps)], [])
+
+
+def _weight_grad_launcher(pixels: int, channels: int):
+    """The interpreter's tile; under ``torch.use_deterministic_algorithms(True)`` (Lightning's
+    ``deterministic=True``) one fixed tile, since the order of the gradient's sums follows the
+    tile and the autotuner's choice follows timings; otherwise the tuned kernel. (The mixer's
+    outputs and input gradient sum each element's taps in one order whatever the tile.)"""
+    if interpreted():
+        return _one_tile(_weight_grad_kernel, *_block_sizes(pixels, min(channels, 32)))
+    if torch.are_deterministic_algorithms_enabled():
+        return _one_tile(_weight_grad_kernel, *WEIGHT_GRAD_CONFIGS[0])
+    return _weight_grad_kernel_tuned
 
 
 def _launch_mix(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
@@ -302,11 +313,7 @@ def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_size
     pixels_per_program = triton.cdiv(units, splits) * PIXEL_UNIT
     splits = triton.cdiv(n * h * w, pixels_per_program)
     partial = torch.empty(splits, 2, size * size, c, dtype=torch.float32, device=x.device)
-    if interpreted():
-        kernel = _one_tile(_weight_grad_kernel, *_block_sizes(n * h * w, min(c, 32)))
-    else:
-        kernel = _weight_grad_kernel_tuned
-    kernel[lambda meta: (size * size, triton.cdiv(c, meta['BLOCK_C']), splits)](
+    _weight_grad_launcher(n * h * w, c)[lambda meta: (size * size, triton.cdiv(c, meta['BLOCK_C']), splits)](
         x, grad, groups, channel_group, partial, n, h, w, c, pixels_per_program, *_magic(h), *_magic(w),
         RADIUS=size // 2)
     return partial.sum(0)
