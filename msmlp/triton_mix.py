@@ -251,7 +251,10 @@ def _block_sizes(pixels: int, channels: int) -> Tuple[int, int]:
 # (20 channels in msmlp_tiny's first stage): a block runs the taps of every group it overlaps.
 MIX_CONFIGS = [(64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 32, 8), (64, 16, 2), (128, 16, 4)]
 WEIGHT_GRAD_CONFIGS = [(64, 32, 4), (64, 16, 2), (128, 16, 4)]
-PIXEL_UNIT = 128  # the weight gradient's pixel ranges are multiples of every tile's BLOCK_P
+# The weight gradient's pixel ranges are multiples of every tile's BLOCK_P (powers of two), and
+# its interpreter tile is no wider than its widest tuned channel block.
+PIXEL_UNIT = max(block_p for block_p, _, _ in WEIGHT_GRAD_CONFIGS)
+WEIGHT_GRAD_CHANNELS = max(block_c for _, block_c, _ in WEIGHT_GRAD_CONFIGS)
 
 
 def _tuned(kernel, configs, key: List[str]):
@@ -276,7 +279,7 @@ def _weight_grad_launcher(pixels: int, channels: int):
     tile and the autotuner's choice follows timings; otherwise the tuned kernel. (The mixer's
     outputs and input gradient sum each element's taps in one order whatever the tile.)"""
     if interpreted():
-        return _one_tile(_weight_grad_kernel, *_block_sizes(pixels, min(channels, 32)))
+        return _one_tile(_weight_grad_kernel, *_block_sizes(pixels, min(channels, WEIGHT_GRAD_CHANNELS)))
     if torch.are_deterministic_algorithms_enabled():
         return _one_tile(_weight_grad_kernel, *WEIGHT_GRAD_CONFIGS[0])
     return _weight_grad_kernel_tuned
@@ -309,7 +312,7 @@ def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_size
     groups, channel_group = _group_tables(tuple(shifts), tuple(kernel_sizes), tuple(group_sizes), x.device)
     size = max(kernel_sizes)
     units = triton.cdiv(n * h * w, PIXEL_UNIT)
-    splits = max(1, min(units, triton.cdiv(WEIGHT_GRAD_PROGRAMS, size * size * triton.cdiv(c, 32))))
+    splits = max(1, min(units, triton.cdiv(WEIGHT_GRAD_PROGRAMS, size * size * triton.cdiv(c, WEIGHT_GRAD_CHANNELS))))
     pixels_per_program = triton.cdiv(units, splits) * PIXEL_UNIT
     splits = triton.cdiv(n * h * w, pixels_per_program)
     partial = torch.empty(splits, 2, size * size, c, dtype=torch.float32, device=x.device)

@@ -147,6 +147,11 @@ def innermost_loop(source: ASTSource, num_warps: int) -> list:
     return min(loops, key=len)
 
 
+def instructions_per_element(loop: list, block_p: int, block_c: int, num_warps: int) -> float:
+    """A loop's instructions shared by the elements of the tile each thread holds."""
+    return len(loop) / (block_p * block_c / (32 * num_warps))
+
+
 @pytest.mark.skipif(not os.access(NVDISASM, os.X_OK), reason='triton ships no nvdisasm here')
 @pytest.mark.parametrize('kernel', ['forward', 'input-grad', 'weight-grad'])
 def test_a_tap_costs_few_instructions_and_reads_whole_vectors(kernel):
@@ -161,7 +166,7 @@ def test_a_tap_costs_few_instructions_and_reads_whole_vectors(kernel):
     else:
         (block_p, block_c, num_warps), limit = triton_mix.MIX_CONFIGS[0], 14
         loop = innermost_loop(mix_source('bf16', kernel == 'input-grad', block_p, block_c), num_warps)
-    per_element = len(loop) / (block_p * block_c / (32 * num_warps))
+    per_element = instructions_per_element(loop, block_p, block_c, num_warps)
     assert per_element <= limit, f'{per_element:.1f} instructions an element per tap'
     assert any('LDG.E.128' in line for line in loop), 'no 16-byte load in the tap loop'
 
@@ -177,7 +182,7 @@ def tile_report() -> None:
              for dtype in ('bf16', 'fp32') for tile in triton_mix.WEIGHT_GRAD_CONFIGS]
     for name, dtype, (block_p, block_c, warps), source_ in rows:
         registers, spilled = compiled_registers_and_spills(source_, HOPPER, warps)
-        per_element = len(innermost_loop(source_, warps)) / (block_p * block_c / (32 * warps))
+        per_element = instructions_per_element(innermost_loop(source_, warps), block_p, block_c, warps)
         print(f'| {name} | {dtype} | {block_p}x{block_c}, {warps} | {registers} | {spilled} | {per_element:.1f} |')
 
 
