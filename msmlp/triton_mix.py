@@ -273,6 +273,13 @@ def _one_tile(kernel, block_p: int, block_c: int, warps: int = 4):
     return _tuned(kernel, [(block_p, block_c, warps)], [])
 
 
+def _mix_launcher(pixels: int, channels: int):
+    """The interpreter's tile, or the tuned kernel (deterministic whatever the tile)."""
+    if interpreted():
+        return _one_tile(_mix_kernel, *_block_sizes(pixels, channels))
+    return _mix_kernel_tuned
+
+
 def _weight_grad_launcher(pixels: int, channels: int):
     """The interpreter's tile; under ``torch.use_deterministic_algorithms(True)`` (Lightning's
     ``deterministic=True``) one fixed tile, since the order of the gradient's sums follows the
@@ -293,8 +300,7 @@ def _launch_mix(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     out = torch.empty(src.shape, dtype=out_dtype, device=src.device)
     args = (src, weight, weight if bias is None else bias, groups, channel_group, out, h, w, c)
     options = dict(RADIUS=max(kernel_sizes) // 2, ADJOINT=adjoint, HAS_BIAS=bias is not None)
-    kernel = _one_tile(_mix_kernel, *_block_sizes(h * w, c)) if interpreted() else _mix_kernel_tuned
-    kernel[lambda meta: (n, triton.cdiv(h * w, meta['BLOCK_P']), triton.cdiv(c, meta['BLOCK_C']))](*args, **options)
+    _mix_launcher(h * w, c)[lambda meta: (n, triton.cdiv(h * w, meta['BLOCK_P']), triton.cdiv(c, meta['BLOCK_C']))](*args, **options)
     return out
 
 

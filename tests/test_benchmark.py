@@ -90,6 +90,20 @@ def test_a_model_that_cannot_run_the_setting_gets_a_failed_row(capsys, monkeypat
     assert float(rows['msmlp_tiny (fast)']['x msmlp_tiny (reference)']) > 0
 
 
+def test_a_triton_row_times_the_triton_mixer_or_is_left_out_with_a_note(capsys, monkeypatch):
+    """On the CPU without the interpreter mix_impl='triton' runs the fast path, so a row labelled
+    triton would time the fast path under the wrong name."""
+    argv = ['--model', 'msmlp_tiny', '--triton', '--no-reference', '--no-memory', *TINY]
+    assert benchmark.main(argv) == 0
+    captured = capsys.readouterr()
+    assert list(table_rows(captured.out)[1]) == ['msmlp_tiny (fast)']
+    assert "no triton row: the Triton mixer runs on a CUDA device" in captured.err
+    monkeypatch.setattr(benchmark, 'triton_runs_on', lambda device: True)
+    rows = benchmark.build_rows(benchmark.parse_args(argv))
+    assert [row.label for row in rows] == ['msmlp_tiny (fast)', 'msmlp_tiny (triton)']
+    assert {block.mix_impl for block in rows[1].model.modules() if hasattr(block, 'mix_impl')} == {'triton'}
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--img-size', '800x'], '--img-size must be N or HxW'),
     (['--batch-size', '0'], '--batch-size must be at least 1'),

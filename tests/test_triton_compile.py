@@ -62,9 +62,13 @@ def weight_grad_source(dtype: str, block_p: int, block_c: int) -> ASTSource:
 MAX_PTX_BYTES = 256 * 1024
 
 
-def compiled_registers_and_spills(source: ASTSource, target: GPUTarget, num_warps: int):
-    """Compile to a cubin for ``target``; ptxas' report of the kernel: (registers, spilled bytes)."""
-    kernel = triton.compile(source, target=target, options=dict(num_warps=num_warps))
+def compiled(source: ASTSource, num_warps: int, target: GPUTarget = HOPPER):
+    """``source`` compiled to a cubin for ``target`` (its PTX and cubin in ``.asm``)."""
+    return triton.compile(source, target=target, options=dict(num_warps=num_warps))
+
+
+def registers_and_spills(kernel, target: GPUTarget = HOPPER):
+    """ptxas' report of a compiled kernel: (registers, spilled bytes); (None, None) without ptxas."""
     assert kernel.asm['cubin'], 'no cubin'
     assert len(kernel.asm['ptx']) < MAX_PTX_BYTES, f'{len(kernel.asm["ptx"]) // 1024} KiB of PTX: unrolled?'
     if not os.access(PTXAS, os.X_OK):
@@ -82,7 +86,7 @@ def compiled_registers_and_spills(source: ASTSource, target: GPUTarget, num_warp
 
 
 def assert_fits(source, target, num_warps):
-    registers, spilled = compiled_registers_and_spills(source, target, num_warps)
+    registers, spilled = registers_and_spills(compiled(source, num_warps, target), target)
     if registers is not None:
         assert spilled == 0 and registers <= 255, f'{registers} registers, {spilled} bytes spilled'
 
@@ -117,16 +121,15 @@ def test_every_kernel_compiles_for_ampere():
 
 def test_a_spilling_tile_is_caught():
     """The check above can fail: a 128x64 tile on 2 warps (128 values a thread) spills."""
-    registers, spilled = compiled_registers_and_spills(mix_source('bf16', True, 128, 64), HOPPER, 2)
+    registers, spilled = registers_and_spills(compiled(mix_source('bf16', True, 128, 64), 2))
     if registers is None:
         pytest.skip('triton ships no ptxas here')
     assert spilled > 0
 
 
-def innermost_loop(source: ASTSource, num_warps: int) -> list:
+def innermost_loop(kernel) -> list:
     """The instructions of the shortest loop (a branch back to an earlier label; the branch to
-    itself that ends every kernel is not one) in the sm_90 SASS."""
-    kernel = triton.compile(source, target=HOPPER, options=dict(num_warps=num_warps))
+    itself that ends every kernel is not one) in a kernel's SASS."""
     with tempfile.TemporaryDirectory() as folder:
         cubin = os.path.join(folder, 'kernel.cubin')
         with open(cubin, 'wb') as f:
@@ -162,10 +165,10 @@ def test_a_tap_costs_few_instructions_and_reads_whole_vectors(kernel):
     computed per pixel and channel, pixels located by integer division) took 49, 45 and 51-63."""
     if kernel == 'weight-grad':
         (block_p, block_c, num_warps), limit = triton_mix.WEIGHT_GRAD_CONFIGS[0], 20
-        loop = innermost_loop(weight_grad_source('bf16', block_p, block_c), num_warps)
+        loop = innermost_loop(compiled(weight_grad_source('bf16', block_p, block_c), num_warps))
     else:
         (block_p, block_c, num_warps), limit = triton_mix.MIX_CONFIGS[0], 14
-        loop = innermost_loop(mix_source('bf16', kernel == 'input-grad', block_p, block_c), num_warps)
+        loop = innermost_loop(compiled(mix_source('bf16', kernel == 'input-grad', block_p, block_c), num_warps))
     per_element = instructions_per_element(loop, block_p, block_c, num_warps)
     assert per_element <= limit, f'{per_element:.1f} instructions an element per tap'
     assert any('LDG.E.128' in line for line in loop), 'no 16-byte load in the tap loop'
@@ -181,8 +184,9 @@ def tile_report() -> None:
     rows += [('weight gradient', dtype, tile, weight_grad_source(dtype, tile[0], tile[1]))
              for dtype in ('bf16', 'fp32') for tile in triton_mix.WEIGHT_GRAD_CONFIGS]
     for name, dtype, (block_p, block_c, warps), source_ in rows:
-        registers, spilled = compiled_registers_and_spills(source_, HOPPER, warps)
-        per_element = instructions_per_element(innermost_loop(source_, warps), block_p, block_c, warps)
+        kernel = compiled(source_, warps)
+        registers, spilled = registers_and_spills(kernel)
+        per_element = instructions_per_element(innermost_loop(kernel), block_p, block_c, warps)
         print(f'| {name} | {dtype} | {block_p}x{block_c}, {warps} | {registers} | {spilled} | {per_element:.1f} |')
 
 
