@@ -119,19 +119,19 @@ if triton is not None:
         return row * W + col, lr_inside, row_td * W + col_td, td_inside
 
     @triton.jit
-    def _mix_kernel(src_ptr, weight_ptr, bias_ptr, group_ptr, channel_group_ptr, out_ptr, H, W, C,
+    def _mix_kernel(src_ptr, weight_ptr, bias_ptr, group_ptr, channel_group_ptr, out_ptr, N, H, W, C,
                     RADIUS: tl.constexpr, ADJOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         """Forward mixer of ``src`` (or, ``ADJOINT``, its input gradient from ``src = grad``)."""
         K: tl.constexpr = 2 * RADIUS + 1
-        p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-        c0 = tl.program_id(2) * BLOCK_C
+        p = (tl.program_id(0) // N) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c0 = tl.program_id(1) * BLOCK_C
         c = c0 + tl.arange(0, BLOCK_C)
         p_in = p < H * W
         c_in = c < C
         h = p // W
         w = p % W
-        image = tl.program_id(0).to(tl.int64) * H * W * C
+        image = (tl.program_id(0) % N).to(tl.int64) * H * W * C
         src_ptr += image
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
         first, last = _block_groups(channel_group_ptr, c0, C, BLOCK_C)
@@ -273,6 +273,12 @@ def _one_tile(kernel, block_p: int, block_c: int, warps: int = 4):
     return _tuned(kernel, [(block_p, block_c, warps)], [])
 
 
+def _mix_grid(n: int, h: int, w: int, c: int):
+    """Programs (pixel tile x image, channel block): images vary fastest, and the pixel tiles
+    share the first axis, whose 2**31 - 1 programs fit any map (the others stop at 65535)."""
+    return lambda meta: (triton.cdiv(h * w, meta['BLOCK_P']) * n, triton.cdiv(c, meta['BLOCK_C']))
+
+
 def _mix_launcher(pixels: int, channels: int):
     """The interpreter's tile, or the tuned kernel (deterministic whatever the tile)."""
     if interpreted():
@@ -298,9 +304,9 @@ def _launch_mix(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     n, h, w, c = src.shape
     groups, channel_group = _group_tables(tuple(shifts), tuple(kernel_sizes), tuple(group_sizes), src.device)
     out = torch.empty(src.shape, dtype=out_dtype, device=src.device)
-    args = (src, weight, weight if bias is None else bias, groups, channel_group, out, h, w, c)
+    args = (src, weight, weight if bias is None else bias, groups, channel_group, out, n, h, w, c)
     options = dict(RADIUS=max(kernel_sizes) // 2, ADJOINT=adjoint, HAS_BIAS=bias is not None)
-    _mix_launcher(h * w, c)[lambda meta: (n, triton.cdiv(h * w, meta['BLOCK_P']), triton.cdiv(c, meta['BLOCK_C']))](*args, **options)
+    _mix_launcher(h * w, c)[_mix_grid(n, h, w, c)](*args, **options)
     return out
 
 

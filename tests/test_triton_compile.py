@@ -44,7 +44,7 @@ def mix_source(dtype: str, adjoint: bool, block_p: int, block_c: int) -> ASTSour
     pointers = dict(src_ptr=f'*{dtype}', weight_ptr='*fp32', bias_ptr='*fp32', group_ptr='*i32',
                     channel_group_ptr='*i32', out_ptr=f'*{dtype}')
     constants = dict(RADIUS=RADIUS, ADJOINT=adjoint, HAS_BIAS=not adjoint, BLOCK_P=block_p, BLOCK_C=block_c)
-    return source(triton_mix._mix_kernel, {**pointers, 'H': 'i32', 'W': 'i32', 'C': 'i32'}, constants,
+    return source(triton_mix._mix_kernel, {**pointers, 'N': 'i32', 'H': 'i32', 'W': 'i32', 'C': 'i32'}, constants,
                   list(pointers) + ['C'])
 
 

@@ -50,3 +50,16 @@ def test_deterministic_algorithms_fix_the_weight_gradients_tile(monkeypatch):
     fixed = triton_mix._weight_grad_launcher(3136, 96)
     block_p, block_c, warps = triton_mix.WEIGHT_GRAD_CONFIGS[0]
     assert [(c.kwargs, c.num_warps) for c in fixed.configs] == [(dict(BLOCK_P=block_p, BLOCK_C=block_c), warps)]
+
+
+def test_every_launch_grid_fits_cuda_limits_at_any_map_size():
+    """CUDA takes up to 2**31 - 1 programs on a grid's first axis and 65535 on the others. The
+    mixer's pixel tiles share the first axis with the images: the first stage of a 8000x8000
+    input (4M pixels) takes 125000 tiles of 32 pixels, which a second axis could not launch."""
+    pytest.importorskip('triton')
+    from msmlp import triton_mix
+    for n, h, w, c in [(1, 2000, 2000, 96), (2, 14, 14, 384), (1024, 56, 56, 96), (4, 3000, 5000, 16)]:
+        for block_p, block_c, _ in triton_mix.MIX_CONFIGS + [(16, 8, 1)]:
+            grid = triton_mix._mix_grid(n, h, w, c)(dict(BLOCK_P=block_p, BLOCK_C=block_c))
+            assert grid[0] == -(-h * w // block_p) * n and grid[1] == -(-c // block_c)
+            assert grid[0] < 2 ** 31 and all(size <= 65535 for size in grid[1:]), (n, h, w, c, grid)
