@@ -405,6 +405,10 @@ def pack_weights(weights_lr: Sequence[torch.Tensor], weights_td: Sequence[torch.
 def _check_layout(x: torch.Tensor, weights: Sequence[torch.Tensor], shifts, kernel_sizes, group_sizes) -> None:
     if x.dim() != 4:
         raise ValueError(f'expected an (N, H, W, C) map, got shape {tuple(x.shape)}')
+    n, h, w, c = x.shape
+    if max(h * w * c, n * h * w) >= 2 ** 31:
+        raise ValueError(f'a {n}x{h}x{w}x{c} map is too large for the Triton mixer, which indexes an image\'s '
+                         f'elements and the batch\'s pixels in 32 bits (each below 2**31): use mix_impl=\'fast\'')
     if not len(shifts) == len(kernel_sizes) == len(group_sizes):
         raise ValueError('shifts, kernel_sizes and group_sizes must give one entry per group')
     if sum(group_sizes) != x.shape[-1]:

@@ -63,3 +63,16 @@ def test_every_launch_grid_fits_cuda_limits_at_any_map_size():
             grid = triton_mix._mix_grid(n, h, w, c)(dict(BLOCK_P=block_p, BLOCK_C=block_c))
             assert grid[0] == -(-h * w // block_p) * n and grid[1] == -(-c // block_c)
             assert grid[0] < 2 ** 31 and all(size <= 65535 for size in grid[1:]), (n, h, w, c, grid)
+
+
+@pytest.mark.parametrize('shape', [(1, 47000, 47000, 1), (2 ** 16, 256, 128, 1)])
+def test_a_map_beyond_32_bit_indexing_is_refused_in_one_line(shape):
+    """An image's elements (H*W*C) and the batch's pixels (N*H*W) are indexed in 32 bits: beyond,
+    the addresses would wrap and the output be silently wrong."""
+    pytest.importorskip('triton')
+    import torch
+    from msmlp.triton_mix import shift_mix_triton
+    x = torch.empty(shape, device='meta')
+    weight, bias = torch.empty(1, 1, 1, 1, device='meta'), torch.empty(1, device='meta')
+    with pytest.raises(ValueError, match=r'too large for the Triton mixer.*mix_impl=.fast.'):
+        shift_mix_triton(x, [weight], [bias], [weight], [bias], [0], [1], [1])
