@@ -35,6 +35,7 @@ returned in ``x``'s dtype (bf16 or fp16 under autocast).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import List, Optional, Sequence, Tuple
 
@@ -228,6 +229,12 @@ def _check_runnable(t: torch.Tensor) -> None:
         raise RuntimeError('CPU tensors need Triton\'s interpreter: set TRITON_INTERPRET=1 before importing triton')
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device whatever device its tensors are on (torch's
+    own operators run on their tensors'): the tensors' device is made current for the launch."""
+    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
+
+
 @functools.lru_cache(maxsize=64)
 def _group_tables(shifts: Tuple[int, ...], kernel_sizes: Tuple[int, ...], group_sizes: Tuple[int, ...],
                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -306,7 +313,8 @@ def _launch_mix(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     out = torch.empty(src.shape, dtype=out_dtype, device=src.device)
     args = (src, weight, weight if bias is None else bias, groups, channel_group, out, n, h, w, c)
     options = dict(RADIUS=max(kernel_sizes) // 2, ADJOINT=adjoint, HAS_BIAS=bias is not None)
-    _mix_launcher(h * w, c)[_mix_grid(n, h, w, c)](*args, **options)
+    with _on_device(src.device):
+        _mix_launcher(h * w, c)[_mix_grid(n, h, w, c)](*args, **options)
     return out
 
 
@@ -328,9 +336,10 @@ def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_size
     pixels_per_program = triton.cdiv(units, splits) * PIXEL_UNIT
     splits = triton.cdiv(n * h * w, pixels_per_program)
     partial = torch.empty(splits, 2, size * size, c, dtype=torch.float32, device=x.device)
-    _weight_grad_launcher(n * h * w, c)[lambda meta: (size * size, triton.cdiv(c, meta['BLOCK_C']), splits)](
-        x, grad, groups, channel_group, partial, n, h, w, c, pixels_per_program, *_magic(h), *_magic(w),
-        RADIUS=size // 2)
+    with _on_device(x.device):
+        _weight_grad_launcher(n * h * w, c)[lambda meta: (size * size, triton.cdiv(c, meta['BLOCK_C']), splits)](
+            x, grad, groups, channel_group, partial, n, h, w, c, pixels_per_program, *_magic(h), *_magic(w),
+            RADIUS=size // 2)
     return partial.sum(0)
 
 

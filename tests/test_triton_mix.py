@@ -14,7 +14,9 @@ ROOT = Path(__file__).parents[1]
 def test_triton_mixer_checks_pass_in_their_own_process():
     pytest.importorskip('triton')
     env = dict(os.environ, TRITON_INTERPRET=os.environ.get('TRITON_INTERPRET', '1'))
-    result = subprocess.run([sys.executable, '-m', 'pytest', 'tests/triton_kernel_checks.py', '-q', '-p', 'no:cacheprovider'],
+    # every check must run; the one that needs two GPUs is left out here
+    result = subprocess.run([sys.executable, '-m', 'pytest', 'tests/triton_kernel_checks.py', '-q', '-p', 'no:cacheprovider',
+                             '-k', 'not second_gpu'],
                             cwd=ROOT, env=env, capture_output=True, text=True)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:]
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -183,6 +183,34 @@ def test_rejects_a_layout_that_does_not_match():
                                     block.group_sizes)
 
 
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the forward, input-gradient and
+    weight-gradient launches each make their tensors' device current."""
+    devices = []
+    guard = triton_mix._on_device
+    monkeypatch.setattr(triton_mix, '_on_device', lambda device: devices.append(device) or guard(device))
+    kernels = (1, 3, 3, 5, 7)
+    block, params = block_params(24, kernels)
+    x = torch.randn(1, 3, 4, 24, device=DEVICE, requires_grad=True)
+    triton_mix.shift_mix_triton(x, *params, SHIFTS, kernels, block.group_sizes).sum().backward()
+    assert devices == [x.device] * 3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two GPUs')
+def test_tensors_on_a_second_gpu_mix_there():
+    kernels = (1, 3, 3, 5, 7)
+    block, params = block_params(24, kernels)
+    block = block.to('cuda:1')
+    params = [[t.detach().to('cuda:1').requires_grad_() for t in group] for group in params]
+    x = torch.randn(2, 5, 7, 24, device='cuda:1', requires_grad=True)
+    with torch.cuda.device(0):
+        out = triton_mix.shift_mix_triton(x, *params, SHIFTS, kernels, block.group_sizes)
+        out.square().sum().backward()
+    expected = reference(x.detach().permute(0, 3, 1, 2), *params, SHIFTS).permute(0, 2, 3, 1)
+    assert out.device == x.grad.device == torch.device('cuda:1')
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
 # ----- the model with mix_impl='triton' --------------------------------------------------------
 def test_a_released_checkpoint_gives_the_released_logits_through_the_triton_mixer():
     from pathlib import Path
