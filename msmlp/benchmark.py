@@ -134,16 +134,12 @@ class Row:
         return statistics.median(self.times) if self.times else math.nan
 
 
-def triton_runs_on(device: str) -> bool:
-    from msmlp.mixing import triton_runs
-    return triton_runs(torch.empty(0, device=device))
-
-
 def build_rows(args: argparse.Namespace) -> List[Row]:
     name = resolve_model_name(args.model)
     rows = [Row(f'{name} (fast)' if name.startswith('msmlp') else name, name, create_model(name, args))]
     if mix_owner(rows[0].model) is not None and getattr(args, 'triton', False):
-        if triton_runs_on(args.device):
+        from msmlp.mixing import triton_runs_on
+        if triton_runs_on(torch.device(args.device)):
             rows.append(Row(f'{name} (triton)', name, create_model(name, args, 'triton')))
         else:  # mix_impl='triton' would run the fast path: a row so labelled would time the wrong thing
             print(f'msmlp benchmark: no triton row: the Triton mixer runs on a CUDA device with triton, or on the '

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from .model import MSMLPBlock
 
 __all__ = ['MIX_IMPLS', 'forward_fast', 'forward_triton', 'mix_fast', 'mix_reference', 'mix_triton', 'shift_mix',
-           'triton_runs']
+           'triton_runs', 'triton_runs_on']
 
 
 # ----- reference: the released computation ---------------------------------------------------
@@ -641,13 +641,18 @@ def _channel_mlp(block: 'MSMLPBlock', x: torch.Tensor, mixed: torch.Tensor) -> t
 
 
 # ----- triton: the mixer as one kernel (msmlp/triton_mix.py) ---------------------------------
-def triton_runs(x: torch.Tensor) -> bool:
-    """Whether the Triton mixer runs on ``x``: triton imports and ``x`` is on a GPU, or on the
-    CPU under Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    if x.device.type not in ('cuda', 'cpu'):
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton mixer runs on ``device``'s tensors: triton imports and the device is a
+    GPU, or the CPU under Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    if device.type not in ('cuda', 'cpu'):
         return False
     from . import triton_mix
-    return triton_mix.available() and (x.device.type == 'cuda') != triton_mix.interpreted()
+    return triton_mix.available() and (device.type == 'cuda') != triton_mix.interpreted()
+
+
+def triton_runs(x: torch.Tensor) -> bool:
+    """Whether the Triton mixer runs on ``x`` (``triton_runs_on`` its device)."""
+    return triton_runs_on(x.device)
 
 
 def _triton_mix_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:

@@ -98,7 +98,8 @@ def test_a_triton_row_times_the_triton_mixer_or_is_left_out_with_a_note(capsys, 
     captured = capsys.readouterr()
     assert list(table_rows(captured.out)[1]) == ['msmlp_tiny (fast)']
     assert "no triton row: the Triton mixer runs on a CUDA device" in captured.err
-    monkeypatch.setattr(benchmark, 'triton_runs_on', lambda device: True)
+    from msmlp import mixing
+    monkeypatch.setattr(mixing, 'triton_runs_on', lambda device: True)
     rows = benchmark.build_rows(benchmark.parse_args(argv))
     assert [row.label for row in rows] == ['msmlp_tiny (fast)', 'msmlp_tiny (triton)']
     assert {block.mix_impl for block in rows[1].model.modules() if hasattr(block, 'mix_impl')} == {'triton'}
