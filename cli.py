@@ -208,7 +208,9 @@ def describe_run(task: str, model, datamodule) -> str:
     """``task cls: msmlp_tiny (1.6M parameters) on <data>``: what runs on which data."""
     hparams = getattr(model, 'hparams', {})
     what = hparams.get('model') or hparams.get('config') or type(model).__name__
-    size = sum(p.numel() for p in model.parameters()) / 1e6
+    averaged = getattr(model, 'ema', None)  # the classifier's weight average is a copy, not more parameters
+    copies = sum(p.numel() for p in averaged.parameters()) if averaged is not None else 0
+    size = (sum(p.numel() for p in model.parameters()) - copies) / 1e6
     root = getattr(datamodule, 'hparams', {}).get('root')
     return f'task {task}: {what} ({size:.1f}M parameters) on ' + (str(root) if root else 'the embedded default data')
 
@@ -454,7 +456,9 @@ def continue_logs(loggers: Sequence, run_folder: Path, log_state: dict) -> None:
             continue
         if isinstance(logger, TensorBoardLogger) and purge_step is not None and logger._experiment is None:
             # the killed run's events from this step on came after the checkpoint; they are redone
-            logger._kwargs.setdefault('purge_step', int(purge_step))
+            # (LightningCLI passes purge_step=None unless it was given)
+            if logger._kwargs.get('purge_step') is None:
+                logger._kwargs['purge_step'] = int(purge_step)
         elif isinstance(logger, CSVLogger) and first_process():
             metrics = Path(logger.log_dir) / 'metrics.csv'
             kept = metrics.read_bytes() if metrics.is_file() else None

@@ -209,7 +209,7 @@ def truncate_csv(path: Path, rows: int) -> list:
     header, data = table[0], table[1:rows + 1]
     tmp = path.with_name(path.name + '.partial')
     with open(tmp, 'w', newline='') as f:
-        csv.writer(f, lineterminator='\n').writerows([header, *data])
+        csv.writer(f).writerows([header, *data])  # '\r\n', as Lightning's CSV writer ends its rows
     os.replace(tmp, path)
     return header
 

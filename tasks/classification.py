@@ -366,6 +366,8 @@ class ClassificationTask(BaseTask):
         self.ema = ModelEmaV3(self.model, decay=hp.ema_decay) if hp.ema else None
         if self.ema is not None:
             self.ema.train()  # never run in training; Lightning sets eval mode for validation
+            # updated from the model, never by the optimizer (DDP refuses parameters without gradients)
+            self.ema.requires_grad_(False)
 
     def configure_losses(self) -> None:
         hp = self.hparams

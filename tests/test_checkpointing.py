@@ -117,11 +117,16 @@ def test_checkpoints_record_the_csv_rows_and_the_step_the_logs_continue_from(tmp
     assert csv_data_rows(tmp_path / 'metrics.csv') == 22
 
 
-def test_csv_truncation_keeps_the_header_and_the_first_rows(tmp_path):
-    path = tmp_path / 'metrics.csv'
-    path.write_text('epoch,step,x\n0,0,1\n0,1,2\n0,2,3\n')
-    assert truncate_csv(path, 2) == ['epoch', 'step', 'x']
-    assert path.read_text() == 'epoch,step,x\n0,0,1\n0,1,2\n'
+def test_csv_truncation_keeps_the_header_and_the_first_rows_byte_for_byte(tmp_path):
+    from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+    writer = _ExperimentWriter(str(tmp_path))  # Lightning's own, so that the line endings are its own
+    for step in range(3):
+        writer.log_metrics({'x': step + 1}, step)
+    writer.save()
+    path = Path(writer.metrics_file_path)
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert truncate_csv(path, 2) == ['step', 'x']
+    assert path.read_bytes() == b''.join(lines[:3])
     assert csv_data_rows(path) == 2 and csv_data_rows(tmp_path / 'missing.csv') is None
 
 

@@ -394,8 +394,8 @@ def test_predict_shows_at_most_five_classes(in_tmp, capsys):
 
 def test_ema_weights_are_kept_beside_the_model(in_tmp, capsys):
     data = write_folder(in_tmp / 'folder', per_class=2)
-    status, _, _ = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.init_args.batch_size=2',
-                                               '--model.init_args.ema=true', '--model.init_args.ema_decay=0.5'))
+    status, out, _ = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.init_args.batch_size=2',
+                                                 '--model.init_args.ema=true', '--model.init_args.ema_decay=0.5'))
     assert status == 0
     path = in_tmp / 'runs/cls/version_0/checkpoints/last.ckpt'
     checkpoint = torch.load(path, weights_only=True)
@@ -406,6 +406,10 @@ def test_ema_weights_are_kept_beside_the_model(in_tmp, capsys):
     assert any(r.get('val/top1_ema') for r in read_metrics(in_tmp / 'runs/cls/version_0'))
     task = ClassificationTask.load_from_checkpoint(path)
     assert torch.equal(task.ema.module.state_dict()[key], ema[f'ema.module.{key}'])
+    # the average is no trainable parameter (DDP refuses those that get no gradient) and no extra size
+    assert not any(p.requires_grad for p in task.ema.parameters())
+    size = sum(p.numel() for p in task.model.parameters()) / 1e6
+    assert f'({size:.1f}M parameters)' in out
     msmlp.load_pretrained(msmlp.MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1)), path)
 
 

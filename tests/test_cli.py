@@ -225,3 +225,23 @@ def test_no_lightning_advertisement(caplog):
         rank_zero_info('💡 Tip: For seamless cloud logging ... try installing [litlogger](...)')
         rank_zero_info('GPU available: False, used: False')
     assert [r.getMessage() for r in caplog.records] == ['GPU available: False, used: False']
+
+
+def test_a_resumed_run_hides_the_killed_runs_later_tensorboard_events(tmp_path):
+    """LightningCLI builds the logger with ``purge_step=None``; the resumed run still purges."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    killed = TensorBoardLogger(tmp_path, name='run', version=0)
+    for step in range(0, 15, 2):  # logged up to step 14; its checkpoint was at step 12
+        killed.log_metrics({'loss': float(step)}, step)
+    killed.finalize('failed')
+    resumed = TensorBoardLogger(tmp_path, name='run', version=0, purge_step=None)
+    cli.continue_logs([resumed], Path(resumed.log_dir).resolve(), {'purge_step': 12, 'csv_rows': None})
+    for step in range(12, 19, 2):
+        resumed.log_metrics({'loss': step + 0.5}, step)
+    resumed.finalize('success')
+    events = EventAccumulator(resumed.log_dir)
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars('loss')]
+    assert logged == [(0, 0.), (2, 2.), (4, 4.), (6, 6.), (8, 8.), (10, 10.), (12, 12.5), (14, 14.5),
+                      (16, 16.5), (18, 18.5)]
