@@ -14,12 +14,14 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # The configs are installed beside this module (the ``configs`` package), as in the repository.
 CONFIGS_DIR = Path(__file__).resolve().parent / 'configs'
@@ -535,6 +537,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f'msmlp: error: {reason}', file=sys.stderr)
         return 1
+    except SIGTERMException:
+        if first_process():
+            print('msmlp: stopped by SIGTERM; the same command with --ckpt_path last resumes from the last '
+                  'checkpoint', file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM  # as a shell reports a process ended by the signal
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     return 0

@@ -4,6 +4,7 @@ import csv
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -411,6 +412,21 @@ def test_ema_weights_are_kept_beside_the_model(in_tmp, capsys):
     size = sum(p.numel() for p in task.model.parameters()) / 1e6
     assert f'({size:.1f}M parameters)' in out
     msmlp.load_pretrained(msmlp.MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1)), path)
+
+
+def test_a_run_stopped_by_sigterm_fails_and_says_how_to_resume(in_tmp, capsys, monkeypatch):
+    """A batch system's SIGTERM stops the run with the shell's status for it, so that
+    ``msmlp fit ... && msmlp test ...`` does not go on."""
+    def terminated_at_the_second_batch(task, outputs, batch, batch_idx):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler only marks it; the loop stops
+
+    monkeypatch.setattr(ClassificationTask, 'on_train_batch_end', terminated_at_the_second_batch)
+    data = write_folder(in_tmp / 'folder', per_class=4)
+    status, out, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=2', '--data.init_args.batch_size=2'))
+    assert status == 128 + signal.SIGTERM
+    assert 'msmlp: stopped by SIGTERM; the same command with --ckpt_path last resumes' in err
+    assert 'run finished' not in out
 
 
 def test_embedded_default_fast_dev_run(in_tmp, capsys):
