@@ -335,13 +335,14 @@ def check_checkpoint(path: Optional[str]) -> Optional[dict]:
 
 
 def use_trained_data(config, facts: Optional[dict]) -> None:
-    """With a checkpoint trained on a data folder and no ``--data.root`` given, evaluate (or
-    resume) on that folder instead of the embedded default, and say so."""
+    """With a checkpoint trained on a data folder and no ``--data.root`` on the command line,
+    evaluate (or resume) on that folder instead of the configs' (or the embedded default), and
+    say so."""
     data = config.get('data')
     init_args = data.get('init_args') if hasattr(data, 'get') else None
     if facts is None or not facts['data_root'] or init_args is None or 'root' not in init_args:
         return
-    if init_args['root'] is None:
+    if init_args['root'] != facts['data_root']:
         init_args['root'] = facts['data_root']
         if first_process():
             print(f"msmlp: data: {facts['data_root']}, which {facts['path']} was trained on "

@@ -36,7 +36,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 import msmlp  # noqa: F401  (registers the msmlp_* models with timm)
 from tasks.base import BaseTask, InputError
 from tasks.embedded import ensure_dataset
-from tasks.loading import ResumableLoader, check_loader_args, eval_loader, gather_in_order, worker_args, world
+from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, worker_args, world
 
 __all__ = ['ClassificationTask', 'ImageFolderDataModule', 'ImageFiles', 'load_rgb', 'scan_image_folder',
            'find_images']
@@ -215,6 +215,7 @@ class ImageFolderDataModule(LightningDataModule):
         check_loader_args(batch_size, num_workers)
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.root = absolute_root(root)
         self.batch_size = batch_size
         self.classes: Optional[List[str]] = None
         self.class_folder: Optional[Path] = None  # the folder whose sub-folders named the classes

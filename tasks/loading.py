@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
+import os
 import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -43,6 +44,11 @@ def check_loader_args(batch_size: Optional[int], num_workers: Optional[int]) -> 
     if num_workers is not None and num_workers < 0:
         raise InputError(f'data.num_workers={num_workers}: the loader processes must be 0 (load in the training '
                          'process) or more')
+
+
+def absolute_root(root: Optional[str]) -> Optional[str]:
+    """A dataset folder as an absolute path: checkpoints store it, and are used from other folders."""
+    return None if root is None else os.path.abspath(os.path.expanduser(root))
 
 
 def worker_args(num_workers: int, dataset: Dataset) -> Dict[str, Any]:

@@ -62,7 +62,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.base import BaseTask, InputError
-from tasks.loading import ResumableLoader, check_loader_args, eval_loader, worker_args
+from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, worker_args
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'resolve_config', 'load_config']
 
@@ -480,7 +480,7 @@ class OpenMMLabDataModule(LightningDataModule):
         # Not config/cfg_options: the task has hparams of those names, and Lightning refuses to
         # log a module's and a datamodule's hparams when a shared name has different values.
         self.save_hyperparameters(ignore=['config', 'cfg_options'])
-        self.root = root
+        self.root = self.hparams.root = absolute_root(root)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.predict_images = predict_images

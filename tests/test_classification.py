@@ -653,6 +653,27 @@ def test_validate_without_data_root_uses_the_data_the_checkpoint_was_trained_on(
     assert float(re.search(r'val/top1\s*[│|]\s*([0-9.]+)', out).group(1)) == pytest.approx(fitted, abs=1e-6)
 
 
+def test_a_checkpoint_trained_on_a_relative_data_root_finds_it_from_elsewhere(in_tmp, capsys, monkeypatch):
+    """The checkpoint stores the folder absolute; it wins over a config's root (the paper-scale
+    configs set one) unless --data.root is on the command line."""
+    write_folder(in_tmp / 'folder', per_class=2)
+    status, _, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--data.root=folder', '--data.batch_size=2',
+                               '--model.num_classes=3', '--trainer.max_epochs=1', *SMALL_MODEL)
+    assert status == 0, err
+    last = in_tmp / 'runs/cls/version_0/checkpoints/last.ckpt'
+    assert torch.load(last, weights_only=True)['datamodule_hyper_parameters']['root'] == str(in_tmp / 'folder')
+    config = in_tmp / 'elsewhere' / 'imagenet.yaml'
+    config.parent.mkdir()
+    config.write_text('data:\n  init_args:\n    root: data/imagenet\n')
+    monkeypatch.chdir(config.parent)
+    status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--config={config}', f'--ckpt_path={last}')
+    assert status == 0, err
+    assert f'msmlp: data: {in_tmp / "folder"}, which {last} was trained on' in out
+    status, _, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--config={config}', f'--ckpt_path={last}',
+                               '--data.root=data/imagenet')
+    assert status == 1 and f'data folder not found: {config.parent / "data/imagenet"}' in err
+
+
 @pytest.mark.slow
 def test_a_small_msswin_trains_on_the_embedded_default(tmp_path):
     """``msmlp fit --task cls --config configs/cls/msswin_mini_shapes.yaml``: >= 0.9 top-1 in minutes."""
