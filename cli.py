@@ -150,7 +150,8 @@ class MSMLPCLI(LightningCLI):
         resuming = self.subcommand == 'fit' and self.resumed is not None
         self.run_folder = resumed_run_folder(config.get('ckpt_path'), config.trainer) if resuming else None
         self.pinned_versions = share_log_version(config.trainer, self.run_folder)
-        self.new_folders += [top for top in map(first_missing_folder, run_folders(self.pinned_versions)) if top]
+        self.run_dirs = run_folders(self.pinned_versions)
+        self.new_folders += [top for top in map(first_missing_folder, self.run_dirs) if top]
 
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -189,6 +190,11 @@ class MSMLPCLI(LightningCLI):
     def before_predict(self) -> None:
         if first_process():
             self.warn_if_untrained()
+
+    def after_predict(self) -> None:
+        # predictions go to stdout or their own folder; the run folder would hold only the config
+        remove_unused(self.run_dirs)
+        remove_unused([folder for folder in self.new_folders if not any(p.is_file() for p in folder.rglob('*'))])
 
     def warn_if_untrained(self) -> None:
         """One line on stderr when validate, test or predict would run freshly initialised weights:

@@ -363,9 +363,11 @@ def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, 
     monkeypatch.chdir(trained['tmp'])
     folder = trained['data'] / 'val' / 'bee'
     path = folder / '0.png' if target == 'image' else folder
+    runs = sorted((trained['tmp'] / 'runs' / 'cls').iterdir())
     status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
                                  f'--data.predict_path={path}')
     assert status == 0 and 'untrained' not in err
+    assert sorted((trained['tmp'] / 'runs' / 'cls').iterdir()) == runs  # no run folder holding only a config
     images = [folder / '0.png'] if target == 'image' else sorted(folder.iterdir())
     for image in images:
         block = out[out.index(str(image)):].splitlines()[1:4]
