@@ -130,6 +130,7 @@ class MSMLPCLI(LightningCLI):
         if config.get('ckpt_path') == 'last':
             config['ckpt_path'] = latest_last_checkpoint(config.trainer, self.config.subcommand)
         self.checkpoint_facts = check_checkpoint(config.get('ckpt_path'))
+        check_task_class(config, self.checkpoint_facts, self.task)
         self.resumed = self.checkpoint_facts['logs'] if self.checkpoint_facts is not None else None
         if not any(re.match(r'--data(\.init_args)?\.root(=|$)', str(arg)) for arg in args):
             use_trained_data(config, self.checkpoint_facts)
@@ -336,8 +337,27 @@ def check_checkpoint(path: Optional[str]) -> Optional[dict]:
     checkpoint = read_checkpoint(path)  # CheckpointError naming the file; nothing pickled is executed
     checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
     logs, data = checkpoint.get(LOG_STATE_KEY), checkpoint.get('datamodule_hyper_parameters')
+    model = checkpoint.get('hyper_parameters')
     return {'path': str(path), 'logs': dict(logs) if isinstance(logs, dict) else {},
-            'data_root': data.get('root') if isinstance(data, dict) else None}
+            'data_root': data.get('root') if isinstance(data, dict) else None,
+            'model_class': model.get('_class_path') if isinstance(model, dict) else None}
+
+
+TASK_MODULES = {'tasks.classification': 'cls', 'tasks.detection': 'det', 'tasks.segmentation': 'seg'}
+
+
+def check_task_class(config, facts: Optional[dict], task: str) -> None:
+    """A checkpoint of one task's model given to another task stops in one line (Lightning
+    would build the checkpoint's model class over the other task's data, and fail deep in it)."""
+    from tasks.base import InputError
+    model = config.get('model')
+    expected = model.get('class_path') if hasattr(model, 'get') else None
+    trained = facts.get('model_class') if facts is not None else None
+    if not trained or not expected or trained == expected:
+        return
+    trained_task = TASK_MODULES.get(trained.rsplit('.', 1)[0])
+    hint = f': use --task {trained_task}' if trained_task and trained_task != task else ''
+    raise InputError(f"{facts['path']} holds a {trained}, not the {expected} of --task {task}{hint}")
 
 
 def use_trained_data(config, facts: Optional[dict]) -> None:

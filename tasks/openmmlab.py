@@ -442,6 +442,16 @@ class _Items(Dataset):
         return self.pipeline(self.get_data_info(index))
 
 
+def _check_distinct_stems(paths: Sequence[str]) -> None:
+    """Each prediction is written as ``<stem>.png``: refuse images that would share one."""
+    seen: Dict[str, str] = {}
+    for path in paths:
+        other = seen.setdefault(Path(path).stem, path)
+        if other != path:
+            raise InputError(f'predict images {other} and {path} would both be predicted to {Path(path).stem}.png: '
+                             'rename one, or predict them separately')
+
+
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -566,17 +576,20 @@ class OpenMMLabDataModule(LightningDataModule):
             classes = getattr(dataset_type, 'METAINFO', {}).get('classes')
         return tuple(classes) if classes is not None else None
 
+    def predict_pipeline(self) -> list:
+        """The test pipeline without annotation loading."""
+        return [t for t in self.cfg.test_dataloader.dataset.pipeline if 'LoadAnnotations' not in str(t['type'])]
+
     def build_predict_dataset(self) -> Dataset:
         from mmengine.dataset import Compose
         _scope(self.cfg, self.scope)
-        pipeline = [t for t in self.cfg.test_dataloader.dataset.pipeline
-                    if 'LoadAnnotations' not in str(t['type'])]
         if self.predict_images:
             paths = self._image_paths(self.predict_images)
         else:
             val = self.datasets['val']
             paths = [val.get_data_info(i)['img_path'] for i in range(len(val))]
-        return _ReadErrors(_Items(paths, Compose(pipeline)))
+        _check_distinct_stems(paths)
+        return _ReadErrors(_Items(paths, Compose(self.predict_pipeline())))
 
     @staticmethod
     def _image_paths(spec: str) -> List[str]:

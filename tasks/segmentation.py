@@ -468,9 +468,7 @@ class ADE20KDataModule(OpenMMLabDataModule):
         if count == 0:
             raise InputError(f'no {img_suffix} images in {root / prefix.get("img_path", "")}')
 
-    def build_predict_dataset(self):
-        dataset = super().build_predict_dataset()
+    def predict_pipeline(self) -> list:
         if self._tta():
-            from mmengine.dataset import Compose
-            dataset.pipeline = Compose(_without_annotations(copy.deepcopy(self.cfg.tta_pipeline)))
-        return dataset
+            return _without_annotations(copy.deepcopy(self.cfg.tta_pipeline))
+        return super().predict_pipeline()

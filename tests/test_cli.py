@@ -245,3 +245,19 @@ def test_a_resumed_run_hides_the_killed_runs_later_tensorboard_events(tmp_path):
     logged = [(e.step, e.value) for e in events.Scalars('loss')]
     assert logged == [(0, 0.), (2, 2.), (4, 4.), (6, 6.), (8, 8.), (10, 10.), (12, 12.5), (14, 14.5),
                       (16, 16.5), (18, 18.5)]
+
+
+@pytest.mark.parametrize('task, trained', [('seg', 'tasks.detection.DetectionTask'),
+                                           ('det', 'tasks.segmentation.SegmentationTask'),
+                                           ('cls', 'tasks.detection.DetectionTask')])
+def test_a_checkpoint_of_another_task_is_one_line(task, trained, tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / 'other.ckpt'
+    torch.save({'hyper_parameters': {'_class_path': trained}, 'state_dict': {}}, checkpoint)
+    assert cli.main(['validate', '--task', task, f'--ckpt_path={checkpoint}']) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    other = cli.TASK_MODULES[trained.rsplit('.', 1)[0]]
+    assert err.startswith(f'msmlp: error: {checkpoint} holds a {trained}, not the tasks.')
+    assert err.endswith(f'of --task {task}: use --task {other}')
+    assert not (tmp_path / 'runs').exists()

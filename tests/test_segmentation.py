@@ -290,13 +290,13 @@ def test_fit_fast_dev_run_through_the_cli(embedded_data, tmp_path, capsys, monke
         assert noise not in out
 
 
-def test_validate_with_tta_and_predict_through_the_cli(embedded_data, tmp_path, capsys, monkeypatch):
+def test_validate_and_predict_with_tta_through_the_cli(embedded_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out = run_cli(['validate', '--task', 'seg', '--model.tta=true', '--trainer.limit_val_batches=2'], capsys)
     assert code == 0, out[-3000:]
     assert 'mIoU=' in out and 'aAcc=' in out
     predictions = tmp_path / 'pred'
-    code, out = run_cli(['predict', '--task', 'seg', f'--model.predict_dir={predictions}',
+    code, out = run_cli(['predict', '--task', 'seg', '--model.tta=true', f'--model.predict_dir={predictions}',
                          '--trainer.limit_predict_batches=2'], capsys)
     assert code == 0, out[-3000:]
     overlays = sorted(predictions.glob('*.png'))
@@ -321,6 +321,21 @@ def test_predict_reads_rgba_and_grayscale_files(embedded_data, tmp_path, capsys,
                          f'--model.predict_dir={tmp_path / "out"}'], capsys)
     assert code == 0, out[-3000:]
     assert sorted(p.name for p in (tmp_path / 'out').glob('*.png')) == ['grey.png', 'rgba.png']
+
+
+def test_predict_images_that_would_share_an_output_name_are_refused(embedded_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = next((embedded_data / scenes.DIRNAME / 'images' / 'validation').glob('*.jpg'))
+    inputs = tmp_path / 'inputs'
+    inputs.mkdir()
+    Image.open(source).save(inputs / 'x.jpg')
+    Image.open(source).save(inputs / 'x.png')
+    code, out = run_cli(['predict', '--task', 'seg', f'--data.predict_images={inputs}',
+                         f'--model.predict_dir={tmp_path / "out"}'], capsys)
+    assert code == 1
+    assert (f'msmlp: error: predict images {inputs / "x.jpg"} and {inputs / "x.png"} would both be predicted to '
+            'x.png: rename one, or predict them separately') in out
+    assert not (tmp_path / 'out').exists()
 
 
 def test_bad_data_root_is_a_one_line_cli_error(tmp_path, capsys, monkeypatch, small_root):
