@@ -242,6 +242,7 @@ class CocoTargets:
 
     def __init__(self, ann_file: str, classes: Sequence[str], with_masks: bool = True):
         data = read_coco(ann_file)
+        self.ann_file = ann_file
         wanted = [cat for cat in data['categories'] if cat['name'] in set(classes)]
         self.cat2label = {cat['id']: i for i, cat in enumerate(wanted)}
         self.images = {img['id']: img for img in data['images']}
@@ -279,9 +280,20 @@ class _WithTargets(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
-        item['targets'] = self.targets(item['data_samples'].img_id)
+        sample = item['data_samples']
+        self._check_size(sample)
+        item['targets'] = self.targets(sample.img_id)
         item['index'] = index
         return item
+
+    def _check_size(self, sample) -> None:
+        # COCOeval draws the ground-truth masks at the file's size and the predictions at the
+        # image's: a wrong size would give a mask AP of 0 without a word
+        listed = self.targets.images[sample.img_id]
+        height, width = sample.ori_shape[:2]
+        if (listed['height'], listed['width']) != (height, width):
+            raise InputError(f"{self.targets.ann_file} gives image {sample.img_path} as {listed['width']}x"
+                             f"{listed['height']} (WxH) but the file is {width}x{height}")
 
     def __getattr__(self, name: str):
         if name in ('dataset', 'targets'):

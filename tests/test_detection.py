@@ -167,6 +167,21 @@ def test_unlisted_image_id_duplicate_ids_and_missing_fields(tmp_path):
         check(data_root)
 
 
+def test_an_evaluated_image_of_another_size_than_its_coco_entry_is_refused(tmp_path):
+    """COCOeval would draw the ground-truth masks at the listed size: mask AP 0, silently."""
+    data_root = write_shapes(tmp_path / 'data', train=1, val=2)
+    path = data_root / 'annotations' / 'instances_val.json'
+    edit_json(path, lambda d: d['images'][0].update(width=120, height=60))
+    entry = json.loads(path.read_text())['images'][0]
+    datamodule = CocoDataModule(root=str(data_root), config=MINI)
+    datamodule.setup('validate')
+    val = datamodule.datasets['val']
+    index = [val.get_data_info(i)['img_id'] for i in range(len(val))].index(entry['id'])
+    with pytest.raises(InputError, match=rf'instances_val\.json gives image .*{entry["file_name"]} as 120x60 '
+                                         r'\(WxH\) but the file is \d+x\d+$'):
+        val[index]
+
+
 def test_classes_out_of_the_files_order_are_an_error(tmp_path):
     data_root = write_shapes(tmp_path / 'data', train=1, val=2)
     with pytest.raises(InputError, match="mmdet numbers labels in the file's order"):
