@@ -253,6 +253,8 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
         warnings.filterwarnings('ignore', message='You have overridden `transfer_batch_to_device`')
         warnings.filterwarnings('ignore', message='``build_loss`` would be deprecated')
         warnings.filterwarnings('ignore', message='`reduce_zero_label` will be deprecated')
+        # mmseg's reminder of its loss default on every model built; the released configs keep the default
+        warnings.filterwarnings('ignore', message='Default ``avg_non_ignore`` is False')
         MSMLPCLI(BaseTask, LightningDataModule, task=task, new_folders=new_folders, subclass_mode_model=True,
                  subclass_mode_data=True, seed_everything_default=0, args=argv,
                  parser_kwargs={'prog': 'msmlp', **{cmd: {'default_config_files': [str(task_config(task))],

@@ -276,17 +276,19 @@ def run_cli(args, capsys):
     return code, out.out + out.err
 
 
-def test_fit_fast_dev_run_through_the_cli(embedded_data, tmp_path, capsys, monkeypatch):
+def test_fit_fast_dev_run_through_the_cli(embedded_data, tmp_path, capsys, monkeypatch, recwarn):
     monkeypatch.chdir(tmp_path)
     code, out = run_cli(['fit', '--task', 'seg', '--trainer.fast_dev_run=1'], capsys)
     assert code == 0, out[-3000:]
+    out += ''.join(str(w.message) for w in recwarn)  # pytest records the warnings a user would see
     assert 'val: mIoU=' in out or 'val/mIoU' in out
     # no summary table of zero FLOPs (the first line gives the parameters), no report of files
     # that fast_dev_run does not write, no notices the user cannot act on
     assert 'FLOPs' not in out and 'Flops' not in out and '(1.7M parameters)' in out
     assert 'fast_dev_run: nothing is logged or saved' in out and 'run finished' not in out
     assert not (tmp_path / 'runs').exists()
-    for noise in ('override existing callbacks', 'transfer_batch_to_device', 'build_loss', 'reduce_zero_label'):
+    for noise in ('override existing callbacks', 'transfer_batch_to_device', 'build_loss', 'reduce_zero_label',
+                  'avg_non_ignore'):
         assert noise not in out
 
 
