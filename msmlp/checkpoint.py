@@ -3,8 +3,10 @@
 The released files hold a pickled yacs ``CfgNode`` beside the weights, which
 ``torch.load(weights_only=True)`` refuses. We load them with that same restricted
 unpickler, allow-listing one inert stand-in class under the name
-``yacs.config.CfgNode``: no pickled code runs and yacs need not be installed. Any other
-class or callable in the pickle is refused. ``.safetensors`` files are read with safetensors.
+``yacs.config.CfgNode``: no pickled code runs and yacs need not be installed. mmengine's
+training checkpoints (``epoch_N.pth``) pickle its message hub beside the weights; what that
+asks for is read as inert stand-ins too. Any other class or callable in the pickle is refused.
+``.safetensors`` files are read with safetensors.
 
 Released checkpoints given by URL are downloaded once into torch hub's cache (the folder timm
 uses, ``$TORCH_HOME/hub/checkpoints``) by :func:`download_weights`, checked, and removed again
@@ -16,24 +18,29 @@ import contextlib
 import hashlib
 import os
 import pickle
+import re
 import warnings
 from urllib.parse import parse_qsl, urlparse
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .model import checkpoint_filter_fn
+from .model import MIX_SIZES, checkpoint_filter_fn
 
 __all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained', 'load_state',
-           'download_weights', 'local_checkpoint', 'shown_keys']
+           'download_weights', 'local_checkpoint', 'shown_keys', 'infer_arch']
 
 PathLike = Union[str, os.PathLike]
 
-# Keys a backbone may lack in a checkpoint: new per-stage output norms of dense models.
+# Per-stage output norms of dense models: a dense model keeps its own when the file lacks them,
+# a file's are left out when the model has none at that stage.
 _NEW_IN_DENSE = ('out_norms.',)
 _HEAD = ('head.',)
+_STEM = 'patch_embed.proj.weight'
+# What torch's weights-only unpickler says of a file that is no pickle (or a cut one).
+_NOT_A_PICKLE = ('Unsupported operand', 'invalid load key', 'String is too long', 'persistent id')
 
 
 class CheckpointError(RuntimeError):
@@ -54,6 +61,25 @@ class ReleasedConfig:
 _SAFE_EXTRAS = [(ReleasedConfig, 'yacs.config.CfgNode')]
 
 
+class _Discarded:
+    """Inert stand-in for what mmengine's runner pickles beside the weights of a training
+    checkpoint (its message hub's ``HistoryBuffer`` objects and their numpy arrays): whatever
+    the pickle calls or builds under those names becomes one of these, and nothing runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# Globals of an mmengine training checkpoint's message hub (``builtins.getattr`` reaches numpy
+# scalar types there); allowed only as _Discarded, and only when strict reading stopped at one.
+_MMENGINE_RUNTIME = ('mmengine.logging.history_buffer.HistoryBuffer', 'numpy.ndarray', 'numpy.dtype',
+                     'numpy._core.multiarray._reconstruct', 'numpy._core.multiarray.scalar',
+                     'numpy.core.multiarray._reconstruct', 'numpy.core.multiarray.scalar', 'builtins.getattr')
+
+
 def read_checkpoint(path: PathLike) -> Any:
     """Read a checkpoint file without executing pickled code.
 
@@ -67,16 +93,46 @@ def read_checkpoint(path: PathLike) -> Any:
     if path.endswith('.safetensors'):
         return _read_safetensors(path)
     try:
-        with torch.serialization.safe_globals(_SAFE_EXTRAS):
-            return torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            return _load_weights_only(path, _SAFE_EXTRAS)
+        except pickle.UnpicklingError as err:
+            if _asked_global(str(err)) not in _MMENGINE_RUNTIME:
+                raise
+            return _load_weights_only(path, _SAFE_EXTRAS + [(_Discarded, name) for name in _MMENGINE_RUNTIME])
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f'refused to load {path}: its pickle references objects outside the weights-only '
-            f'allow list, so loading it could run code. Details: {str(err).splitlines()[0]}') from None
+        raise _refusal(path, str(err)) from None
     except Exception as err:  # torch raises many types for damaged files; all mean unreadable
         raise CheckpointError(
             f'cannot read {path}: not a PyTorch checkpoint, or truncated ({type(err).__name__}: '
             f'{str(err).splitlines()[0] if str(err) else "no details"})') from None
+
+
+def _load_weights_only(path: str, extras: list) -> Any:
+    with torch.serialization.safe_globals(extras), warnings.catch_warnings():
+        # a pickle that is not torch's format: refused by the caller, whatever its protocol
+        warnings.filterwarnings('ignore', message='Detected pickle protocol')
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def _asked_global(message: str) -> Optional[str]:
+    """The class or function a weights-only refusal names, if any."""
+    asked = (re.search(r'GLOBAL (\S+)', message)
+             or re.search(r'allowlisted via `add_safe_globals`,? but got (.+)', message))
+    return asked.group(1).rstrip('.,') if asked else None
+
+
+def _refusal(path: str, message: str) -> CheckpointError:
+    """The error for a pickle the weights-only unpickler stopped, naming what it asked for."""
+    # torch wraps the reason in advice to load with weights_only=False, which we never give
+    asked = _asked_global(message)
+    if asked:
+        return CheckpointError(f'refused to load {path}: its pickle asks for {asked}, '
+                               'outside the weights-only allow list, so loading it could run code')
+    if any(sign in message for sign in _NOT_A_PICKLE):
+        return CheckpointError(f'cannot read {path}: not a PyTorch checkpoint, or truncated')
+    reason = next((line.strip() for line in message.splitlines() if line.strip() and 'weights_only' not in line
+                   and 'torch.load' not in line), 'no details')
+    return CheckpointError(f'refused to load {path}: the weights-only unpickler stopped ({reason})')
 
 
 def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
@@ -91,27 +147,31 @@ def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
 def download_weights(url: str, progress: bool = True) -> str:
     """The local copy of the checkpoint at ``url``, downloaded once into torch hub's cache.
 
-    A download is kept only when complete: all the bytes the server announced
-    (Content-Length), the SHA-256 that a ``#sha256=<hex>`` fragment of the URL gives (pip's
-    convention), and a file that reads as a checkpoint (a truncated one does not). Otherwise
-    nothing is kept, so that the next call downloads it again.
+    The copy is named after the URL's file and the URL itself (without its fragment), so two
+    URLs ending in the same file name are two copies. A download is kept only when complete:
+    all the bytes the server announced (Content-Length), the SHA-256 that a ``#sha256=<hex>``
+    fragment of the URL gives (pip's convention), and a file that reads as a checkpoint (a
+    truncated one does not). Otherwise nothing is kept, so that the next call downloads it
+    again. A copy already in the cache is checked against the fragment's SHA-256 too.
 
     Raises:
-        CheckpointError: the download failed or is damaged.
+        CheckpointError: the download failed or is damaged, or the cached copy has another SHA-256.
     """
     parsed = urlparse(url)
     name = os.path.basename(parsed.path)
     if not name:
         raise CheckpointError(f'{url} names no file to download')
+    source = parsed._replace(fragment='').geturl()
+    sha256 = dict(parse_qsl(parsed.fragment)).get('sha256')
     folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    path = os.path.join(folder, name)
+    path = os.path.join(folder, _cached_name(source, name))
     if os.path.isfile(path):
+        _check_cached(path, url, sha256)
         return path
     os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f'partial-{name}')  # same suffix: read_checkpoint goes by it
+    partial = os.path.join(folder, f'partial-{os.path.basename(path)}')  # same suffix: read_checkpoint goes by it
     try:
-        problem = _download(parsed._replace(fragment='').geturl(), partial, name, progress,
-                            dict(parse_qsl(parsed.fragment)).get('sha256'))
+        problem = _download(source, partial, name, progress, sha256)
     except Exception as err:  # urllib and http.client raise many types; all mean no file
         _remove(partial)
         raise CheckpointError(f'cannot download {url}: {err}') from None
@@ -121,6 +181,24 @@ def download_weights(url: str, progress: bool = True) -> str:
                               'so the next call downloads it again')
     os.replace(partial, path)
     return path
+
+
+def _cached_name(url: str, name: str) -> str:
+    """``<stem>-<12 hex digits of the URL's SHA-256><suffix>``: one cached copy per URL."""
+    stem, suffix = os.path.splitext(name)
+    return f'{stem}-{hashlib.sha256(url.encode()).hexdigest()[:12]}{suffix}'
+
+
+def _check_cached(path: str, url: str, sha256: Optional[str]) -> None:
+    if not sha256:
+        return
+    digest = hashlib.sha256()
+    with open(path, 'rb') as cached:
+        for block in iter(lambda: cached.read(1 << 20), b''):
+            digest.update(block)
+    if digest.hexdigest() != sha256.lower():
+        raise CheckpointError(f'the cached {path} has SHA-256 {digest.hexdigest()}, but {url} expects '
+                              f'{sha256.lower()}; remove the file to download it again')
 
 
 def local_checkpoint(path_or_url: PathLike) -> str:
@@ -182,12 +260,15 @@ def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False)
     """Load a checkpoint into an ``MSMLP`` (or a module whose ``.backbone`` is one).
 
     A classifier head of another size (or no head in the model) is dropped with a warning
-    unless ``strict_head``; output norms of a dense model that the file lacks keep their
-    initialisation. Any other missing, unexpected or mis-shaped key is an error that lists
-    the keys.
+    unless ``strict_head``, and so are output norms at stages the model returns no dense output
+    of; a head (with a warning) and output norms that the file lacks keep their initialisation.
+    A stem of other input channels is adapted as timm adapts pretrained weights
+    (``adapt_input_conv``). Any other missing, unexpected or mis-shaped key is a one-line error
+    that counts them and names the first few.
 
     Returns:
-        ``{'dropped': [...], 'kept_init': [...]}``: keys not loaded, by reason.
+        ``{'dropped': [...], 'kept_init': [...], 'adapted': [...]}``: keys not loaded, keys left
+        at their initialisation, keys converted to the model's input channels.
     """
     source = os.fspath(path)
     return load_state(model, extract_state_dict(read_checkpoint(source), source=source), source, strict_head)
@@ -200,40 +281,87 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
     target = getattr(model, 'backbone', model)
     own = target.state_dict()
 
-    dropped = [k for k in state if k.startswith(_HEAD) and (k not in own or own[k].shape[0] != state[k].shape[0])]
-    if dropped and strict_head:
-        raise CheckpointError(f'{source}: classifier head does not fit the model: {dropped}')
-    if dropped:
-        warnings.warn(f'{source}: classifier head {dropped} not loaded: the model has a different '
+    head = [k for k in state if k.startswith(_HEAD) and (k not in own or own[k].shape[0] != state[k].shape[0])]
+    if head and strict_head:
+        raise CheckpointError(f'{source}: classifier head does not fit the model: {head}')
+    if head:
+        warnings.warn(f'{source}: classifier head {head} not loaded: the model has a different '
                       'num_classes', stacklevel=3)
-    state = {k: v for k, v in state.items() if k not in dropped}
+    if any(k.startswith(_HEAD) for k in own) and not any(k.startswith(_HEAD) for k in state):
+        warnings.warn(f'{source} holds no classifier head: the model\'s keeps its initialisation', stacklevel=3)
+    norms = [k for k in state if k.startswith(_NEW_IN_DENSE) and k not in own]
+    if norms:
+        warnings.warn(f'{source}: output norms {shown_keys(norms, 4)} not loaded: the model has '
+                      'no dense output at their stages', stacklevel=3)
+    dropped = head + norms
+    state, adapted = _adapt_stem({k: v for k, v in state.items() if k not in dropped}, own)
 
-    kept_init = [k for k in own if k not in state and (k.startswith(_NEW_IN_DENSE) or (
-        k.startswith(_HEAD) and dropped))]
+    kept_init = [k for k in own if k not in state and k.startswith(_NEW_IN_DENSE + _HEAD)]
     missing = [k for k in own if k not in state and k not in kept_init]
     unexpected = [k for k in state if k not in own]
-    mis_shaped = [f'{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}'
+    mis_shaped = [f'{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model'
                   for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or mis_shaped:
         raise CheckpointError(_mismatch_message(source, missing, unexpected, mis_shaped))
     target.load_state_dict(state, strict=False)
-    return {'dropped': dropped, 'kept_init': kept_init}
+    return {'dropped': dropped, 'kept_init': kept_init, 'adapted': adapted}
 
 
-def shown_keys(keys: Sequence[str], limit: int = 8) -> str:
+def _adapt_stem(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]
+                ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """``state`` with its stem conv converted to the model's input channels when only those
+    differ (timm's ``adapt_input_conv``: summed for one channel, repeated and scaled for more)."""
+    weight, wanted = state.get(_STEM), own.get(_STEM)
+    if weight is None or wanted is None or weight.shape == wanted.shape or (
+            weight.shape[:1] + weight.shape[2:] != wanted.shape[:1] + wanted.shape[2:]):
+        return state, []
+    from timm.models import adapt_input_conv
+    return {**state, _STEM: adapt_input_conv(wanted.shape[1], weight, base_chans=weight.shape[1])}, [_STEM]
+
+
+def infer_arch(state: Mapping[str, torch.Tensor], source: str = 'checkpoint') -> Dict[str, Any]:
+    """The ``MSMLP`` arguments that weights under ``MSMLP`` key names (``extract_state_dict``'s
+    output) were made with: ``in_chans``, ``embed_dim`` and ``depths``, and ``mix_sizes`` read
+    from the depthwise kernels. ``shift_dist`` is not in the weights (the released one is assumed).
+
+    Raises:
+        CheckpointError: the weights are not an MS-MLP's (an MS-Swin or Swin checkpoint, say).
+    """
+    swin = next((k for k in state if '.attn.' in k or '.downsample.reduction.' in k), None)
+    if swin is not None:
+        raise CheckpointError(f'{source} holds MS-Swin or Swin weights ({swin}), not an MS-MLP\'s')
+    stem = state.get(_STEM)
+    stages = {int(m.group(1)) for m in map(re.compile(r'layers\.(\d+)\.').match, state) if m}
+    if stem is None or not stages:
+        raise CheckpointError(f'{source} holds no MS-MLP weights (no {_STEM if stem is None else "layers.*"})')
+    blocks = [tuple(map(int, m.groups())) for m in map(re.compile(r'layers\.(\d+)\.blocks\.(\d+)\.').match, state) if m]
+    depths = tuple(1 + max((j for i, j in blocks if i == stage), default=-1) for stage in range(max(stages) + 1))
+    return dict(in_chans=stem.shape[1], embed_dim=stem.shape[0], depths=depths,
+                mix_sizes=tuple(_stage_mix_sizes(state, stage) for stage in range(len(depths))))
+
+
+def _stage_mix_sizes(state: Mapping[str, torch.Tensor], stage: int) -> Tuple[int, ...]:
+    """The depthwise kernel of each channel group, from the stage's first block (a stage without
+    blocks has none to read: the released sizes stand in)."""
+    kernels: List[int] = []
+    while f'layers.{stage}.blocks.0.dwconv_lr.{len(kernels)}.weight' in state:
+        kernels.append(state[f'layers.{stage}.blocks.0.dwconv_lr.{len(kernels)}.weight'].shape[-1])
+    return tuple(kernels) or MIX_SIZES[min(stage, len(MIX_SIZES) - 1)]
+
+
+def shown_keys(keys: Sequence[str], limit: int = 8, sep: str = ', ') -> str:
     """The first ``limit`` of ``keys`` and how many more (for one-line reports)."""
     keys = list(keys)
     if not keys:
         return 'none'
-    return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
+    return sep.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
 
 
-def _mismatch_message(path: PathLike, missing: list, unexpected: list, mis_shaped: list,
-                      limit: Optional[int] = 20) -> str:
-    lines = [f'{path} does not fit the model:']
-    for title, keys in (('missing in the file', missing), ('unexpected in the file', unexpected),
-                        ('shape mismatch', mis_shaped)):
-        if keys:
-            shown = keys[:limit] + ([f'... and {len(keys) - limit} more'] if len(keys) > limit else [])
-            lines.append(f'  {title} ({len(keys)}): ' + ', '.join(shown))
-    return '\n'.join(lines)
+def _mismatch_message(path: PathLike, missing: List[str], unexpected: List[str], mis_shaped: List[str]) -> str:
+    """One line: how many keys are missing, unexpected and mis-shaped, and the first few of each."""
+    def counted(keys: List[str], one: str, many: str, sep: str = ', ') -> str:
+        text = f'{len(keys)} {one if len(keys) == 1 else many}'
+        return text + (f' ({shown_keys(keys, 3, sep)})' if keys else '')
+    return (f'{path} does not fit the model: {counted(missing, "missing key", "missing keys")}, '
+            f'{counted(unexpected, "unexpected key", "unexpected keys")}, '
+            f'{counted(mis_shaped, "shape mismatch", "shape mismatches", "; ")}')

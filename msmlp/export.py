@@ -10,25 +10,31 @@ TorchScript takes any size. Every file is checked after it is written: it is loa
 and run (ONNX with onnxruntime) at the export size and, when dynamic, at a second odd size,
 against the eager model. Detection and segmentation models export their backbone this way
 (``--checkpoint`` of a det/seg run, ``--features-only``); whole detectors go through MMDeploy.
+With ``--checkpoint`` the architecture is the checkpoint's (read from its weights), whatever
+``--model`` says.
 """
 import argparse
 import os
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_state_dict, load_state, local_checkpoint, read_checkpoint
+from .checkpoint import CheckpointError, extract_state_dict, infer_arch, load_state, local_checkpoint, read_checkpoint
+from .model import MIX_SIZES, VARIANT_ARCHS, MSMLP
 
-__all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'export', 'check_export', 'main']
+__all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'describe', 'export', 'check_export', 'main']
 
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 'safetensors': '.safetensors'}
 # Below 64 pixels the last stage is 1x1, a case the exported program's shape guards leave out.
 MIN_DYNAMIC_SIZE = 64
+
+
+class OutputError(ValueError):
+    """An ``--output`` that cannot be written."""
 
 
 class DenseOutputs(nn.Module):
@@ -47,27 +53,81 @@ def _head_classes(state: Dict[str, torch.Tensor]) -> Optional[int]:
     return None if head is None else head.shape[0]
 
 
+def _classes(state: Dict[str, torch.Tensor], num_classes: Optional[int], source: Optional[str]) -> int:
+    """The classifier's outputs: ``num_classes`` if given (0: none, the pooled features), else the
+    checkpoint head's (none when it has no head), else 1000."""
+    in_file = _head_classes(state)
+    if num_classes is not None and num_classes < 0:
+        raise ValueError(f'--num-classes {num_classes}: give 0 (no classifier: the pooled features) or more')
+    if num_classes and source and num_classes != in_file:
+        held = f'a head of {in_file} classes' if in_file else 'no classifier head'
+        raise ValueError(f'--num-classes {num_classes}: {source} holds {held}; leave --num-classes out, '
+                         'or give 0 for the pooled features')
+    if num_classes is not None:
+        return num_classes
+    return (in_file or 0) if source else 1000
+
+
+def _variant_of(arch: Dict) -> Optional[str]:
+    """The registered variant whose architecture ``arch`` (:func:`infer_arch`'s keys) is, if any."""
+    released = tuple(map(tuple, arch['mix_sizes'])) == MIX_SIZES and arch['in_chans'] == 3
+    return next((name for name, variant in VARIANT_ARCHS.items() if released and (
+        arch['embed_dim'], tuple(arch['depths'])) == (variant['embed_dim'], variant['depths'])), None)
+
+
+def backbone(model: nn.Module) -> MSMLP:
+    """The ``MSMLP`` inside what :func:`build_model` returns."""
+    return model.model if isinstance(model, DenseOutputs) else model
+
+
 def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool = False,
                 out_indices: Sequence[int] = (0, 1, 2, 3), num_classes: Optional[int] = None) -> nn.Module:
-    """The eval-mode model to export: the classifier (with as many classes as the checkpoint's
-    head, else ``num_classes`` or 1000) or, ``features_only``, the backbone with its output norms."""
+    """The eval-mode model to export: the classifier (with ``num_classes`` outputs, else as many as
+    the checkpoint's head, else 1000; 0, and a checkpoint without head, give the pooled features)
+    or, ``features_only``, the backbone with its output norms. With a checkpoint the architecture
+    is the checkpoint's (:func:`msmlp.checkpoint.infer_arch`), built as the variant it is, if
+    any, else as ``name`` with the checkpoint's width and depths."""
     import timm
     from . import model as _registered  # noqa: F401  (registers the msmlp models with timm)
-    if not name.startswith('msmlp_'):
-        raise ValueError(f"--model must be one of msmlp_tiny, msmlp_small, msmlp_base, got {name!r}")
+    if name not in VARIANT_ARCHS:
+        raise ValueError(f"--model must be one of {', '.join(VARIANT_ARCHS)}, got {name!r}")
     checkpoint = local_checkpoint(checkpoint) if checkpoint else None  # a URL is downloaded once
     state = extract_state_dict(read_checkpoint(checkpoint), source=checkpoint) if checkpoint else {}
+    arch = infer_arch(state, checkpoint) if checkpoint else {}
+    name = (_variant_of(arch) or name) if arch else name
     if features_only:
-        model = timm.create_model(name, num_classes=0, out_indices=tuple(out_indices))
+        model = timm.create_model(name, num_classes=0, out_indices=tuple(out_indices), **arch)
     else:
-        classes = _head_classes(state) or num_classes or 1000
-        model = timm.create_model(name, num_classes=classes)
+        model = timm.create_model(name, num_classes=_classes(state, num_classes, checkpoint), **arch)
     if checkpoint:
         with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='.*classifier head')  # a backbone has none
+            # a backbone has no head, a classifier no output norms, --num-classes 0 neither
+            warnings.filterwarnings('ignore', message='.*(classifier head|output norms)')
             load_state(model, state, checkpoint)
     model.eval()
     return DenseOutputs(model).eval() if features_only else model
+
+
+def describe(model: nn.Module) -> str:
+    """What :func:`build_model` built, in words: "msmlp_tiny (embed_dim 40, depths 1,1,2,1)
+    classifier (3 classes)"."""
+    net = backbone(model)
+    name = getattr(net, 'pretrained_cfg', {}).get('architecture', type(net).__name__)
+    arch = dict(embed_dim=net.dims[0], depths=net.depths, in_chans=net.patch_embed.proj.in_channels,
+                mix_sizes=tuple(s.blocks[0].mix_size if len(s.blocks) else MIX_SIZES[i]
+                                for i, s in enumerate(net.layers)))
+    if _variant_of(arch) != name:
+        details = [f'embed_dim {arch["embed_dim"]}', f'depths {",".join(map(str, arch["depths"]))}']
+        if arch['mix_sizes'] != MIX_SIZES:
+            details.append('mix sizes ' + ' '.join(','.join(map(str, m)) for m in arch['mix_sizes']))
+        if arch['in_chans'] != 3:
+            details.append(f'{arch["in_chans"]} input channels')
+        name += f' ({", ".join(details)})'
+    if isinstance(model, DenseOutputs):
+        return f'{name} backbone (stages {", ".join(map(str, net.out_indices))})'
+    if not net.num_classes:
+        return f'{name} without classifier ({net.num_features} pooled features)'
+    return f'{name} classifier ({net.num_classes} classes)'
 
 
 def _dynamic_shapes() -> dict:
@@ -84,28 +144,56 @@ def _output_names(model: nn.Module) -> List[str]:
 
 def export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, int] = (224, 224),
            static: bool = False, opset: Optional[int] = None) -> None:
-    """Write ``model`` (eval mode) to ``output`` in ``fmt`` (one of :data:`FORMATS`)."""
+    """Write ``model`` (eval mode) to ``output`` in ``fmt`` (one of :data:`FORMATS`); safetensors:
+    the ``MSMLP``'s own state dict (a backbone's without the :class:`DenseOutputs` wrapper)."""
     if fmt not in FORMATS:
         raise ValueError(f'--format must be one of {", ".join(FORMATS)}, got {fmt!r}')
     if not static and fmt in ('onnx', 'exported-program') and min(img_size) < MIN_DYNAMIC_SIZE:
         raise ValueError(f'--img-size {img_size[0]} {img_size[1]}: a dynamic export needs sizes >= '
                          f'{MIN_DYNAMIC_SIZE}; add --static to export this size only')
-    example = (torch.randn(1 if static else 2, 3, *img_size),)  # torch.export fixes a batch of 1
+    from safetensors import SafetensorError
+    _check_writable(output)
+    example = (_images(model, 1 if static else 2, *img_size),)  # torch.export fixes a batch of 1
     dynamic = None if static else _dynamic_shapes()
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        if fmt == 'safetensors':
-            from safetensors.torch import save_file
-            state = {k: v.contiguous() for k, v in model.state_dict().items()}
-            save_file(state, output, metadata={'format': 'pt'})
-        elif fmt == 'torchscript':
-            with warnings.catch_warnings():
-                warnings.filterwarnings('ignore', message='.*torch.jit.script.* is deprecated', category=FutureWarning)
-                torch.jit.script(model).save(output)
-        elif fmt == 'exported-program':
-            torch.export.save(torch.export.export(model, example, dynamic_shapes=dynamic), output)
-        else:
-            _export_onnx(model, example, dynamic, output, opset)
+    try:
+        with torch.no_grad():
+            _write(model, fmt, output, example, dynamic, opset)
+    except (OSError, SafetensorError) as err:
+        reason = getattr(err, 'strerror', None) or str(err).splitlines()[0]
+        raise OutputError(f'cannot write {output}: {reason}') from None
+
+
+def _check_writable(output: str) -> None:
+    """Fail before the (slow) export when ``output`` cannot be written."""
+    if os.path.isdir(output):
+        raise OutputError(f'cannot write {output}: it is a folder; name a file')
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f'cannot write {output}: cannot make the folder {folder} ({err.strerror or err})') from None
+    if not os.access(folder, os.W_OK) or (os.path.exists(output) and not os.access(output, os.W_OK)):
+        raise OutputError(f'cannot write {output}: permission denied')
+
+
+def _images(model: nn.Module, batch: int, height: int, width: int) -> torch.Tensor:
+    return torch.randn(batch, backbone(model).patch_embed.proj.in_channels, height, width)
+
+
+def _write(model: nn.Module, fmt: str, output: str, example: tuple, dynamic: Optional[dict],
+           opset: Optional[int]) -> None:
+    if fmt == 'safetensors':
+        from safetensors.torch import save_file
+        state = {k: v.contiguous() for k, v in backbone(model).state_dict().items()}
+        save_file(state, output, metadata={'format': 'pt'})
+    elif fmt == 'torchscript':
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*torch.jit.script.* is deprecated', category=FutureWarning)
+            torch.jit.script(model).save(output)
+    elif fmt == 'exported-program':
+        torch.export.save(torch.export.export(model, example, dynamic_shapes=dynamic), output)
+    else:
+        _export_onnx(model, example, dynamic, output, opset)
 
 
 def _export_onnx(model, example, dynamic, output: str, opset: Optional[int]) -> None:
@@ -153,13 +241,13 @@ def check_export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, i
     largest eager output, over :func:`check_sizes`; safetensors: whether the weights are equal (0.0)."""
     if fmt == 'safetensors':
         from safetensors.torch import load_file
-        saved, own = load_file(output), model.state_dict()
+        saved, own = load_file(output), backbone(model).state_dict()
         if saved.keys() != own.keys() or any(not torch.equal(saved[k], own[k]) for k in own):
             raise RuntimeError(f'{output}: the saved weights differ from the model')
         return 0.0
     worst, run = 0.0, _loaded(fmt, output)
     for batch, height, width in check_sizes(img_size, static, fmt):
-        x = torch.randn(batch, 3, height, width)
+        x = _images(model, batch, height, width)
         with torch.no_grad():
             expected = model(x)
         expected = list(expected) if isinstance(expected, (list, tuple)) else [expected]
@@ -177,7 +265,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog='msmlp export',
         description='Export an MS-MLP classifier or dense backbone as ONNX, TorchScript, a torch.export '
                     'program or safetensors weights; the file is loaded again and checked against the model.')
-    parser.add_argument('--model', default='msmlp_tiny', help='msmlp_tiny, msmlp_small or msmlp_base')
+    parser.add_argument('--model', default='msmlp_tiny',
+                        help="msmlp_tiny, msmlp_small or msmlp_base; with --checkpoint, the checkpoint's architecture")
     parser.add_argument('--checkpoint', metavar='FILE',
                         help='weights: a released, Lightning (cls/det/seg), mmengine, timm or safetensors file, '
                              'or its URL (downloaded once)')
@@ -186,7 +275,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--features-only', action='store_true',
                         help='the backbone: the out-indices stage outputs, each through its norm')
     parser.add_argument('--out-indices', type=int, nargs='+', default=[0, 1, 2, 3], metavar='I')
-    parser.add_argument('--num-classes', type=int, help='classifier outputs without a checkpoint (default 1000)')
+    parser.add_argument('--num-classes', type=int,
+                        help="classifier outputs (default: the checkpoint head's, else 1000); "
+                             '0: no classifier, the pooled features')
     parser.add_argument('--img-size', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'),
                         help='the example input (with --static, the only size the file takes)')
     parser.add_argument('--static', action='store_true', help='a fixed batch of 1 at --img-size (ONNX, program)')
@@ -203,13 +294,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     img_size = tuple(args.img_size)
     try:
         model = build_model(args.model, args.checkpoint, args.features_only, args.out_indices, args.num_classes)
-        what = (f'{args.model} backbone (stages {", ".join(map(str, args.out_indices))})' if args.features_only
-                else f'{args.model} classifier ({model.num_classes} classes)')
+        channels = backbone(model).patch_embed.proj.in_channels
         shapes = ('any size' if args.format == 'torchscript' else 'weights' if args.format == 'safetensors'
-                  else f'1x3x{img_size[0]}x{img_size[1]}' if args.static
+                  else f'1x{channels}x{img_size[0]}x{img_size[1]}' if args.static
                   else f'dynamic batch, height and width (>= {MIN_DYNAMIC_SIZE})')
-        print(f'msmlp export: {what}' + (f' from {args.checkpoint}' if args.checkpoint else ', random weights')
-              + f' -> {args.output} ({args.format}, {shapes})', flush=True)
+        source = f' from {args.checkpoint}' if args.checkpoint else ', random weights'
+        print(f'msmlp export: {describe(model)}{source} -> {args.output} ({args.format}, {shapes})', flush=True)
         start = time.perf_counter()
         export(model, args.format, args.output, img_size, args.static, args.opset)
         size_mb = os.path.getsize(args.output) / 2 ** 20
@@ -219,7 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.format == 'safetensors':
                 print('msmlp export: checked: the file holds the model\'s weights exactly')
             else:
-                at = ' and '.join(f'{b}x3x{h}x{w}' for b, h, w in check_sizes(img_size, args.static, args.format))
+                sizes = check_sizes(img_size, args.static, args.format)
+                at = ' and '.join(f'{b}x{channels}x{h}x{w}' for b, h, w in sizes)
                 runner = 'onnxruntime' if args.format == 'onnx' else 'the loaded file'
                 print(f'msmlp export: checked: {runner} at {at} matches the eager model '
                       f'(largest difference {worst:.1e} of the largest output)')

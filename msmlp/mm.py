@@ -89,7 +89,8 @@ class _Backbone(BaseModule):
             print_log(f'{type(self).__name__}: loaded {path}' + ''.join(
                 f' ({what}: {shown_keys(report[key])})' for key, what in (
                     ('dropped', 'not loaded'), ('not_loaded', 'not loaded'), ('kept_init', 'kept initialisation'),
-                    ('fresh', 'kept initialisation')) if report.get(key)), logger='current', level=logging.INFO)
+                    ('fresh', 'kept initialisation'), ('adapted', 'adapted to the input channels'))
+                if report.get(key)), logger='current', level=logging.INFO)
         self._is_init = True
 
 

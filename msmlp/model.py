@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, register_model, resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
 from .mixing import MIX_IMPLS, forward_fast, forward_triton, shift_mix
@@ -295,7 +296,8 @@ class MSMLP(nn.Module):
         shift_dist: Circular shift of each channel group.
         drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks.
         layer_scale_init: Initial layer scale.
-        global_pool: ``'avg'`` or ``''`` (no pooling).
+        global_pool: ``'avg'`` or ``''``: no pooling; as in timm's ConvNeXt, the norm and the
+            classifier then apply at every position (``forward`` returns a B x classes x h x w map).
         out_indices: Stages whose outputs ``forward_dense`` returns, each through a
             LayerNorm of its own (``out_norms``), as mmdet backbones do.
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
@@ -325,8 +327,7 @@ class MSMLP(nn.Module):
         num_stages = len(depths)
         if len(mix_sizes) != num_stages:
             raise ValueError(f'mix_sizes has {len(mix_sizes)} entries for {num_stages} stages')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        _check_head(num_classes, global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.depths = tuple(depths)
@@ -424,14 +425,42 @@ class MSMLP(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        _check_head(num_classes, self.global_pool if global_pool is None else global_pool)
         if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """timm's pruning for ``forward_intermediates(indices)``: the stages after the last of
+        ``indices`` go (and with them the head, sized for the last stage), as do their output norms.
+
+        ``prune_norm`` changes nothing: the features have no norm of their own (``norm`` is the
+        head's, and goes with it). Returns the kept indices.
+        """
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = None  # it fed a stage that is gone
+        self.depths = self.depths[:max_index + 1]
+        if self.out_indices is not None:
+            for i in self.out_indices:
+                if i > max_index:
+                    del self.out_norms[str(i)]
+            self.out_indices = tuple(i for i in self.out_indices if i <= max_index) or None
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.dims[max_index]
+        if prune_head or prune_end:
+            self.norm = nn.Identity()
+            self.reset_classifier(0, '')
+        return take_indices
 
     # ----- forward ----------------------------------------------------------------------
     def _stage_outputs(self, x: torch.Tensor, indices: List[int], stop: int) -> List[torch.Tensor]:
@@ -451,11 +480,12 @@ class MSMLP(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
-            x = x.mean((2, 3))
-            x = self.norm(x)
-        if pre_logits:
-            return x
-        return self.head(x)
+            x = self.norm(x.mean((2, 3)))
+            return x if pre_logits else self.head(x)
+        x = self.norm(x.permute(0, 2, 3, 1))  # unpooled: norm and classifier at every position
+        if not pre_logits:
+            x = self.head(x)
+        return x.permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -497,6 +527,13 @@ class MSMLP(nn.Module):
         if intermediates_only:
             return intermediates
         return outputs[-1], intermediates
+
+
+def _check_head(num_classes: int, global_pool: str) -> None:
+    if num_classes < 0:
+        raise ValueError(f'num_classes must be 0 (no classifier) or more, got {num_classes}')
+    if global_pool not in ('avg', ''):
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
 
 
 # ----- checkpoint conversion -------------------------------------------------------------

@@ -82,13 +82,33 @@ def test_sizes_named_in_the_issue():
     assert stage_shapes(800, 1333) == [(200, 334), (100, 167), (50, 84), (25, 42)]
 
 
-def test_odd_size_equals_the_released_model_on_the_zero_padded_image():
+@pytest.mark.parametrize('size', [(61, 93), (33, 47)])
+def test_any_size_equals_the_image_zero_padded_to_a_multiple_of_4(size):
+    """The stem's padding is the image's: every stage and the logits are those of the image
+    zero-padded to a multiple of 4 (33x47: the downsamplings then pad the 9x12 map further)."""
     data = REFERENCE['wide_64x96']
     model = reference_model(data, 'fast')
-    cropped = data['input'][:, :, :61, :93]
-    padded = torch.nn.functional.pad(cropped, (0, 3, 0, 3))
+    image = data['input'][:, :, :size[0], :size[1]]
+    padded = torch.nn.functional.pad(image, (0, -size[1] % 4, 0, -size[0] % 4))
     with torch.no_grad():
-        assert torch.equal(model(cropped), model(padded))
+        assert torch.equal(model(image), model(padded))
+        for ours, expected in zip(model.forward_intermediates(image, intermediates_only=True),
+                                  model.forward_intermediates(padded, intermediates_only=True), strict=True):
+            assert torch.equal(ours, expected)
+
+
+def test_padding_a_feature_map_is_not_padding_the_image():
+    """docs/backbone.md: at 33x47 the downsamplings pad feature maps with zeros, which is not
+    the model on the image zero-padded to 64x64 (whose maps need no padding)."""
+    data = REFERENCE['wide_64x96']
+    model = reference_model(data, 'fast')
+    image = data['input'][:, :, :33, :47]
+    padded = torch.nn.functional.pad(image, (0, 64 - 47, 0, 64 - 33))
+    with torch.no_grad():
+        ours = model.forward_intermediates(image, intermediates_only=True)
+        bigger = model.forward_intermediates(padded, intermediates_only=True)
+    for o, b in zip(ours, bigger):
+        assert (o - b[:, :, :o.shape[2], :o.shape[3]]).abs().max() > 0.1
 
 
 def test_dense_outputs_have_their_own_norms():
@@ -159,6 +179,31 @@ def test_feature_info_and_heads():
     assert model(x).shape == (2, 192, 2, 3)
 
 
+def test_unpooled_classifier_classifies_every_position_as_timm_convnext():
+    """``global_pool=''`` with a classifier: timm's ConvNeXt applies its head norm and classifier
+    at every position; so does MSMLP (it crashed on its first forward before)."""
+    model = timm.create_model('msmlp_tiny', global_pool='', num_classes=5, **TINY).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        logits = model(x)
+        at_00 = model.head(model.norm(features[:, :, 0, 0]))
+        normed = model.forward_head(features, pre_logits=True)
+    assert logits.shape == (2, 5, 2, 3) and normed.shape == features.shape
+    assert torch.allclose(logits[:, :, 0, 0], at_00, atol=1e-6)
+    model.reset_classifier(7, 'avg')
+    assert model(x).shape == (2, 7)
+    model.reset_classifier(3, '')
+    assert model(x).shape == (2, 3, 2, 3)
+
+
+def test_negative_num_classes_is_refused():
+    with pytest.raises(ValueError, match='num_classes must be 0 .* got -3'):
+        MSMLP(num_classes=-3, **TINY)
+    with pytest.raises(ValueError, match='num_classes must be 0 .* got -1'):
+        MSMLP(num_classes=3, **TINY).reset_classifier(-1)
+
+
 def test_timm_create_model_with_classes_and_drop_path():
     model = timm.create_model('msmlp_tiny', num_classes=10, drop_path_rate=0.3)
     assert model.head.out_features == 10
@@ -206,8 +251,7 @@ def test_pretrained_downloads_once_into_the_hub_cache_and_loads_safely(tmp_path,
     url = released_at_a_url(tmp_path)
     data = REFERENCE['square_64']
     model = small_pretrained(url=url).eval()
-    cached = hub / 'msmlp_tiny_patch4_ckpt_epoch299.pth'
-    assert cached.is_file()
+    [cached] = hub.glob('msmlp_tiny_patch4_ckpt_epoch299-*.pth')
     Path(url[len('file://'):]).unlink()  # a second call does not download again
     again = small_pretrained(url=url).eval()
     with torch.no_grad():
@@ -269,7 +313,31 @@ def test_a_download_with_the_wrong_hash_is_not_kept(tmp_path, hub):
     assert not list(hub.iterdir())
     digest = hashlib.sha256((FIXTURES / 'released_layout_square_64.pth').read_bytes()).hexdigest()
     small_pretrained(url=f'{url}#sha256={digest}')
-    assert [p.name for p in hub.iterdir()] == ['msmlp_tiny_patch4_ckpt_epoch299.pth']
+    assert [p.name for p in hub.iterdir()] == [f'msmlp_tiny_patch4_ckpt_epoch299-{_url_hash(url)}.pth']
+
+
+def _url_hash(url: str) -> str:
+    import hashlib
+    return hashlib.sha256(url.encode()).hexdigest()[:12]
+
+
+def test_urls_that_end_in_the_same_file_name_are_cached_apart(tmp_path, hub):
+    """Keyed by file name alone, the second URL got the first URL's file."""
+    other = tmp_path / 'elsewhere' / 'msmlp_tiny_patch4_ckpt_epoch299.pth'
+    other.parent.mkdir()
+    other.write_bytes(b'not the released file')
+    first = msmlp.checkpoint.download_weights(released_at_a_url(tmp_path), progress=False)
+    with pytest.raises(msmlp.CheckpointError, match='download of .*elsewhere.* is damaged'):
+        msmlp.checkpoint.download_weights(other.as_uri(), progress=False)
+    assert Path(first).read_bytes() == (FIXTURES / 'released_layout_square_64.pth').read_bytes()
+
+
+def test_a_cached_copy_is_checked_against_the_urls_sha256(tmp_path, hub):
+    url = released_at_a_url(tmp_path)
+    cached = msmlp.checkpoint.download_weights(url, progress=False)
+    with pytest.raises(msmlp.CheckpointError, match=f'^the cached {cached} has SHA-256 [0-9a-f]{{64}}, but .* expects '
+                                                    f'{"0" * 64}; remove the file to download it again$'):
+        msmlp.checkpoint.download_weights(url + '#sha256=' + '0' * 64, progress=False)
 
 
 def test_a_failed_download_is_one_line(tmp_path, hub):
@@ -283,6 +351,16 @@ def test_timm_pretrained_from_released_file():
     data = REFERENCE['square_64']
     with torch.no_grad():
         assert (model.eval()(data['input']) - data['logits']).abs().max() <= 1e-5
+
+
+def test_pretrained_with_one_input_channel_adapts_the_stem():
+    model = timm.create_model('msmlp_tiny', pretrained=True, in_chans=1, num_classes=10, embed_dim=24,
+                              depths=(1, 1, 2, 1),
+                              pretrained_cfg_overlay=dict(file=str(FIXTURES / 'released_layout_square_64.pth')))
+    data = REFERENCE['square_64']
+    stem = data['state_dict']['patch_embed.proj.weight']
+    assert torch.allclose(model.patch_embed.proj.weight, stem.sum(1, keepdim=True))
+    assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 10)
 
 
 def test_backbone_package_imports_neither_lightning_nor_tasks():

@@ -108,6 +108,99 @@ def test_backbone_of_a_detection_checkpoint(tmp_path):
             assert torch.equal(ours, expected)
 
 
+def lightning_checkpoint(path, model, prefix='model.'):
+    torch.save({'state_dict': {f'{prefix}{k}': v for k, v in model.state_dict().items()}, 'epoch': 3}, path)
+    return str(path)
+
+
+def test_checkpoint_of_the_default_cls_run_builds_its_architecture(tmp_path, capsys):
+    """configs/cls/default.yaml trains embed_dim 40, depths 1,1,2,1: export reads that from the weights."""
+    trained = timm.create_model('msmlp_tiny', num_classes=3, embed_dim=40, depths=(1, 1, 2, 1)).eval()
+    ckpt = lightning_checkpoint(tmp_path / 'last.ckpt', trained)
+    out = tmp_path / 'cls.pt'
+    assert main(['--checkpoint', ckpt, '--format', 'torchscript', '--output', str(out)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith('msmlp export: msmlp_tiny (embed_dim 40, depths 1,1,2,1) classifier (3 classes) from')
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(out))(x), trained(x), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_a_variant_is_built_as_that_variant(tmp_path, capsys):
+    with torch.device('meta'):
+        shapes = timm.create_model('msmlp_small', num_classes=5).state_dict()
+    ckpt = tmp_path / 'small.pth'
+    torch.save({'model': {k: torch.zeros(v.shape) for k, v in shapes.items()}}, ckpt)
+    model = build_model('msmlp_tiny', str(ckpt))
+    assert model.pretrained_cfg['architecture'] == 'msmlp_small' and model.num_classes == 5
+
+
+def test_backbone_of_the_default_det_run(tmp_path, capsys):
+    """The default det run's backbone (embed_dim 32, depths 1,1,2,1, norms at stages 0-3) under
+    model.backbone., exported at stages 1-3 with the backbone's own key names."""
+    dense = msmlp.MSMLP(num_classes=0, out_indices=(0, 1, 2, 3), embed_dim=32, depths=(1, 1, 2, 1)).eval()
+    ckpt = lightning_checkpoint(tmp_path / 'det.ckpt', dense, prefix='model.backbone.')
+    out = tmp_path / 'backbone.safetensors'
+    assert main(['--checkpoint', ckpt, '--features-only', '--out-indices', '1', '2', '3', '--format', 'safetensors',
+                 '--output', str(out)]) == 0
+    assert 'msmlp_tiny (embed_dim 32, depths 1,1,2,1) backbone (stages 1, 2, 3) from' in capsys.readouterr().out
+    from safetensors.torch import load_file
+    assert not any(k.startswith('model.') for k in load_file(out))
+    strict = timm.create_model('msmlp_tiny', num_classes=0, out_indices=(1, 2, 3), embed_dim=32, depths=(1, 1, 2, 1),
+                               checkpoint_path=str(out)).eval()
+    ours = msmlp.MSMLP(num_classes=0, out_indices=(1, 2, 3), embed_dim=32, depths=(1, 1, 2, 1)).eval()
+    assert msmlp.load_pretrained(ours, out)['dropped'] == []
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected = dense.forward_dense(x)[1:]
+        for model in (strict, ours):
+            for got, e in zip(model.forward_dense(x), expected, strict=True):
+                assert torch.equal(got, e)
+
+
+def test_ms_swin_checkpoints_are_refused_in_one_line(tmp_path, capsys):
+    swin = timm.create_model('msswin_tiny', embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 2, 2, 2), window_size=4)
+    ckpt = lightning_checkpoint(tmp_path / 'swin.ckpt', swin)
+    assert main(['--checkpoint', ckpt]) == 1
+    assert capsys.readouterr().err == (f'msmlp export: error: {ckpt} holds MS-Swin or Swin weights '
+                                       "(layers.0.blocks.0.attn.relative_position_bias_table), not an MS-MLP's\n")
+
+
+def test_num_classes_zero_exports_the_pooled_features_and_negatives_are_refused(tmp_path, capsys):
+    trained = timm.create_model('msmlp_tiny', num_classes=7, **SMALL).eval()
+    ckpt = lightning_checkpoint(tmp_path / 'last.ckpt', trained)
+    model = build_model('msmlp_tiny', ckpt, num_classes=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained.forward_head(trained.forward_features(x), pre_logits=True))
+    assert build_model('msmlp_tiny', num_classes=0).num_classes == 0
+    assert main(['--num-classes', '-3']) == 1
+    assert capsys.readouterr().err.strip() == ('msmlp export: error: --num-classes -3: give 0 (no classifier: '
+                                               'the pooled features) or more')
+    assert main(['--checkpoint', ckpt, '--num-classes', '5']) == 1
+    assert 'holds a head of 7 classes; leave --num-classes out' in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_does_not_fit_says_why_on_its_one_line(tmp_path, capsys):
+    state = timm.create_model('msmlp_tiny', num_classes=3, **SMALL).state_dict()
+    del state['layers.2.blocks.1.norm.weight']
+    torch.save(state, tmp_path / 'cut.pth')
+    assert main(['--checkpoint', str(tmp_path / 'cut.pth')]) == 1
+    assert capsys.readouterr().err == (f'msmlp export: error: {tmp_path / "cut.pth"} does not fit the model: 1 missing '
+                                       'key (layers.2.blocks.1.norm.weight), 0 unexpected keys, 0 shape mismatches\n')
+
+
+@pytest.mark.parametrize('output, reason', [
+    ('{tmp}', 'it is a folder; name a file'),
+    ('/proc/nope/x.safetensors', 'cannot make the folder /proc/nope'),
+])
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys, output, reason):
+    output = output.format(tmp=tmp_path)
+    assert main(['--format', 'safetensors', '--num-classes', '3', '--output', output]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'msmlp export: error: cannot write {output}: {reason}') and err.count('\n') == 1
+
+
 def test_bad_input_is_one_line(tmp_path, capsys):
     assert main(['--model', 'msmlp_tiny', '--checkpoint', str(tmp_path / 'none.pth')]) == 1
     assert capsys.readouterr().err.strip().endswith(f'checkpoint not found: {tmp_path / "none.pth"}')

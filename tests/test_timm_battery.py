@@ -199,3 +199,38 @@ def test_timm_graph_and_hook_features_are_the_stage_outputs(feature_cls):
     with torch.no_grad():
         for ours, expected in zip(model(x), getter(x), strict=True):
             assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize('indices', [(0, 1), 2, [1, 3]], ids=['first-two', 'last-two', 'one-and-three'])
+def test_prune_intermediate_layers_keeps_the_intermediates(indices):
+    """timm's ``prune_intermediate_layers`` (convnext's signature): the stages after the last index
+    and the head go; ``forward_intermediates`` at the kept indices is unchanged."""
+    model = timm.create_model('msmlp_tiny').eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+        kept = model.prune_intermediate_layers(indices)
+        got = model.forward_intermediates(x, indices=kept, intermediates_only=True)
+        pooled = model(x)
+    last = max(kept)
+    assert len(model.layers) == last + 1 and model.layers[-1].downsample is None
+    assert model.num_classes == 0 and model.num_features == model.feature_info[last]['num_chs']
+    assert not any(n.startswith(('head.', 'norm.')) for n, _ in model.named_parameters())
+    assert pooled.shape == (1, model.num_features, *expected[-1].shape[2:])
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
+
+
+def test_features_only_prunes_the_stages_it_does_not_return():
+    """timm's getter wraps a pruned model: out_indices (0, 1) keeps two stages, no head."""
+    torch.manual_seed(0)
+    full = timm.create_model('msmlp_tiny').eval()
+    torch.manual_seed(0)
+    features = timm.create_model('msmlp_tiny', features_only=True, out_indices=(0, 1)).eval()
+    assert len(features.model.layers) == 2 and features.model.layers[1].downsample is None
+    assert not any(n.startswith(('model.head.', 'model.norm.')) for n, _ in features.named_parameters())
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        for ours, expected in zip(features(x), full.forward_intermediates(x, indices=(0, 1), intermediates_only=True),
+                                  strict=True):
+            assert torch.equal(ours, expected)
