@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from tasks.base import InputError
 from tasks.loading import broadcast, gather_in_order, world
-from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask
+from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask, loads_annotations
 
 __all__ = ['DetectionTask', 'CocoDataModule', 'read_coco', 'check_coco', 'CocoTargets', 'coco_map_metric',
            'coco_map_names', 'predictions', 'CocoEvaluation']
@@ -461,7 +461,7 @@ class DetectionTask(OpenMMLabTask):
 
 # ----- data ----------------------------------------------------------------------------------
 def _loads_masks(pipeline: Sequence) -> bool:
-    return any('LoadAnnotations' in str(t.get('type')) and t.get('with_mask') for t in pipeline or ())
+    return any(loads_annotations(t) and t.get('with_mask') for t in pipeline or ())
 
 
 class CocoDataModule(OpenMMLabDataModule):

@@ -64,7 +64,8 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.base import BaseTask, InputError
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, worker_args
 
-__all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'resolve_config', 'load_config']
+__all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'resolve_config', 'load_config', 'loads_annotations',
+           'without_annotations', 'prediction_name']
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
 
@@ -334,7 +335,7 @@ class OpenMMLabTask(BaseTask):
         out_dir = self._predict_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample in outputs:
-            self.draw(sample, str(out_dir / (Path(sample.img_path).stem + '.png')))
+            self.draw(sample, str(out_dir / prediction_name(sample.img_path)))
             self._predictions_written += 1
         return outputs
 
@@ -442,14 +443,35 @@ class _Items(Dataset):
         return self.pipeline(self.get_data_info(index))
 
 
-def _check_distinct_stems(paths: Sequence[str]) -> None:
-    """Each prediction is written as ``<stem>.png``: refuse images that would share one."""
+def prediction_name(img_path: str) -> str:
+    """The file name of an image's prediction (and, for seg, of its label map)."""
+    return Path(img_path).stem + '.png'
+
+
+def _check_distinct_prediction_names(paths: Sequence[str]) -> None:
     seen: Dict[str, str] = {}
     for path in paths:
-        other = seen.setdefault(Path(path).stem, path)
+        other = seen.setdefault(prediction_name(path), path)
         if other != path:
-            raise InputError(f'predict images {other} and {path} would both be predicted to {Path(path).stem}.png: '
+            raise InputError(f'predict images {other} and {path} would both be predicted to {prediction_name(path)}: '
                              'rename one, or predict them separately')
+
+
+def loads_annotations(step) -> bool:
+    return isinstance(step, dict) and 'LoadAnnotations' in str(step.get('type'))
+
+
+def without_annotations(pipeline: list) -> list:
+    """A copy of ``pipeline`` without ``LoadAnnotations`` (also inside ``TestTimeAug``), for unlabelled images."""
+    out = []
+    for step in pipeline:
+        if loads_annotations(step):
+            continue
+        step = copy.copy(step)
+        if isinstance(step, dict) and 'transforms' in step:
+            step['transforms'] = [g for g in (without_annotations(list(g)) for g in step['transforms']) if g]
+        out.append(step)
+    return out
 
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -578,7 +600,7 @@ class OpenMMLabDataModule(LightningDataModule):
 
     def predict_pipeline(self) -> list:
         """The test pipeline without annotation loading."""
-        return [t for t in self.cfg.test_dataloader.dataset.pipeline if 'LoadAnnotations' not in str(t['type'])]
+        return without_annotations(self.cfg.test_dataloader.dataset.pipeline)
 
     def build_predict_dataset(self) -> Dataset:
         from mmengine.dataset import Compose
@@ -588,7 +610,7 @@ class OpenMMLabDataModule(LightningDataModule):
         else:
             val = self.datasets['val']
             paths = [val.get_data_info(i)['img_path'] for i in range(len(val))]
-        _check_distinct_stems(paths)
+        _check_distinct_prediction_names(paths)
         return _ReadErrors(_Items(paths, Compose(self.predict_pipeline())))
 
     @staticmethod

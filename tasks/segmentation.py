@@ -30,7 +30,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tasks.base import InputError
 from tasks.embedded import ensure_dataset
-from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask
+from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask, loads_annotations, without_annotations
 
 __all__ = ['SegmentationTask', 'ADE20KDataModule', 'SegmentationMetrics', 'CheckSegLabels',
            'check_image_label_pairs', 'class_palette', 'draw_overlay']
@@ -205,29 +205,12 @@ def _insert_label_checks(pipeline: list, check: CheckSegLabels) -> list:
             groups = []
             for group in step['transforms']:
                 groups.append(group)
-                if any(_loads_annotations(s) for s in group):
+                if any(loads_annotations(s) for s in group):
                     groups.append([copy.copy(check_step)])
             step['transforms'] = groups
         out.append(step)
-        if _loads_annotations(step):
+        if loads_annotations(step):
             out.append(copy.copy(check_step))
-    return out
-
-
-def _loads_annotations(step) -> bool:
-    return isinstance(step, dict) and 'LoadAnnotations' in str(step.get('type'))
-
-
-def _without_annotations(pipeline: list) -> list:
-    """``pipeline`` without ``LoadAnnotations`` (also inside ``TestTimeAug``), for unlabelled images."""
-    out = []
-    for step in pipeline:
-        if _loads_annotations(step):
-            continue
-        step = copy.copy(step)
-        if isinstance(step, dict) and 'transforms' in step:
-            step['transforms'] = [g for g in (_without_annotations(list(g)) for g in step['transforms']) if g]
-        out.append(step)
     return out
 
 
@@ -470,5 +453,5 @@ class ADE20KDataModule(OpenMMLabDataModule):
 
     def predict_pipeline(self) -> list:
         if self._tta():
-            return _without_annotations(copy.deepcopy(self.cfg.tta_pipeline))
+            return without_annotations(self.cfg.tta_pipeline)
         return super().predict_pipeline()
