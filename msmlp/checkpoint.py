@@ -294,7 +294,7 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
         warnings.warn(f'{source}: output norms {shown_keys(norms, 4)} not loaded: the model has '
                       'no dense output at their stages', stacklevel=3)
     dropped = head + norms
-    state, adapted = _adapt_stem({k: v for k, v in state.items() if k not in dropped}, own)
+    state, adapted = adapt_stem({k: v for k, v in state.items() if k not in dropped}, own)
 
     kept_init = [k for k in own if k not in state and k.startswith(_NEW_IN_DENSE + _HEAD)]
     missing = [k for k in own if k not in state and k not in kept_init]
@@ -307,7 +307,7 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
     return {'dropped': dropped, 'kept_init': kept_init, 'adapted': adapted}
 
 
-def _adapt_stem(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]
+def adapt_stem(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]
                 ) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """``state`` with its stem conv converted to the model's input channels when only those
     differ (timm's ``adapt_input_conv``: summed for one channel, repeated and scaled for more)."""

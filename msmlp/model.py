@@ -242,11 +242,15 @@ class MSMLPBlock(nn.Module):
             return not _watched()
         return self._mix_impl == 'fast' and not _traced()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """The block on an NCHW map (``forward``; blocks on other layouts call it)."""
         if not torch.jit.is_scripting():
             if self._runs_fast():
                 return self._forward_fast(x)
         return self.forward_released(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_nchw(x)
 
 
 class MSMLPStage(nn.Module):
@@ -296,8 +300,9 @@ class MSMLP(nn.Module):
         shift_dist: Circular shift of each channel group.
         drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks.
         layer_scale_init: Initial layer scale.
-        global_pool: ``'avg'`` or ``''``: no pooling; as in timm's ConvNeXt, the norm and the
-            classifier then apply at every position (``forward`` returns a B x classes x h x w map).
+        global_pool: ``'avg'``, ``'max'``, ``'avgmax'`` (their mean), or ``''``: no pooling; as in
+            timm's ConvNeXt, the norm and the classifier then apply at every position (``forward``
+            returns a B x classes x h x w map).
         out_indices: Stages whose outputs ``forward_dense`` returns, each through a
             LayerNorm of its own (``out_norms``), as mmdet backbones do.
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
@@ -479,8 +484,8 @@ class MSMLP(nn.Module):
         return self._stage_outputs(x, [last], last)[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = self.norm(x.mean((2, 3)))
+        if self.global_pool != '':
+            x = self.norm(_pool(x, self.global_pool))
             return x if pre_logits else self.head(x)
         x = self.norm(x.permute(0, 2, 3, 1))  # unpooled: norm and classifier at every position
         if not pre_logits:
@@ -518,6 +523,8 @@ class MSMLP(nn.Module):
         if indices is None:
             take = tuple(range(n))
         elif isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f'indices={indices} asks for the last {indices} stages of {n}: give 1 to {n}')
             take = tuple(range(n - indices, n))
         else:
             take = self._check_indices(indices)
@@ -529,11 +536,24 @@ class MSMLP(nn.Module):
         return outputs[-1], intermediates
 
 
+POOL_TYPES = ('avg', 'max', 'avgmax', '')
+
+
+def _pool(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Global pooling of a (B, C, H, W) map to (B, C), as timm's ``SelectAdaptivePool2d``."""
+    if kind == 'avg':
+        return x.mean((2, 3))
+    if kind == 'max':
+        return x.amax((2, 3))
+    return 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
+
+
 def _check_head(num_classes: int, global_pool: str) -> None:
     if num_classes < 0:
         raise ValueError(f'num_classes must be 0 (no classifier) or more, got {num_classes}')
-    if global_pool not in ('avg', ''):
-        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f'global_pool must be one of {POOL_TYPES}, got {global_pool!r} (pooling that '
+                         'changes the width, as catavgmax, does not fit the head norm, as in timm\'s ConvNeXt)')
 
 
 # ----- checkpoint conversion -------------------------------------------------------------

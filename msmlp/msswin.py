@@ -32,7 +32,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from torch import nn
 
-from .checkpoint import extract_state_dict, read_checkpoint, shown_keys
+from .checkpoint import CheckpointError, adapt_stem, extract_state_dict, read_checkpoint, shown_keys
 from .model import MIX_SIZES, SHIFT_DIST, MSMLP, MSMLPBlock
 
 __all__ = ['MSSwin', 'MSSwinBlock', 'BLOCK_TYPES', 'DEFAULT_PATTERN', 'VARIANT_ARCHS', 'load_swin_checkpoint']
@@ -46,7 +46,7 @@ class MSSwinBlock(MSMLPBlock):
     """The MS-MLP block on Swin's tokens: (B, H, W, C) in and out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.forward_nchw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
     def set_input_size(self, feat_size: Tuple[int, int], window_size: Tuple[int, int],
                        always_partition: Optional[bool] = None) -> None:
@@ -79,7 +79,8 @@ class MSSwin(SwinTransformer):
         mix_impl: ``'fast'`` or ``'reference'`` mixing in the MS blocks (same function).
         out_indices: Stages ``forward_dense`` returns (NCHW), each through a LayerNorm of its own.
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
-            (with their output norms); re-applied on every ``train()``.
+            (with their output norms and the patch merging after stage i-1, as mmdet's Swin);
+            re-applied on every ``train()``.
         with_cp: Gradient checkpointing of every block.
         strict_img_size: Require ``img_size``; by default any size works (padded to the patch
             and to the windows, attention masks built for the size).
@@ -141,7 +142,13 @@ class MSSwin(SwinTransformer):
 
     # ----- dense-task interface -------------------------------------------------------------
     def _freeze_stages(self) -> None:
+        """As ``MSMLP``'s, and as mmdet's Swin: stage i-1 is frozen with the patch merging after
+        it, which timm's layout keeps at the start of ``layers[i]``."""
         MSMLP._freeze_stages(self)
+        if 1 <= self.frozen_stages < len(self.layers):
+            merging = self.layers[self.frozen_stages].downsample
+            merging.eval()
+            merging.requires_grad_(False)
 
     def train(self, mode: bool = True) -> 'MSSwin':
         super().train(mode)
@@ -162,6 +169,19 @@ class MSSwin(SwinTransformer):
         for block in self.modules():
             if isinstance(block, MSMLPBlock):
                 block.mix_impl = impl
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's Swin pruning, which also drops the output norms (and ``out_indices``) of the
+        stages that go."""
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        if self.out_indices is not None:
+            kept = len(self.layers)
+            for i in self.out_indices:
+                if i >= kept:
+                    del self.out_norms[str(i)]
+            self.out_indices = tuple(i for i in self.out_indices if i < kept) or None
+        return take_indices
 
     def forward_dense(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Outputs of the ``out_indices`` stages (NCHW), each through its own LayerNorm."""
@@ -185,15 +205,30 @@ def _owns_module(model: nn.Module, key: str) -> bool:
         return False
 
 
+def _ms_block_prefixes(model: MSSwin) -> Tuple[str, ...]:
+    return tuple(f'{name}.' for name, module in model.named_modules() if isinstance(module, MSSwinBlock))
+
+
+def _openmmlab_swin_layout(keys) -> bool:
+    """OpenMMLab's own Swin (``stages.*``, ``patch_embed.projection``): converted from the
+    released Swin with reordered patch-merging channels, which this loader does not undo."""
+    return any(k.startswith(('stages.', 'patch_embed.projection.')) for k in keys)
+
+
 def load_swin_checkpoint(model: MSSwin, path) -> Dict[str, List[str]]:
     """Load an MS-Swin or a Swin checkpoint (timm's or the Swin repository's layout, a released,
-    Lightning or mmengine file) into ``model`` through the safe loader: every key that matches
-    in name and shape is loaded; the rest is listed, with a warning.
+    Lightning or mmengine file) into ``model`` through the safe loader. Every part of the model
+    that Swin has (stem, attention blocks, patch mergings, final norm) must be in the file with
+    its shape, or this is a one-line ``CheckpointError``; the MS blocks, the classifier head and
+    the output norms load where the file has them and otherwise keep their initialisation, with a
+    warning listing what was left on either side. A stem of other input channels is adapted as
+    timm adapts pretrained weights (``adapt_input_conv``).
 
     Returns:
-        ``{'loaded': [...], 'not_loaded': [...], 'fresh': [...]}``: keys taken from the file,
-        keys of the file left out (e.g. the attention of blocks that are MS blocks here), and
-        the model's keys the file lacks (which keep their initialisation).
+        ``{'loaded': [...], 'not_loaded': [...], 'fresh': [...], 'adapted': [...]}``: keys taken
+        from the file, keys of the file left out (e.g. the attention of blocks that are MS blocks
+        here), the model's keys the file lacks (which keep their initialisation), and keys
+        converted to the model's input channels.
     """
     state = extract_state_dict(read_checkpoint(path), source=str(path))
     # timm's conversion looks up the module of every relative-position table: MS blocks have none
@@ -202,9 +237,18 @@ def load_swin_checkpoint(model: MSSwin, path) -> Dict[str, List[str]]:
     state = {**swin_checkpoint_filter_fn(convertible, model),
              **{k: v for k, v in state.items() if k not in convertible}}
     own = model.state_dict()
+    state, adapted = adapt_stem(state, own)
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    optional = _ms_block_prefixes(model) + ('out_norms.', 'head.')
+    absent = [k for k in own if k not in loaded and not k.startswith(optional)]
+    if absent:
+        hint = (": it is in OpenMMLab's Swin layout (stages.*); give the Swin repository's or timm's file"
+                if _openmmlab_swin_layout(state) else '')
+        total = sum(not k.startswith(optional) for k in own)
+        raise CheckpointError(f'{path} does not fit the {type(model).__name__}: {len(absent)} of its {total} Swin '
+                              f'tensors are missing or of another shape ({shown_keys(absent, 3)}){hint}')
     report = {'loaded': sorted(loaded), 'not_loaded': sorted(set(state) - set(loaded)),
-              'fresh': sorted(set(own) - set(loaded))}
+              'fresh': sorted(set(own) - set(loaded)), 'adapted': adapted}
     model.load_state_dict(loaded, strict=False)
     left = [k for k in report['fresh'] if not k.startswith(('out_norms.', 'head.'))]
     if report['not_loaded'] or left:

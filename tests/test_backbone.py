@@ -395,3 +395,25 @@ def test_torch_export_with_dynamic_batch_height_and_width():
         x = torch.randn(*shape)
         with torch.no_grad():
             assert torch.allclose(program.module()(x), model(x), atol=1e-5, rtol=1e-5), shape
+
+
+@pytest.mark.parametrize('kind', ['max', 'avgmax'])
+def test_other_global_pools_pool_as_timm_before_the_head_norm(kind):
+    """timm's ConvNeXt accepts its pooling types; the features are pooled, normed, classified."""
+    from timm.layers import SelectAdaptivePool2d
+    model = timm.create_model('msmlp_tiny', global_pool=kind, num_classes=5, **TINY).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = model.head(model.norm(SelectAdaptivePool2d(pool_type=kind, flatten=True)(model.forward_features(x))))
+        assert torch.allclose(model(x), expected, atol=1e-6)
+        assert torch.allclose(torch.jit.script(model)(x), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="global_pool must be one of .* got 'catavgmax'"):
+        model.reset_classifier(5, 'catavgmax')
+
+
+@pytest.mark.parametrize('indices', [0, 5, -1])
+def test_forward_intermediates_refuses_a_last_n_outside_the_stages(indices):
+    model = timm.create_model('msmlp_tiny', **TINY).eval()
+    with pytest.raises(ValueError, match=f'indices={indices} asks for the last {indices} stages of 4: give 1 to 4'):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=indices, stop_early=True)
+    assert len(model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=4)[1]) == 4

@@ -104,7 +104,7 @@ def test_frozen_stages_are_reapplied_on_train():
     assert not model.patch_embed.training and not model.layers[1].training and model.layers[2].training
     assert not any(p.requires_grad for p in model.layers[1].parameters())
     assert not any(p.requires_grad for p in model.out_norms['1'].parameters())
-    assert all(p.requires_grad for p in model.layers[2].parameters())
+    assert all(p.requires_grad for name, p in model.layers[2].named_parameters() if not name.startswith('downsample'))
 
 
 def swin_state(**kwargs):
@@ -180,3 +180,57 @@ def test_benchmark_runs_msswin_against_swin_and_msmlp(capsys):
     table = capsys.readouterr().out
     for row in ('| msswin_tiny |', '| msswin_tiny (reference) |', '| swin_tiny_patch4_window7_224 |', '| msmlp_tiny |'):
         assert row in table
+
+
+def test_torchscript_gives_the_eager_outputs():
+    model = timm.create_model('msswin_tiny', num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-5)
+
+
+def test_frozen_stages_freeze_the_patch_merging_after_the_last_frozen_stage_as_mmdet_swin():
+    model = msmlp.MSSwin(embed_dim=40, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, frozen_stages=1)
+    model.train()
+    merging = model.layers[1].downsample  # timm's layout: the merging after stage 0 opens stage 1
+    assert not merging.training and not any(p.requires_grad for p in merging.parameters())
+    assert all(p.requires_grad for name, p in model.layers[1].named_parameters() if not name.startswith('downsample'))
+    assert all(p.requires_grad for p in model.layers[2].downsample.parameters())
+
+
+def test_pruning_keeps_the_dense_outputs_of_the_kept_stages():
+    model = msmlp.MSSwin(out_indices=(0, 1, 2, 3)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model.forward_dense(x)
+        assert model.prune_intermediate_layers([1]) == [1]
+        after = model.forward_dense(x)
+    assert model.out_indices == (0, 1) and list(model.out_norms) == ['0', '1']
+    assert len(after) == 2 and all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_a_checkpoint_without_the_swin_part_is_refused_in_one_line(tmp_path):
+    torch.save({'state_dict': {'conv1.weight': torch.zeros(64, 3, 7, 7)}}, tmp_path / 'resnet.pth')
+    with pytest.raises(msmlp.CheckpointError, match=r'resnet.pth does not fit the MSSwin: 93 of its 93 Swin tensors '
+                                                    r'are missing or of another shape \(patch_embed.proj.weight, '):
+        load_swin_checkpoint(timm.create_model('msswin_tiny'), tmp_path / 'resnet.pth')
+    # OpenMMLab's own Swin layout (mmseg's and mmdet's Swin files), named so the user finds the right file
+    openmmlab = {f'backbone.{k}'.replace('layers.', 'stages.').replace('patch_embed.proj.', 'patch_embed.projection.'): v
+                 for k, v in swin_state().items()}
+    torch.save({'state_dict': openmmlab}, tmp_path / 'mmseg_swin.pth')
+    with pytest.raises(msmlp.CheckpointError, match=r"OpenMMLab's Swin layout \(stages\.\*\); give the Swin repository's or timm's"):
+        load_swin_checkpoint(timm.create_model('msswin_tiny'), tmp_path / 'mmseg_swin.pth')
+    torch.save(timm.create_model('swin_base_patch4_window7_224').state_dict(), tmp_path / 'swin_base.pth')
+    with pytest.raises(msmlp.CheckpointError, match='swin_base.pth does not fit the MSSwin'):
+        load_swin_checkpoint(timm.create_model('msswin_tiny'), tmp_path / 'swin_base.pth')
+
+
+def test_a_swin_stem_is_adapted_to_other_input_channels(tmp_path):
+    state = swin_state()
+    torch.save(state, tmp_path / 'swin.pth')
+    model = timm.create_model('msswin_tiny', in_chans=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # the MS blocks start fresh
+        report = load_swin_checkpoint(model, tmp_path / 'swin.pth')
+    assert report['adapted'] == ['patch_embed.proj.weight']
+    assert torch.allclose(model.patch_embed.proj.weight, state['patch_embed.proj.weight'].sum(1, keepdim=True))
