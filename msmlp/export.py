@@ -1,9 +1,11 @@
 """``msmlp export``: an MS-MLP classifier or dense backbone as ONNX, TorchScript, a torch.export
-program, or safetensors weights.
+program, or safetensors weights; a detector or segmentor trained with ``msmlp fit --task det|seg``
+as the checkpoint and config that MMDetection's and MMSegmentation's own tools read.
 
     msmlp export --model msmlp_tiny --format onnx --output msmlp_tiny.onnx
     msmlp export --model msmlp_tiny --checkpoint last.ckpt --format exported-program
     msmlp export --model msmlp_tiny --features-only --out-indices 1 2 3 --format onnx --img-size 512 512
+    msmlp export --checkpoint runs/det/version_0/checkpoints/last.ckpt --format openmmlab --output det.pth
 
 ONNX and exported programs take any batch, height and width (>= 64) unless ``--static``;
 TorchScript takes any size. Every file is checked after it is written: it is loaded again
@@ -29,6 +31,7 @@ from .model import MIX_SIZES, VARIANT_ARCHS, MSMLP
 __all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'describe', 'export', 'check_export', 'main']
 
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 'safetensors': '.safetensors'}
+OPENMMLAB = 'openmmlab'  # a det/seg run's whole model, for the OpenMMLab tools (not a backbone format)
 # Below 64 pixels the last stage is 1x1, a case the exported program's shape guards leave out.
 MIN_DYNAMIC_SIZE = 64
 
@@ -260,17 +263,80 @@ def check_export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, i
     return worst
 
 
+# ----- a det/seg run for the OpenMMLab tools ---------------------------------------------------
+def openmmlab_checkpoint(checkpoint: Dict, source: str) -> Tuple[Dict, str]:
+    """A ``msmlp fit --task det|seg`` checkpoint as mmengine's runner saves one (``state_dict``
+    of the detector or segmentor, ``meta.dataset_meta.classes``), and the OpenMMLab config it ran."""
+    config = checkpoint.get('openmmlab_config') if isinstance(checkpoint, dict) else None
+    if not config or not isinstance(checkpoint.get('state_dict'), dict):
+        raise ValueError(f'{source} is not a checkpoint of msmlp fit --task det or seg (it holds no OpenMMLab '
+                         'config); --format openmmlab converts those')
+    state = {k[len('model.'):]: v for k, v in checkpoint['state_dict'].items() if k.startswith('model.')}
+    meta = dict(converted_from=source, epoch=checkpoint.get('epoch'), iter=checkpoint.get('global_step'))
+    if checkpoint.get('classes'):
+        meta['dataset_meta'] = dict(classes=tuple(checkpoint['classes']))
+    return dict(meta=meta, state_dict=state), config
+
+
+def export_openmmlab(source: str, output: str) -> str:
+    """Write ``output`` (the checkpoint) and the config beside it (``.py``); returns the config's path."""
+    checkpoint, config = openmmlab_checkpoint(read_checkpoint(source), source)
+    config_path = os.path.splitext(output)[0] + '.py'
+    if os.path.abspath(config_path) == os.path.abspath(output):
+        raise OutputError(f'cannot write {output}: name a .pth file (the config goes beside it as {config_path})')
+    _check_writable(output)
+    torch.save(checkpoint, output)
+    with open(config_path, 'w') as f:
+        f.write(config)
+    return config_path
+
+
+def check_openmmlab(output: str, config_path: str) -> Optional[str]:
+    """Build the model from the written config, as the tools do, and load the written weights
+    strictly; the registry scope, or None when its package is not installed here."""
+    import importlib.util
+    from mmengine.config import Config
+    cfg = Config.fromfile(config_path)  # its custom_imports register the backbone
+    scope = cfg.get('default_scope')
+    if scope is None or importlib.util.find_spec(scope) is None:
+        return None
+    from mmengine.registry import MODELS, init_default_scope
+    init_default_scope(scope)
+    with warnings.catch_warnings():  # the OpenMMLab packages' deprecation notices about their own code
+        warnings.simplefilter('ignore')
+        model = MODELS.build(cfg.model)
+    model.load_state_dict(torch.load(output, map_location='cpu', weights_only=True)['state_dict'], strict=True)
+    return scope
+
+
+def _main_openmmlab(args: argparse.Namespace) -> int:
+    if not args.checkpoint:
+        raise ValueError('--format openmmlab converts a det or seg run: give its --checkpoint')
+    print(f'msmlp export: {args.checkpoint} -> {args.output} (openmmlab: the whole model, for the OpenMMLab tools)',
+          flush=True)
+    config_path = export_openmmlab(local_checkpoint(args.checkpoint), args.output)
+    print(f'msmlp export: wrote {args.output} and its config {config_path}', flush=True)
+    if not args.no_check:
+        scope = check_openmmlab(args.output, config_path)
+        print(f'msmlp export: checked: {scope} builds the model from {config_path} and loads every weight'
+              if scope else f'msmlp export: not checked: the config\'s package is not installed here')
+    return 0
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog='msmlp export',
         description='Export an MS-MLP classifier or dense backbone as ONNX, TorchScript, a torch.export '
-                    'program or safetensors weights; the file is loaded again and checked against the model.')
+                    'program or safetensors weights, or a det/seg run for the OpenMMLab tools; the file is '
+                    'loaded again and checked against the model.')
     parser.add_argument('--model', default='msmlp_tiny',
                         help="msmlp_tiny, msmlp_small or msmlp_base; with --checkpoint, the checkpoint's architecture")
     parser.add_argument('--checkpoint', metavar='FILE',
                         help='weights: a released, Lightning (cls/det/seg), mmengine, timm or safetensors file, '
                              'or its URL (downloaded once)')
-    parser.add_argument('--format', default='onnx', choices=list(FORMATS))
+    parser.add_argument('--format', default='onnx', choices=[*FORMATS, OPENMMLAB],
+                        help='openmmlab: a det/seg run (--checkpoint) as the .pth and .py config that '
+                             "mmdet's and mmseg's tools and APIs read")
     parser.add_argument('--output', metavar='OUT', help='the file to write (default: MODEL[-features].SUFFIX)')
     parser.add_argument('--features-only', action='store_true',
                         help='the backbone: the out-indices stage outputs, each through its norm')
@@ -284,7 +350,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--opset', type=int, help="ONNX opset (default: torch's)")
     parser.add_argument('--no-check', action='store_true', help='do not load and check the written file')
     args = parser.parse_args(argv)
-    if args.output is None:
+    if args.output is None and args.format == OPENMMLAB:
+        stem = os.path.splitext(os.path.basename(args.checkpoint or 'model'))[0]
+        args.output = stem + '-openmmlab.pth'
+    elif args.output is None:
         args.output = args.model + ('-features' if args.features_only else '') + FORMATS[args.format]
     return args
 
@@ -293,6 +362,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     img_size = tuple(args.img_size)
     try:
+        if args.format == OPENMMLAB:
+            return _main_openmmlab(args)
         model = build_model(args.model, args.checkpoint, args.features_only, args.out_indices, args.num_classes)
         channels = backbone(model).patch_embed.proj.in_channels
         shapes = ('any size' if args.format == 'torchscript' else 'weights' if args.format == 'safetensors'

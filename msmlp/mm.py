@@ -24,11 +24,14 @@ import importlib
 import importlib.util
 import logging
 import os
+import pickle
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
+from mmengine.runner import CheckpointLoader
+from mmengine.runner.checkpoint import load_from_local as _mmengine_load_from_local
 
 from .checkpoint import CheckpointError, load_pretrained, local_checkpoint, shown_keys
 from .model import VARIANT_ARCHS, MSMLP
@@ -73,6 +76,17 @@ class _Backbone(BaseModule):
 
     def forward(self, x: torch.Tensor) -> tuple:
         return tuple(self.forward_dense(x))
+
+    def _exclude_unused(self) -> None:
+        """What the dense outputs never run (the classifier's final norm; stages after the last
+        of ``out_indices``) stays, so that classification checkpoints load strictly, but takes no
+        gradient: DDP (mmengine's and Lightning's, which expect every trainable parameter to get
+        one) would otherwise stop at the second iteration."""
+        for module in self._unused_by_dense():
+            module.requires_grad_(False)
+
+    def _unused_by_dense(self) -> List[torch.nn.Module]:
+        raise NotImplementedError
 
     def init_weights(self) -> None:
         """Load ``init_cfg``'s pretrained checkpoint with the safe loader; other init types
@@ -130,9 +144,11 @@ class MSMLPBackbone(MSMLP, _Backbone):
             in_chans=in_channels, num_classes=0, out_indices=out_indices, drop_path_rate=drop_path_rate,
             frozen_stages=frozen_stages, with_cp=with_cp, **spec, **kwargs)
         self.init_cfg = copy.deepcopy(init_cfg)
-        # The classifier's final norm is unused by dense outputs; it stays (so classification
-        # checkpoints load strictly) but takes no gradient, which DDP would otherwise wait for.
-        self.norm.requires_grad_(False)
+        self._exclude_unused()
+
+    def _unused_by_dense(self) -> List[torch.nn.Module]:
+        last = self.layers[max(self.out_indices)]
+        return [self.norm, *self.layers[max(self.out_indices) + 1:], *([last.downsample] if last.downsample else [])]
 
     forward = _Backbone.forward  # not MSMLP's classifier forward
 
@@ -177,7 +193,10 @@ class MSSwinBackbone(MSSwin, _Backbone):
         super().__init__(in_chans=in_channels, num_classes=0, out_indices=out_indices, drop_path_rate=drop_path_rate,
                          frozen_stages=frozen_stages, with_cp=with_cp, **spec, **kwargs)
         self.init_cfg = copy.deepcopy(init_cfg)
-        self.norm.requires_grad_(False)  # the classifier's final norm: unused by dense outputs
+        self._exclude_unused()
+
+    def _unused_by_dense(self) -> List[torch.nn.Module]:
+        return [self.norm, *self.layers[max(self.out_indices) + 1:]]  # a stage opens with its patch merging
 
     forward = _Backbone.forward  # not Swin's classifier forward
 
@@ -219,4 +238,37 @@ def _register() -> List[str]:
     return registered
 
 
+# ----- mmengine's own checkpoints under torch's weights-only default -----------------------------
+def _history_buffer_method(owner, name: str):
+    """The one ``getattr`` a message hub pickles: a HistoryBuffer statistics method by name."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if owner is HistoryBuffer and not name.startswith('_') and callable(vars(HistoryBuffer).get(name)):
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(f'getattr({owner!r}, {name!r}) is not an mmengine HistoryBuffer statistic')
+
+
+def runner_checkpoint_globals() -> list:
+    """What an mmengine runner's checkpoint pickles beside tensors (its message hub: HistoryBuffers
+    of numpy arrays and scalars), for ``torch.serialization.safe_globals``: data classes, and
+    ``getattr`` only as the HistoryBuffer method lookup it is there."""
+    import numpy
+    import numpy.dtypes
+    from mmengine.logging.history_buffer import HistoryBuffer
+    core = getattr(numpy, '_core', None) or numpy.core  # numpy 2 and numpy 1
+    reconstruct, scalar = core.multiarray._reconstruct, core.multiarray.scalar
+    dtypes = [getattr(numpy.dtypes, name) for name in numpy.dtypes.__all__]
+    return [HistoryBuffer, numpy.ndarray, numpy.dtype, *dtypes, (_history_buffer_method, 'builtins.getattr'),
+            *[(reconstruct, f'numpy.{m}.multiarray._reconstruct') for m in ('core', '_core')],
+            *[(scalar, f'numpy.{m}.multiarray.scalar') for m in ('core', '_core')]]
+
+
+def load_from_local(filename: str, map_location=None):
+    """mmengine's local-file loader, with its runner's own objects allowed: torch (from 2.6) loads
+    weights only by default, and mmengine 0.10 calls ``torch.load`` without allowing them, so
+    tools/test.py, ``--resume`` and the inference APIs refused every checkpoint tools/train.py wrote."""
+    with torch.serialization.safe_globals(runner_checkpoint_globals()):
+        return _mmengine_load_from_local(filename, map_location)
+
+
 REGISTERED_IN = _register()
+CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)  # named so its log says 'local'

@@ -132,3 +132,25 @@ def test_config_trains_one_iteration_through_the_runner(name, shapes_root, tmp_p
         fresh = type(runner.model.backbone)(**{k: v for k, v in cfg.model.backbone.items() if k != 'type'})
         load_pretrained(fresh, tmp_path / 'iter_1.pth')
         assert torch.equal(fresh.layers[0].blocks[0].gamma, runner.model.backbone.layers[0].blocks[0].gamma)
+        # tools/train.py --resume (and tools/test.py, through the same loader) reads it too
+        resumed = runner_config(name, shapes_root, tmp_path)
+        resumed.train_cfg.max_iters, resumed.resume, resumed.load_from = 2, True, str(tmp_path / 'iter_1.pth')
+        runner = Runner.from_cfg(resumed)
+        runner.train()
+        assert runner.iter == 2 and len(runner.message_hub.get_scalar('train/loss').data[0]) == 2  # both iterations
+
+
+def test_the_docs_config_over_any_mmdet_config_builds(tmp_path):
+    """docs/detection.md's snippet over mmdet's ResNet-50 Mask R-CNN (without ``_delete_`` the
+    ResNet's ``depth`` reached MSMLP)."""
+    import re
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    docs = (CONFIGS.parents[1] / 'docs' / 'detection.md').read_text()
+    snippet = re.search(r'Any mmdet 3\.x config reaches.*?```python\n(.*?)```', docs, re.S).group(1)
+    (tmp_path / 'over_resnet.py').write_text(snippet)
+    cfg = Config.fromfile(str(tmp_path / 'over_resnet.py'))
+    cfg.model.backbone.init_cfg = None  # the released ImageNet weights are not part of the tests
+    init_default_scope('mmdet')
+    detector = MODELS.build(cfg.model)
+    assert type(detector.backbone).__name__ == 'MSMLPBackbone' and detector.neck.in_channels == [96, 192, 384, 768]

@@ -225,3 +225,39 @@ def test_msmlp_tiny_to_onnx_from_the_command_line(tmp_path, extra):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'onnxruntime at 1x3x224x224 and 2x3x383x511 matches the eager model' in result.stdout
+
+
+@pytest.mark.parametrize('scope, config', [('mmdet', 'configs/mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py'),
+                                           ('mmseg', 'configs/mmseg/msmlp-mini_upernet_ade20k-scenes-128x128.py')])
+def test_a_det_or_seg_run_exports_for_the_openmmlab_tools(tmp_path, capsys, scope, config):
+    """A Lightning det/seg checkpoint (weights under ``model.``, the OpenMMLab config and the
+    classes beside them) as mmengine's runner saves one, which the tools and APIs read: mmdet's
+    init_detector gave a detector of random weights and COCO's 80 classes from the Lightning file."""
+    pytest.importorskip(scope, reason='the OpenMMLab stack comes from scripts/setup.sh')
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.runner import load_checkpoint
+    cfg = Config.fromfile(str(ROOT / config))
+    init_default_scope(scope)
+    torch.manual_seed(0)
+    trained = MODELS.build(cfg.model)
+    ckpt = tmp_path / 'last.ckpt'
+    torch.save({'state_dict': {f'model.{k}': v for k, v in trained.state_dict().items()}, 'epoch': 4,
+                'openmmlab_config': cfg.pretty_text, 'classes': ['a', 'b', 'c']}, ckpt)
+    out = tmp_path / 'export' / 'run.pth'
+    assert main(['--checkpoint', str(ckpt), '--format', 'openmmlab', '--output', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f'checked: {scope} builds the model from {tmp_path / "export" / "run.py"} and loads every weight' in printed
+    torch.manual_seed(1)
+    model = MODELS.build(Config.fromfile(str(tmp_path / 'export' / 'run.py')).model)
+    meta = load_checkpoint(model, str(out), map_location='cpu', strict=True)['meta']  # as the tools load it
+    assert meta['dataset_meta']['classes'] == ('a', 'b', 'c') and meta['epoch'] == 4
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_openmmlab_export_of_a_classifier_is_one_line(tmp_path, capsys):
+    ckpt = lightning_checkpoint(tmp_path / 'cls.ckpt', timm.create_model('msmlp_tiny', num_classes=3, **SMALL))
+    assert main(['--checkpoint', ckpt, '--format', 'openmmlab']) == 1
+    assert capsys.readouterr().err.strip() == (
+        f'msmlp export: error: {ckpt} is not a checkpoint of msmlp fit --task det or seg (it holds no OpenMMLab '
+        'config); --format openmmlab converts those')

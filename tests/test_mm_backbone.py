@@ -197,3 +197,51 @@ def test_import_works_with_only_one_of_mmdet_and_mmseg():
     """)
     out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize('kind', ['MSMLP', 'MSSwin'])
+@pytest.mark.parametrize('out_indices', [(0, 1, 2), (1,), (0, 1, 2, 3)])
+def test_every_trainable_parameter_gets_a_gradient(kind, out_indices):
+    """DDP (mmengine's and Lightning's) waits for a gradient of every trainable parameter: the
+    stages after the last of out_indices, never run, take none (it stopped at iteration 2)."""
+    arch = dict(TINY) if kind == 'MSMLP' else dict(arch=None, embed_dim=24, depths=[1, 1, 2, 1],
+                                                      num_heads=[1, 2, 4, 8], window_size=4)
+    backbone = build(**arch, out_indices=out_indices) if kind == 'MSMLP' else DET_MODELS.build(
+        dict(type='MSSwin', **arch, out_indices=out_indices))
+    sum(o.sum() for o in backbone.train()(torch.randn(1, 3, 64, 64))).backward()
+    assert [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert all(p.requires_grad for p in backbone.layers[max(out_indices)].blocks.parameters())
+
+
+def test_mmengine_loads_checkpoints_of_its_own_runner_under_weights_only(tmp_path):
+    """torch loads weights only by default and mmengine 0.10 does not allow its runner's objects:
+    tools/test.py, --resume and the inference APIs refused what tools/train.py saved."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer, MessageHub
+    from mmengine.runner import CheckpointLoader
+    hub = MessageHub('checkpoint_test')
+    for value in (1.5, np.float64(2.5)):
+        hub.update_scalar('train/loss', value)
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'message_hub': hub.state_dict()}, tmp_path / 'epoch_1.pth')
+    loaded = CheckpointLoader.load_checkpoint(str(tmp_path / 'epoch_1.pth'))
+    history = loaded['message_hub']['log_scalars']['train/loss']
+    assert isinstance(history, HistoryBuffer) and history.mean() == 2.0 and history.current() == 2.5
+
+
+class _Smuggled:
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+@pytest.mark.parametrize('owner, name', [(torch.Tensor, 'add'), ('HistoryBuffer', '_set_default_statistics')])
+def test_the_runner_globals_allow_getattr_only_for_history_buffer_statistics(tmp_path, owner, name):
+    import pickle
+    from mmengine.logging import HistoryBuffer
+    from mmengine.runner import CheckpointLoader
+    owner = HistoryBuffer if owner == 'HistoryBuffer' else owner
+    torch.save({'state_dict': {}, 'smuggled': _Smuggled(owner, name)}, tmp_path / 'bad.pth')
+    with pytest.raises(pickle.UnpicklingError, match='not an mmengine HistoryBuffer statistic'):
+        CheckpointLoader.load_checkpoint(str(tmp_path / 'bad.pth'))
