@@ -133,7 +133,7 @@ class MSMLPCLI(LightningCLI):
         check_task_class(config, self.checkpoint_facts, self.task)
         self.resumed = self.checkpoint_facts['logs'] if self.checkpoint_facts is not None else None
         if not any(re.match(r'--data(\.init_args)?\.root(=|$)', str(arg)) for arg in args):
-            use_trained_data(config, self.checkpoint_facts)
+            use_trained_data(config, self.checkpoint_facts, announce=self.config.subcommand != 'predict')
 
     def _parse_ckpt_path(self) -> None:
         # Lightning lays the checkpoint's hyper-parameters over the whole parsed config;
@@ -170,6 +170,7 @@ class MSMLPCLI(LightningCLI):
             logger_args['version'] = None
         if self.run_folder is not None:
             continue_logs(self.trainer.loggers, self.run_folder, self.resumed)
+        self.model.checkpoint_path = self.config[self.subcommand].get('ckpt_path')
 
     def before_fit(self) -> None:
         if first_process():
@@ -179,13 +180,17 @@ class MSMLPCLI(LightningCLI):
             print(f'msmlp: {describe_run(self.task, self.model, self.datamodule)}; {outputs}', flush=True)
 
     def before_validate(self) -> None:
-        if first_process():
-            print(f'msmlp: validate {describe_run(self.task, self.model, self.datamodule)}', flush=True)
-            self.warn_if_untrained()
+        self.announce_evaluation()
 
     def before_test(self) -> None:
+        self.announce_evaluation()
+
+    def announce_evaluation(self) -> None:
         if first_process():
-            print(f'msmlp: test {describe_run(self.task, self.model, self.datamodule)}', flush=True)
+            outputs = ('fast_dev_run: nothing is logged' if self.trainer.fast_dev_run
+                       else f'metrics go to {self.trainer.log_dir}')
+            print(f'msmlp: {self.subcommand} {describe_run(self.task, self.model, self.datamodule)}; {outputs}',
+                  flush=True)
             self.warn_if_untrained()
 
     def before_predict(self) -> None:
@@ -362,17 +367,17 @@ def check_task_class(config, facts: Optional[dict], task: str) -> None:
     raise InputError(f"{facts['path']} holds a {trained}, not the {expected} of --task {task}{hint}")
 
 
-def use_trained_data(config, facts: Optional[dict]) -> None:
+def use_trained_data(config, facts: Optional[dict], announce: bool = True) -> None:
     """With a checkpoint trained on a data folder and no ``--data.root`` on the command line,
     evaluate (or resume) on that folder instead of the configs' (or the embedded default), and
-    say so."""
+    say so (``announce``; predict reads its images from ``predict_path``)."""
     data = config.get('data')
     init_args = data.get('init_args') if hasattr(data, 'get') else None
     if facts is None or not facts['data_root'] or init_args is None or 'root' not in init_args:
         return
     if init_args['root'] != facts['data_root']:
         init_args['root'] = facts['data_root']
-        if first_process():
+        if announce and first_process():
             print(f"msmlp: data: {facts['data_root']}, which {facts['path']} was trained on "
                   '(--data.root chooses other data)', flush=True)
 
@@ -401,7 +406,7 @@ def latest_last_checkpoint(trainer_config, subcommand: str) -> Optional[str]:
                 found.append((int(run.name[len('version_'):]), run / 'checkpoints' / 'last.ckpt'))
     if found:
         return str(max(found)[1])
-    where = ', '.join(sorted(str(_logger_folder(args)) for args in _logger_args(trainer_config)))
+    where = ', '.join(sorted({str(_logger_folder(args)) for args in _logger_args(trainer_config)}))
     where = where or "the loggers' folders"
     if subcommand != 'fit':
         raise InputError(f'--ckpt_path last: no run under {where} has checkpoints/last.ckpt')

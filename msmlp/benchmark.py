@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import platform
 import statistics
 import sys
@@ -77,6 +78,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             parser.error(f'--{name.replace("_", "-")} must be at least 1, got {getattr(args, name)}')
     if args.warmup < 0:
         parser.error(f'--warmup must be >= 0, got {args.warmup}')
+    if args.compile and args.warmup == 0:
+        parser.error('--compile needs --warmup 1 or more: the first step compiles, and would be timed')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'--threads must be at least 1, got {args.threads}')
+    if args.output:
+        try:  # now, not after the whole benchmark
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            open(args.output, 'a').close()
+        except OSError as err:
+            parser.error(f'--output {args.output}: {err.strerror}')
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -282,7 +293,7 @@ def measure(rows: List[Row], args: argparse.Namespace, device: torch.device, log
             row.params = sum(p.numel() for p in row.model.parameters()) / 1e6
             row.step = make_step(row.model, args, device)
             count_both_gmacs(row, args, device)
-            log(f'warm-up: {row.label}', file=sys.stderr)
+            log(f'warm-up: {row.label}' + (' (compiling in the first step)' if args.compile else ''), file=sys.stderr)
             for _ in range(args.warmup):
                 row.step()
             if not args.no_memory:
@@ -339,7 +350,9 @@ def describe_setting(args: argparse.Namespace, device: torch.device) -> str:
         machine = torch.cuda.get_device_name(device)
     else:
         from msmlp import cpu_kernel
-        kernel = 'on' if cpu_kernel.available() else 'off (MSMLP_CPU_KERNEL=0)' if not cpu_kernel.enabled() else 'off'
+        kernel = ('off (MSMLP_CPU_KERNEL=0)' if not cpu_kernel.enabled() else 'off (not built)' if not cpu_kernel.available()
+                  else 'off (compiled: the released operations)' if args.compile
+                  else f'off ({args.precision}: it runs float32)' if args.precision != 'fp32' else 'on')
         machine = f'{_cpu_name()}, {torch.get_num_threads()} threads, CPU mixer kernel {kernel}'
     return (f'{mode}, {what}, batch {args.batch_size} at {h}x{w}, {", ".join(extras)}; '
             f'median of {args.runs} runs after {args.warmup} warm-up steps; '
@@ -357,7 +370,7 @@ def _cpu_name() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == 'cuda':

@@ -51,6 +51,9 @@ class BaseTask(LightningModule, ABC):
         super().__init__()
         self.save_hyperparameters(ignore=['ignore', *(ignore or ())])
         self._rng_states_to_restore: Optional[List[Dict[str, Any]]] = None
+        # The checkpoint the run starts from (``--ckpt_path``; the CLI sets it), which Lightning
+        # restores only after ``setup``: data checks there name it.
+        self.checkpoint_path: Optional[str] = None
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()

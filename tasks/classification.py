@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
+from timm.data.transforms import _str_to_pil_interpolation
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -216,6 +217,7 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.hparams.root = absolute_root(root)
+        self._check_transform_args()
         self.batch_size = batch_size
         self.classes: Optional[List[str]] = None
         self.class_folder: Optional[Path] = None  # the folder whose sub-folders named the classes
@@ -233,6 +235,25 @@ class ImageFolderDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         if self.hparams.root is None:
             ensure_dataset('imagenet')  # written once, by rank 0 only
+
+    def _check_transform_args(self) -> None:
+        """``InputError`` naming the value for options timm would reject only when the first image
+        is loaded (or, as ``crop_pct=0``, replace with its default)."""
+        hp = self.hparams
+        if isinstance(hp.image_size, bool) or hp.image_size < 1:
+            raise InputError(f'data.image_size={hp.image_size}: the side of the square model input must be at least 1')
+        if not hp.crop_pct > 0:
+            raise InputError(f'data.crop_pct={hp.crop_pct}: the evaluation crop as a fraction of the resized '
+                             'image must be above 0 (ImageNet: 0.875)')
+        interpolations = [*_str_to_pil_interpolation, 'random']
+        if hp.interpolation not in interpolations:
+            raise InputError(f'data.interpolation={hp.interpolation!r}: one of {", ".join(interpolations)}')
+        try:
+            self.train_transform()
+        except (AssertionError, KeyError, ValueError) as err:
+            raise InputError(f'data.auto_augment={hp.auto_augment!r} (or another augmentation option) is refused by '
+                             f"timm's create_transform: {err} (policies: rand-m9-mstd0.5-inc1, augmix-m5, "
+                             'trivial, original, v0; null for none)') from None
 
     def train_transform(self) -> Any:
         hp = self.hparams
@@ -297,6 +318,28 @@ class ImageFolderDataModule(LightningDataModule):
 
 
 # ----- model ------------------------------------------------------------------------------
+def _listed(names: Sequence[str], limit: int = 10) -> str:
+    """Class names for a message: all of them, or the first ``limit`` and how many more."""
+    names = [str(n) for n in names]
+    return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '')
+
+
+def _check_optimisation_args(lr: float, drop_path_rate: float, mixup_prob: float, mixup_switch_prob: float,
+                             mixup_mode: str) -> None:
+    """``InputError`` naming the value for options torch or timm would refuse in the first step
+    (with a traceback), or, as an unknown ``mixup_mode``, ignore."""
+    if not lr >= 0:
+        raise InputError(f'model.lr={lr}: the learning rate must be 0 or more')
+    if not 0 <= drop_path_rate < 1:
+        raise InputError(f'model.drop_path_rate={drop_path_rate}: the stochastic depth of the last block must be '
+                         'in [0, 1)')
+    for name, value in (('mixup_prob', mixup_prob), ('mixup_switch_prob', mixup_switch_prob)):
+        if not 0 <= value <= 1:
+            raise InputError(f'model.{name}={value}: a probability, in [0, 1]')
+    if mixup_mode not in ('batch', 'pair', 'elem'):
+        raise InputError(f"model.mixup_mode={mixup_mode!r}: one of batch, pair, elem (timm's Mixup)")
+
+
 class ClassificationTask(BaseTask):
     """Image classifier; the defaults are the released ImageNet-1K recipe of MS-MLP-T.
 
@@ -353,6 +396,8 @@ class ClassificationTask(BaseTask):
     ) -> None:
         if class_names is not None and len(class_names) != num_classes:
             raise InputError(f'class_names has {len(class_names)} names but num_classes={num_classes}')
+        _check_optimisation_args(lr=lr, drop_path_rate=drop_path_rate, mixup_prob=mixup_prob,
+                                 mixup_switch_prob=mixup_switch_prob, mixup_mode=mixup_mode)
         super().__init__()
 
     def configure_models(self) -> None:
@@ -411,13 +456,18 @@ class ClassificationTask(BaseTask):
         if classes is None:
             return
         where = getattr(data, 'class_folder', None) or 'the data'
+        checkpoint = self.checkpoint_path
+        if checkpoint and (len(classes) != self.hparams.num_classes or list(classes) != self.class_names):
+            raise InputError(f'{where} has the classes {_listed(classes)}, the checkpoint {checkpoint} was trained on '
+                             f'{_listed(self.class_names)}: give data of those classes, or train on these from its '
+                             f'weights with fit --model.pretrained {checkpoint}')
         if len(classes) != self.hparams.num_classes:
             raise InputError(f'num_classes differs: the model has num_classes={self.hparams.num_classes} but '
                              f'{where} has {len(classes)} class folders; set --model.init_args.num_classes='
                              f'{len(classes)} (or use data with {self.hparams.num_classes} classes)')
         if self.hparams.get('class_names') and list(self.hparams.class_names) != list(classes):
-            raise InputError(f'the class folders of {where} ({list(classes)[:10]}...) differ from the model\'s '
-                             f'class_names ({list(self.hparams.class_names)[:10]}...)')
+            raise InputError(f'the class folders of {where} ({_listed(classes)}) differ from the model\'s '
+                             f'class_names ({_listed(self.hparams.class_names)})')
         self.hparams.class_names = [str(c) for c in classes]
 
     # ----- steps -------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def test_backbone_features_at_a_detection_shape_in_bf16(capsys, tmp_path):
     out = capsys.readouterr().out
     header, rows = table_rows(out)
     assert 'backbone features (4 stages), batch 1 at 40x56, bf16' in out
+    assert 'CPU mixer kernel off (bf16: it runs float32)' in out or 'CPU mixer kernel off (not built)' in out
     assert list(rows) == ['msmlp_tiny (fast)'] and header[-1] == 'peak memory (MiB)'
     assert output.read_text().strip() == out.strip()
 
@@ -111,6 +112,9 @@ def test_a_triton_row_times_the_triton_mixer_or_is_left_out_with_a_note(capsys, 
     (['--model', 'no_such_model_xyz'], "unknown timm model 'no_such_model_xyz'"),
     (['--device', 'gpu'], "--device 'gpu' is not a torch device"),
     (['--device', 'cuda:99'], 'CUDA devices are visible here'),
+    (['--threads', '0'], '--threads must be at least 1, got 0'),  # 0 was ignored, -1 a traceback
+    (['--compile', '--warmup', '0'], '--compile needs --warmup 1 or more'),
+    (['--output', '/proc/no_such_folder/table.md'], '--output /proc/no_such_folder/table.md: '),  # before, not after
 ])
 def test_bad_arguments_are_named(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

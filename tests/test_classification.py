@@ -367,6 +367,7 @@ def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, 
     status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
                                  f'--data.predict_path={path}')
     assert status == 0 and 'untrained' not in err
+    assert 'msmlp: data:' not in out  # predict reads predict_path, not the data it was trained on
     assert sorted((trained['tmp'] / 'runs' / 'cls').iterdir()) == runs  # no run folder holding only a config
     images = [folder / '0.png'] if target == 'image' else sorted(folder.iterdir())
     for image in images:
@@ -488,7 +489,9 @@ def test_class_folders_differing_from_the_checkpoint_are_refused(trained, capsys
     other = write_folder(tmp_path / 'other', classes=('dog', 'eel', 'fox'), per_class=1)
     status, _, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--data.init_args.root={other}',
                                f'--ckpt_path={trained["best"]}')
-    assert status == 1 and 'differ from the model' in err and "'dog'" in err
+    # 3 classes against the checkpoint's 4: not 'set num_classes=3', which the checkpoint's names refuse
+    assert status == 1 and f'has the classes dog, eel, fox, the checkpoint {trained["best"]} was trained on' in err
+    assert f'fit --model.pretrained {trained["best"]}' in err and 'num_classes=' not in err
 
 
 def test_val_class_outside_training_classes_is_named(in_tmp, capsys):
@@ -623,12 +626,17 @@ def test_class_folder_name_that_is_not_utf8_is_refused_before_training(in_tmp, c
                            'UTF-8: class names are stored in checkpoints and configs as text; rename the folder')
 
 
-@pytest.mark.parametrize('task, flag', [('cls', '--data.batch_size=0'), ('cls', '--data.batch_size=-3'),
-                                        ('cls', '--data.num_workers=-1'), ('seg', '--data.batch_size=0')])
-def test_bad_loader_values_are_one_line(task, flag, in_tmp, capsys):
-    status, _, err = msmlp_run(capsys, 'fit', '--task', task, flag)
+@pytest.mark.parametrize('task, flag', [
+    ('cls', '--data.batch_size=0'), ('cls', '--data.batch_size=-3'), ('cls', '--data.num_workers=-1'),
+    ('seg', '--data.batch_size=0'),
+    # torch or timm refused these in the first step with a traceback, or (crop_pct=0, mixup_mode) ignored them
+    ('cls', '--data.image_size=0'), ('cls', '--data.crop_pct=0.0'), ('cls', "--data.interpolation='bogus'"),
+    ('cls', "--data.auto_augment='bogus'"), ('cls', '--model.lr=-1.0'), ('cls', '--model.drop_path_rate=1.5'),
+    ('cls', '--model.mixup_prob=2.0'), ('cls', "--model.mixup_mode='bogus'")])
+def test_bad_loader_and_training_values_are_one_line(task, flag, in_tmp, capsys):
+    status, _, err = msmlp_run(capsys, 'fit', '--task', task, flag.replace("'", ''))
     assert status == 1 and 'Traceback' not in err  # (importing mmengine may warn first)
-    assert err.strip().splitlines()[-1].startswith(f'msmlp: error: {flag[2:]}: ')
+    assert err.strip().splitlines()[-1].startswith(f'msmlp: error: {flag[2:]}')
 
 
 def test_msmlp_debug_shows_the_traceback(in_tmp, capsys, monkeypatch):
@@ -652,6 +660,8 @@ def test_validate_without_data_root_uses_the_data_the_checkpoint_was_trained_on(
     status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--ckpt_path={trained["last"]}')
     assert status == 0, err
     assert f'msmlp: data: {trained["data"]}, which {trained["last"]} was trained on' in out
+    folder = re.search(r'msmlp: validate task cls: .*; metrics go to (\S+)\n', out).group(1)  # its first line says where
+    assert (Path(folder) / 'metrics.csv').is_file()
     assert float(re.search(r'val/top1\s*[│|]\s*([0-9.]+)', out).group(1)) == pytest.approx(fitted, abs=1e-6)
 
 
