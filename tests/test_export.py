@@ -212,7 +212,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
 def test_the_cli_lists_export():
     out = subprocess.run([sys.executable, str(ROOT / 'cli.py'), 'export', '--help'], capture_output=True, text=True)
-    assert out.returncode == 0 and '--format {onnx,torchscript,exported-program,safetensors}' in out.stdout
+    assert out.returncode == 0 and '--format {onnx,torchscript,exported-program,safetensors,openmmlab}' in out.stdout
 
 
 @pytest.mark.slow
