@@ -456,16 +456,17 @@ class ClassificationTask(BaseTask):
         if classes is None:
             return
         where = getattr(data, 'class_folder', None) or 'the data'
-        checkpoint = self.checkpoint_path
-        if checkpoint and (len(classes) != self.hparams.num_classes or list(classes) != self.class_names):
-            raise InputError(f'{where} has the classes {_listed(classes)}, the checkpoint {checkpoint} was trained on '
-                             f'{_listed(self.class_names)}: give data of those classes, or train on these from its '
-                             f'weights with fit --model.pretrained {checkpoint}')
-        if len(classes) != self.hparams.num_classes:
+        count_differs = len(classes) != self.hparams.num_classes
+        names_differ = bool(self.hparams.get('class_names')) and list(self.hparams.class_names) != list(classes)
+        if self.checkpoint_path and (count_differs or names_differ):
+            raise InputError(f'{where} has the classes {_listed(classes)}, the checkpoint {self.checkpoint_path} was '
+                             f'trained on {_listed(self.class_names)}: give data of those classes, or train on these '
+                             f'from its weights with fit --model.pretrained {self.checkpoint_path}')
+        if count_differs:
             raise InputError(f'num_classes differs: the model has num_classes={self.hparams.num_classes} but '
                              f'{where} has {len(classes)} class folders; set --model.init_args.num_classes='
                              f'{len(classes)} (or use data with {self.hparams.num_classes} classes)')
-        if self.hparams.get('class_names') and list(self.hparams.class_names) != list(classes):
+        if names_differ:
             raise InputError(f'the class folders of {where} ({_listed(classes)}) differ from the model\'s '
                              f'class_names ({_listed(self.hparams.class_names)})')
         self.hparams.class_names = [str(c) for c in classes]
