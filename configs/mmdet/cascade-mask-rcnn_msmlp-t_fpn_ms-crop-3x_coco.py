@@ -1,12 +1,15 @@
 # Cascade Mask R-CNN with an MS-MLP-T backbone, FPN, 3x schedule (36 epochs) with multi-scale
 # crop training on COCO. The MS-MLP authors released no detection hyper-parameters. This
-# follows the Cascade Mask R-CNN 3x recipe of Swin and ConvNeXt (mmdet's
-# convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py without
-# AMP and layer-wise lr decay, as Swin trains it): three 4conv1fc box heads with SyncBN and
-# GIoU loss; shorter side 480-800 (x1333), half of the time after a random 384-600 crop;
-# AdamW, lr 1e-4, weight decay 0.05 with none on norms and layer scale; warm-up 1000
-# iterations, lr x0.1 after epochs 27 and 33; batch 16 in total. Drop path 0.4 (ConvNeXt-T's
-# detection value). Backbone weights: the released msmlp_tiny_patch4_ckpt_epoch299.pth.
+# follows Swin's Cascade Mask R-CNN 3x recipe, with the heads of mmdet's
+# convnext/cascade-mask-rcnn_convnext-t-p4-w7_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py: three
+# 4conv1fc box heads with SyncBN and GIoU loss; shorter side 480-800 (x1333), half of the time
+# after a random 384-600 crop; AdamW, lr 1e-4, weight decay 0.05 with none on norms and layer
+# scale, no layer-wise lr decay (Swin's optimizer; ConvNeXt's uses lr 2e-4 with layer-wise
+# decay 0.7); warm-up 1000 iterations, lr x0.1 after epochs 27 and 33; batch 16 in total.
+# Drop path 0.4 (ConvNeXt-T's detection value). Swin and ConvNeXt trained it in mixed
+# precision; this config trains in fp32 (mmdet's tools/train.py --amp, or Lightning's
+# --trainer.precision 16-mixed, to match them).
+# Backbone weights: the released msmlp_tiny_patch4_ckpt_epoch299.pth.
 _base_ = [
     'mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
