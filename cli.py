@@ -23,8 +23,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-# The configs are installed beside this module (the ``configs`` package), as in the repository.
-CONFIGS_DIR = Path(__file__).resolve().parent / 'configs'
+from tasks.base import CONFIG_DIR, find_config
+
 TASKS = ('cls', 'det', 'seg')
 DEFAULT_TASK = 'cls'
 SUBCOMMANDS = ('fit', 'validate', 'test', 'predict')
@@ -41,7 +41,7 @@ USAGE = f"""usage: msmlp {{{','.join(SUBCOMMANDS)}}} [--task {{{','.join(TASKS)}
 
 
 def task_config(task: str) -> Path:
-    return CONFIGS_DIR / task / 'default.yaml'
+    return CONFIG_DIR / task / 'default.yaml'
 
 
 def pop_task(argv: Sequence[str]) -> Tuple[Optional[str], List[str]]:
@@ -59,30 +59,15 @@ def pop_task(argv: Sequence[str]) -> Tuple[Optional[str], List[str]]:
     return task, rest
 
 
-def find_config(name: str, task: str) -> str:
-    """A ``--config`` file as given, or one of the shipped configs by the name the README uses
-    (``configs/cls/msmlp_tiny_in1k.yaml``) or a shorter one (``cls/msmlp_tiny_in1k.yaml``,
-    ``msmlp_tiny_in1k.yaml`` for the task), from any folder."""
-    from tasks.base import InputError
-    given = Path(name).expanduser()
-    if given.is_file():
-        return name
-    relative = name[len('configs/'):] if name.startswith('configs/') else name
-    for candidate in (CONFIGS_DIR / relative, CONFIGS_DIR / task / relative):
-        if candidate.is_file():
-            return str(candidate)
-    raise InputError(f'config not found: {name} (looked in {Path.cwd()} and in the shipped configs, {CONFIGS_DIR})')
-
-
 def resolve_config_args(argv: Sequence[str], task: str) -> List[str]:
-    """``argv`` with each ``--config FILE`` found by :func:`find_config` (inline YAML, which
+    """``argv`` with each ``--config FILE`` found by ``find_config`` (inline YAML, which
     jsonargparse also takes there, passes through)."""
     out, args = [], iter(argv)
     for arg in args:
         if arg == '--config' or arg.startswith('--config='):
             value = arg.split('=', 1)[1] if '=' in arg else next(args, None)
             if value is not None and not any(c in value for c in ':{\n'):
-                value = find_config(value, task)
+                value = str(find_config(value, task))
             out += ['--config'] + ([value] if value is not None else [])
         else:
             out.append(arg)
@@ -551,8 +536,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'msmlp: error: unknown task {task!r}; choose one of {", ".join(TASKS)}', file=sys.stderr)
         return 2
     if not task_config(task).is_file():
-        print(f'msmlp: task {task!r} is not available yet ({task_config(task)} does not exist; '
-              f'it comes with the {task} issue)', file=sys.stderr)
+        print(f'msmlp: error: {task_config(task)} is missing: this installation of msmlp is incomplete '
+              '(reinstall it)', file=sys.stderr)
         return 2
     from msmlp import CheckpointError
     from tasks.base import InputError

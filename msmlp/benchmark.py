@@ -320,7 +320,7 @@ def _fmt(value: float, spec: str) -> str:
     return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def format_table(rows: List[Row], args: argparse.Namespace) -> str:
+def format_table(rows: List[Row]) -> str:
     reference = next((r for r in rows if r.label.endswith('(reference)')), None)
     compared = [r for r in rows if r is not rows[0] and r is not reference]
     ratio_to = ([reference] if reference else []) + compared
@@ -379,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows = build_rows(args)
     measure(rows, args, device)
-    report = '\n'.join([describe_setting(args, device), format_table(rows, args), *notes(rows, args)])
+    report = '\n'.join([describe_setting(args, device), format_table(rows), *notes(rows, args)])
     print(report)
     if args.output:
         with open(args.output, 'a') as f:

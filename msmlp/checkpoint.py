@@ -22,7 +22,7 @@ import re
 import warnings
 from urllib.parse import parse_qsl, urlparse
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from torch import nn
 from .model import MIX_SIZES, checkpoint_filter_fn
 
 __all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained', 'load_state',
-           'download_weights', 'local_checkpoint', 'shown_keys', 'infer_arch']
+           'download_weights', 'local_checkpoint', 'listed', 'infer_arch']
 
 PathLike = Union[str, os.PathLike]
 
@@ -291,7 +291,7 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
         warnings.warn(f'{source} holds no classifier head: the model\'s keeps its initialisation', stacklevel=3)
     norms = [k for k in state if k.startswith(_NEW_IN_DENSE) and k not in own]
     if norms:
-        warnings.warn(f'{source}: output norms {shown_keys(norms, 4)} not loaded: the model has '
+        warnings.warn(f'{source}: output norms {listed(norms, 4)} not loaded: the model has '
                       'no dense output at their stages', stacklevel=3)
     dropped = head + norms
     state, adapted = adapt_stem({k: v for k, v in state.items() if k not in dropped}, own)
@@ -349,19 +349,19 @@ def _stage_mix_sizes(state: Mapping[str, torch.Tensor], stage: int) -> Tuple[int
     return tuple(kernels) or MIX_SIZES[min(stage, len(MIX_SIZES) - 1)]
 
 
-def shown_keys(keys: Sequence[str], limit: int = 8, sep: str = ', ') -> str:
-    """The first ``limit`` of ``keys`` and how many more (for one-line reports)."""
-    keys = list(keys)
-    if not keys:
+def listed(items: Iterable[Any], limit: int = 8, sep: str = ', ') -> str:
+    """The first ``limit`` of ``items`` and how many more, for one-line messages."""
+    items = [str(item) for item in items]
+    if not items:
         return 'none'
-    return sep.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
+    return sep.join(items[:limit]) + (f' and {len(items) - limit} more' if len(items) > limit else '')
 
 
 def _mismatch_message(path: PathLike, missing: List[str], unexpected: List[str], mis_shaped: List[str]) -> str:
     """One line: how many keys are missing, unexpected and mis-shaped, and the first few of each."""
     def counted(keys: List[str], one: str, many: str, sep: str = ', ') -> str:
         text = f'{len(keys)} {one if len(keys) == 1 else many}'
-        return text + (f' ({shown_keys(keys, 3, sep)})' if keys else '')
+        return text + (f' ({listed(keys, 3, sep)})' if keys else '')
     return (f'{path} does not fit the model: {counted(missing, "missing key", "missing keys")}, '
             f'{counted(unexpected, "unexpected key", "unexpected keys")}, '
             f'{counted(mis_shaped, "shape mismatch", "shape mismatches", "; ")}')

@@ -22,9 +22,10 @@ import os
 import platform
 import sys
 import threading
+import types
 import warnings
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import filelock
 import torch
@@ -110,7 +111,7 @@ def _build():
                                       build_directory=str(directory), verbose=False)
 
 
-def load():
+def load() -> Optional[types.ModuleType]:
     """The built kernel module; None where ``MSMLP_CPU_KERNEL=0`` or it cannot be built (warned
     once per process)."""
     if not enabled():

@@ -401,7 +401,8 @@ def _toeplitz_weight_grad(x_lr: torch.Tensor, x_td: torch.Tensor, grad: torch.Te
 
 
 def mix_fast_nhwc(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
-    """The token mixer on a contiguous NHWC map; returns a contiguous NHWC map."""
+    """The token mixer on a contiguous NHWC map; returns an NHWC map (contiguous, except
+    when compiled: the compiler lays it out)."""
     if torch.compiler.is_compiling():  # the compiler fuses the released rolls and concatenations itself
         return mix_reference(x.permute(0, 3, 1, 2), block).permute(0, 2, 3, 1)
     params = MixParams.of(block)

@@ -25,7 +25,7 @@ import importlib.util
 import logging
 import os
 import pickle
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from mmengine.logging import print_log
@@ -33,7 +33,7 @@ from mmengine.model import BaseModule
 from mmengine.runner import CheckpointLoader
 from mmengine.runner.checkpoint import load_from_local as _mmengine_load_from_local
 
-from .checkpoint import CheckpointError, load_pretrained, local_checkpoint, shown_keys
+from .checkpoint import CheckpointError, listed, load_pretrained, local_checkpoint
 from .model import VARIANT_ARCHS, MSMLP
 from .msswin import VARIANT_ARCHS as MSSWIN_ARCHS
 from .msswin import MSSwin, load_swin_checkpoint
@@ -101,7 +101,7 @@ class _Backbone(BaseModule):
             path = _local_checkpoint(cfg['checkpoint'])
             report = self._load(self, path)
             print_log(f'{type(self).__name__}: loaded {path}' + ''.join(
-                f' ({what}: {shown_keys(report[key])})' for key, what in (
+                f' ({what}: {listed(report[key])})' for key, what in (
                     ('dropped', 'not loaded'), ('not_loaded', 'not loaded'), ('kept_init', 'kept initialisation'),
                     ('fresh', 'kept initialisation'), ('adapted', 'adapted to the input channels'))
                 if report.get(key)), logger='current', level=logging.INFO)
@@ -262,7 +262,7 @@ def runner_checkpoint_globals() -> list:
             *[(scalar, f'numpy.{m}.multiarray.scalar') for m in ('core', '_core')]]
 
 
-def load_from_local(filename: str, map_location=None):
+def load_from_local(filename: str, map_location: Optional[Union[str, torch.device, Callable]] = None) -> Any:
     """mmengine's local-file loader, with its runner's own objects allowed: torch (from 2.6) loads
     weights only by default, and mmengine 0.10 calls ``torch.load`` without allowing them, so
     tools/test.py, ``--resume`` and the inference APIs refused every checkpoint tools/train.py wrote."""

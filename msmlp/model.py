@@ -10,7 +10,7 @@ of timm and mmdet backbones (``out_indices``, a norm per returned stage,
 
 import contextlib
 import contextvars
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ _EAGER_WHEN_WATCHED = contextvars.ContextVar('msmlp_eager_when_watched', default
 
 
 @contextlib.contextmanager
-def eager_when_watched():
+def eager_when_watched() -> Iterator[None]:
     """Run the eager paths under dispatch modes too: for a mode that watches the operations
     actually run (a memory tracker), where by default the model runs the released ones."""
     token = _EAGER_WHEN_WATCHED.set(True)
@@ -258,6 +258,16 @@ class MSMLPStage(nn.Module):
 
     ``forward`` returns ``(stage_output, next_stage_input)``: the stage output is taken
     before the downsampling, as in the released model.
+
+    Args:
+        dim: Channels of the stage.
+        depth: Number of blocks.
+        mix_size: Depthwise kernel size of each channel group of the token mixer.
+        shift_dist: Shift of each channel group (the released wrap-around roll).
+        drop_path: Drop-path rate of each block.
+        layer_scale_init: Initial layer scale of the blocks.
+        downsample: Follow the blocks with a 2x downsampling to ``2 * dim`` channels.
+        mix_impl: ``'fast'``, ``'reference'`` or ``'triton'`` token mixing.
     """
 
     def __init__(
@@ -516,7 +526,23 @@ class MSMLP(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's feature API: stage outputs before downsampling (raw, ``norm`` is ignored)."""
+        """timm's feature API: stage outputs before downsampling.
+
+        Args:
+            x: Input images (N, C, H, W), any size.
+            indices: The stages to return: a sequence of stage indices (negative from the end),
+                or an int n for the last n stages (1 to 4); all by default.
+            norm: Ignored: stage outputs are returned raw, as the released model's (the dense
+                heads' norms are ``out_norms``, applied by ``forward_dense``).
+            stop_early: Run the stages only up to the last one taken (the final features are
+                then its output).
+            output_fmt: ``'NCHW'`` only.
+            intermediates_only: Return only the stage outputs.
+
+        Returns:
+            The stage outputs, or ``(final features, stage outputs)``, the final features being
+            ``forward_features``'s.
+        """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         n = len(self.layers)
@@ -562,8 +588,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[MS
     """Map a released, timm, Lightning or mmdet state dict onto ``MSMLP`` key names.
 
     Pure: strips the wrappers the training frameworks add (``model``/``state_dict``
-    nesting is removed by the caller) and the ``model.``, ``backbone.``, ``module.``
-    key prefixes; keeps tensors as they are.
+    nesting is removed by the caller) and the ``model.``, ``backbone.``, ``module.`` and
+    ``net.`` key prefixes; keeps tensors as they are.
     """
     prefixes = ('module.', 'model.', 'backbone.', 'net.')
     out = {}

@@ -20,6 +20,7 @@ MS-Swin or timm Swin checkpoints), registered entry points.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -32,7 +33,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from torch import nn
 
-from .checkpoint import CheckpointError, adapt_stem, extract_state_dict, read_checkpoint, shown_keys
+from .checkpoint import CheckpointError, adapt_stem, extract_state_dict, listed, read_checkpoint
 from .model import MIX_SIZES, SHIFT_DIST, MSMLP, MSMLPBlock
 
 __all__ = ['MSSwin', 'MSSwinBlock', 'BLOCK_TYPES', 'DEFAULT_PATTERN', 'VARIANT_ARCHS', 'load_swin_checkpoint']
@@ -76,7 +77,7 @@ class MSSwin(SwinTransformer):
             such pattern per stage. ``('ws', 'sw')`` is Swin.
         mix_sizes: Per stage, the depthwise kernel of each channel group of the MS blocks.
         layer_scale_init: Initial layer scale of the MS blocks.
-        mix_impl: ``'fast'`` or ``'reference'`` mixing in the MS blocks (same function).
+        mix_impl: ``'fast'``, ``'reference'`` or ``'triton'`` mixing in the MS blocks (same function).
         out_indices: Stages ``forward_dense`` returns (NCHW), each through a LayerNorm of its own.
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
             (with their output norms and the patch merging after stage i-1, as mmdet's Swin);
@@ -164,11 +165,7 @@ class MSSwin(SwinTransformer):
         ``load_swin_checkpoint``."""
         load_swin_checkpoint(self, checkpoint_path)
 
-    def set_mix_impl(self, impl: str) -> None:
-        """Switch every MS block between ``'fast'`` and ``'reference'`` mixing."""
-        for block in self.modules():
-            if isinstance(block, MSMLPBlock):
-                block.mix_impl = impl
+    set_mix_impl = MSMLP.set_mix_impl
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -215,7 +212,7 @@ def _openmmlab_swin_layout(keys) -> bool:
     return any(k.startswith(('stages.', 'patch_embed.projection.')) for k in keys)
 
 
-def load_swin_checkpoint(model: MSSwin, path) -> Dict[str, List[str]]:
+def load_swin_checkpoint(model: MSSwin, path: Union[str, os.PathLike]) -> Dict[str, List[str]]:
     """Load an MS-Swin or a Swin checkpoint (timm's or the Swin repository's layout, a released,
     Lightning or mmengine file) into ``model`` through the safe loader. Every part of the model
     that Swin has (stem, attention blocks, patch mergings, final norm) must be in the file with
@@ -246,14 +243,14 @@ def load_swin_checkpoint(model: MSSwin, path) -> Dict[str, List[str]]:
                 if _openmmlab_swin_layout(state) else '')
         total = sum(not k.startswith(optional) for k in own)
         raise CheckpointError(f'{path} does not fit the {type(model).__name__}: {len(absent)} of its {total} Swin '
-                              f'tensors are missing or of another shape ({shown_keys(absent, 3)}){hint}')
+                              f'tensors are missing or of another shape ({listed(absent, 3)}){hint}')
     report = {'loaded': sorted(loaded), 'not_loaded': sorted(set(state) - set(loaded)),
               'fresh': sorted(set(own) - set(loaded)), 'adapted': adapted}
     model.load_state_dict(loaded, strict=False)
     left = [k for k in report['fresh'] if not k.startswith(('out_norms.', 'head.'))]
     if report['not_loaded'] or left:
         warnings.warn(f'{path}: loaded {len(loaded)} tensors; not loaded from the file: '
-                      f'{shown_keys(report["not_loaded"])}; kept their initialisation: {shown_keys(report["fresh"])}',
+                      f'{listed(report["not_loaded"])}; kept their initialisation: {listed(report["fresh"])}',
                       stacklevel=2)
     return report
 
@@ -261,7 +258,7 @@ def load_swin_checkpoint(model: MSSwin, path) -> Dict[str, List[str]]:
 # ----- registered entry points -------------------------------------------------------------------
 def _cfg(**kwargs) -> Dict:
     return dict(
-        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.9, interpolation='bicubic',
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=224 / 256, interpolation='bicubic',
         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), first_conv='patch_embed.proj',
         classifier='head.fc', license='mit', paper_ids='arXiv:2202.06510', custom_load=True,
         notes=("msmlp's MS-MLP + Swin hybrid; no released weights: start from a Swin checkpoint "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -30,7 +31,10 @@ from timm.scheduler import CosineLRScheduler
 
 from tasks.checkpointing import rng_states, set_rng_states
 
-__all__ = ['BaseTask', 'InputError']
+__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config']
+
+# The shipped configs, installed beside the tasks package as they sit in the repository.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
 
 
 class InputError(ValueError):
@@ -38,6 +42,21 @@ class InputError(ValueError):
 
     The ``msmlp`` CLI prints these as one-line errors instead of tracebacks.
     """
+
+
+def find_config(name: str, task: str = '') -> Path:
+    """A config file as given, or one of the shipped configs by the name the docs use
+    (``configs/cls/msmlp_tiny_in1k.yaml``, ``configs/mmdet/<name>.py``) or a shorter one
+    (``cls/msmlp_tiny_in1k.yaml``, or ``msmlp_tiny_in1k.yaml`` within ``task``'s folder), from
+    any folder; ``InputError`` naming where it looked."""
+    given = Path(name).expanduser()
+    if given.is_file():
+        return given
+    relative = name[len('configs/'):] if name.startswith('configs/') else name
+    for candidate in (CONFIG_DIR / relative, CONFIG_DIR / task / relative):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f'config not found: {name} (looked in {Path.cwd()} and in the shipped configs, {CONFIG_DIR})')
 
 
 class BaseTask(LightningModule, ABC):

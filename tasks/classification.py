@@ -34,7 +34,8 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-import msmlp  # noqa: F401  (registers the msmlp_* models with timm)
+import msmlp  # registers the msmlp_* models with timm
+from msmlp.checkpoint import listed
 from tasks.base import BaseTask, InputError
 from tasks.embedded import ensure_dataset
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, worker_args, world
@@ -318,12 +319,6 @@ class ImageFolderDataModule(LightningDataModule):
 
 
 # ----- model ------------------------------------------------------------------------------
-def _listed(names: Sequence[str], limit: int = 10) -> str:
-    """Class names for a message: all of them, or the first ``limit`` and how many more."""
-    names = [str(n) for n in names]
-    return ', '.join(names[:limit]) + (f' and {len(names) - limit} more' if len(names) > limit else '')
-
-
 def _check_optimisation_args(lr: float, drop_path_rate: float, mixup_prob: float, mixup_switch_prob: float,
                              mixup_mode: str) -> None:
     """``InputError`` naming the value for options torch or timm would refuse in the first step
@@ -459,16 +454,17 @@ class ClassificationTask(BaseTask):
         count_differs = len(classes) != self.hparams.num_classes
         names_differ = bool(self.hparams.get('class_names')) and list(self.hparams.class_names) != list(classes)
         if self.checkpoint_path and (count_differs or names_differ):
-            raise InputError(f'{where} has the classes {_listed(classes)}, the checkpoint {self.checkpoint_path} was '
-                             f'trained on {_listed(self.class_names)}: give data of those classes, or train on these '
+            raise InputError(f'{where} has the classes {listed(classes, limit=10)}, the checkpoint '
+                             f'{self.checkpoint_path} was trained on {listed(self.class_names, limit=10)}: '
+                             'give data of those classes, or train on these '
                              f'from its weights with fit --model.pretrained {self.checkpoint_path}')
         if count_differs:
             raise InputError(f'num_classes differs: the model has num_classes={self.hparams.num_classes} but '
                              f'{where} has {len(classes)} class folders; set --model.init_args.num_classes='
                              f'{len(classes)} (or use data with {self.hparams.num_classes} classes)')
         if names_differ:
-            raise InputError(f'the class folders of {where} ({_listed(classes)}) differ from the model\'s '
-                             f'class_names ({_listed(self.hparams.class_names)})')
+            raise InputError(f'the class folders of {where} ({listed(classes, limit=10)}) differ from the model\'s '
+                             f'class_names ({listed(self.hparams.class_names, limit=10)})')
         self.hparams.class_names = [str(c) for c in classes]
 
     # ----- steps -------------------------------------------------------------------------------

@@ -36,16 +36,17 @@ import math
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
+from msmlp.checkpoint import listed
 from tasks.base import InputError
 from tasks.loading import broadcast, gather_in_order, world
-from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask, loads_annotations
+from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask, dataset_classes, loads_annotations
 
 __all__ = ['DetectionTask', 'CocoDataModule', 'read_coco', 'check_coco', 'CocoTargets', 'coco_map_metric',
            'coco_map_names', 'predictions', 'CocoEvaluation']
@@ -61,11 +62,6 @@ _SHOWN = 5
 # ----- annotation files ----------------------------------------------------------------------
 def _join(root: str, path: str) -> str:
     return path if os.path.isabs(path) or not root else os.path.join(root, path)
-
-
-def _ids(items: Iterable) -> str:
-    items = list(items)
-    return ', '.join(map(str, items[:_SHOWN])) + (f' (and {len(items) - _SHOWN} more)' if len(items) > _SHOWN else '')
 
 
 def read_coco(path: str) -> dict:
@@ -105,7 +101,7 @@ def _read_coco(path: str, mtime: int, size: int) -> dict:
                 duplicates.append(item['id'])
             seen.add(item['id'])
         if duplicates:
-            raise InputError(f'{path}: {key} ids are not unique: {_ids(duplicates)}')
+            raise InputError(f'{path}: {key} ids are not unique: {listed(duplicates, _SHOWN)}')
     image_ids = {img['id'] for img in data['images']}
     category_ids = {cat['id'] for cat in data['categories']}
     for ann in data['annotations']:
@@ -205,7 +201,7 @@ def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks:
 
 def _warn_about(ann_file: str, report: Dict[str, List], training: bool) -> None:
     def count(kind):
-        return f'{len(report[kind])} annotation(s)', f'(ids {_ids(report[kind])})'
+        return f'{len(report[kind])} annotation(s)', f'(ids {listed(report[kind], _SHOWN)})'
     if training and report['skipped']:
         many, ids = count('skipped')
         rank_zero_warn(f'{ann_file}: {many} with zero area, NaN values or outside their image are skipped in '
@@ -289,11 +285,11 @@ class _WithTargets(Dataset):
     def _check_size(self, sample) -> None:
         # COCOeval draws the ground-truth masks at the file's size and the predictions at the
         # image's: a wrong size would give a mask AP of 0 without a word
-        listed = self.targets.images[sample.img_id]
+        entry = self.targets.images[sample.img_id]
         height, width = sample.ori_shape[:2]
-        if (listed['height'], listed['width']) != (height, width):
-            raise InputError(f"{self.targets.ann_file} gives image {sample.img_path} as {listed['width']}x"
-                             f"{listed['height']} (WxH) but the file is {width}x{height}")
+        if (entry['height'], entry['width']) != (height, width):
+            raise InputError(f"{self.targets.ann_file} gives image {sample.img_path} as {entry['width']}x"
+                             f"{entry['height']} (WxH) but the file is {width}x{height}")
 
     def __getattr__(self, name: str):
         if name in ('dataset', 'targets'):
@@ -491,14 +487,6 @@ class CocoDataModule(OpenMMLabDataModule):
         from tasks.embedded import ensure_dataset
         return ensure_dataset('coco')
 
-    def _classes(self, dataset_cfg) -> Sequence[str]:
-        import importlib
-        classes = (dataset_cfg.get('metainfo') or {}).get('classes')
-        if classes is None:
-            registry = importlib.import_module('mmdet.registry')
-            classes = registry.DATASETS.get(dataset_cfg['type']).METAINFO['classes']
-        return tuple(classes)
-
     def prepare_dataset_cfg(self, split: str, dataset_cfg) -> None:
         root = dataset_cfg['data_root']
         ann_file = _join(root, dataset_cfg['ann_file'])
@@ -507,7 +495,7 @@ class CocoDataModule(OpenMMLabDataModule):
             raise InputError(f'annotation file not found: {ann_file}. The embedded dataset holds '
                              'annotations/instances_{train,val}.json: pass --data.root with the dataset this '
                              'config reads')
-        check_coco(ann_file, img_dir, self._classes(dataset_cfg), needs_masks=_loads_masks(dataset_cfg.get('pipeline')),
+        check_coco(ann_file, img_dir, dataset_classes(self.cfg, self.scope, dataset_cfg), needs_masks=_loads_masks(dataset_cfg.get('pipeline')),
                    training=split == 'train')
         self.ann_files[split] = ann_file
         self.masks[split] = _loads_masks(dataset_cfg.get('pipeline'))

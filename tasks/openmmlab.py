@@ -50,6 +50,7 @@ import collections
 import contextlib
 import copy
 import glob
+import importlib
 import logging
 import math
 import os
@@ -61,35 +62,18 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.base import BaseTask, InputError
+from tasks.base import BaseTask, InputError, find_config
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, worker_args
 
-__all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'resolve_config', 'load_config', 'loads_annotations',
-           'without_annotations', 'prediction_name']
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
+__all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'load_config', 'dataset_type', 'dataset_classes', 'leaf_datasets',
+           'loads_annotations', 'without_annotations', 'prediction_name']
 
 
 # ----- configs ---------------------------------------------------------------------------
-def resolve_config(path: str) -> Path:
-    """``path`` as given, or relative to this project's ``configs/`` folder."""
-    candidates = [Path(path).expanduser()]
-    try:
-        from importlib.resources import files
-        candidates.append(Path(str(files('configs'))) / path)
-    except (ImportError, ModuleNotFoundError, TypeError, OSError):  # OSError: editable namespace paths
-        pass
-    candidates.append(CONFIG_DIR / path)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.resolve()
-    raise InputError(f'config not found: {path} (looked in the current folder and in {CONFIG_DIR})')
-
-
 def load_config(path: str, cfg_options: Optional[Dict[str, Any]] = None):
     """The mmengine ``Config`` of ``path`` with ``cfg_options`` merged (dotted keys)."""
     from mmengine.config import Config
-    cfg = Config.fromfile(str(resolve_config(path)))
+    cfg = Config.fromfile(str(find_config(path).resolve()))
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
     return cfg
@@ -100,6 +84,24 @@ def _scope(cfg, default: str) -> str:
     scope = cfg.get('default_scope', None) or default
     init_default_scope(scope)
     return scope
+
+
+def _registry(cfg, scope: str):
+    """The registry module of ``cfg``'s scope (``scope`` if it names none), made the default scope."""
+    return importlib.import_module(f'{_scope(cfg, scope)}.registry')
+
+
+def dataset_type(cfg, scope: str, dataset_cfg) -> type:
+    """The dataset class ``dataset_cfg`` (a dataset of ``cfg``) builds."""
+    return _registry(cfg, scope).DATASETS.get(dataset_cfg['type'])
+
+
+def dataset_classes(cfg, scope: str, dataset_cfg) -> Optional[Tuple[str, ...]]:
+    """The classes of ``dataset_cfg`` (a dataset of ``cfg``): its ``metainfo``'s, else its class's."""
+    classes = (dataset_cfg.get('metainfo') or {}).get('classes')
+    if classes is None:
+        classes = getattr(dataset_type(cfg, scope, dataset_cfg), 'METAINFO', {}).get('classes')
+    return tuple(classes) if classes is not None else None
 
 
 @contextlib.contextmanager
@@ -162,13 +164,12 @@ class OpenMMLabTask(BaseTask):
     # ----- building ----------------------------------------------------------------------
     def configure_models(self) -> None:
         """``self.cfg`` (the merged config) and ``self.model`` (built, weights initialised)."""
-        import importlib
         hp = self.hparams
         self.cfg = load_config(hp['config'], hp.get('cfg_options'))
         if hp.get('pretrained') is not None:
             self.cfg.model.backbone.init_cfg = (dict(type='Pretrained', checkpoint=hp['pretrained'])
                                                 if hp['pretrained'] else None)
-        registry = importlib.import_module(f'{_scope(self.cfg, self.scope)}.registry')
+        registry = _registry(self.cfg, self.scope)
         self.model = registry.MODELS.build(copy.deepcopy(self.cfg.model))
         init = self.cfg.model.backbone.get('init_cfg')
         with _quiet_mmengine():  # mmengine logs the initialisation of every parameter
@@ -477,12 +478,12 @@ def without_annotations(pipeline: list) -> list:
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
-def _leaf_datasets(cfg) -> list:
+def leaf_datasets(cfg) -> list:
     """The innermost dataset configs of (possibly wrapped) dataset ``cfg``."""
     if 'dataset' in cfg:
-        return _leaf_datasets(cfg['dataset'])
+        return leaf_datasets(cfg['dataset'])
     if 'datasets' in cfg:
-        return [leaf for sub in cfg['datasets'] for leaf in _leaf_datasets(sub)]
+        return [leaf for sub in cfg['datasets'] for leaf in leaf_datasets(sub)]
     return [cfg]
 
 
@@ -558,19 +559,18 @@ class OpenMMLabDataModule(LightningDataModule):
         if not loader:
             raise InputError(f'the config has no {split}_dataloader')
         cfg = copy.deepcopy(loader['dataset'])
-        for leaf in _leaf_datasets(cfg):
+        for leaf in leaf_datasets(cfg):
             leaf['data_root'] = str(self.data_root())
             self.prepare_dataset_cfg(split, leaf)
         return cfg
 
     def build_dataset(self, split: str) -> Dataset:
-        import importlib
         cfg = self.dataset_cfg(split)
-        registry = importlib.import_module(f'{_scope(self.cfg, self.scope)}.registry')
+        registry = _registry(self.cfg, self.scope)
         dataset = registry.DATASETS.build(cfg)
         if len(dataset) == 0:
             raise InputError(f'the {split} dataset under {self.data_root()} is empty after filtering '
-                             f'({[leaf.get("ann_file") for leaf in _leaf_datasets(cfg)]})')
+                             f'({[leaf.get("ann_file") for leaf in leaf_datasets(cfg)]})')
         if self.classes is None:
             self.classes = tuple(dataset.metainfo['classes'])
         return self.wrap_dataset(split, _ReadErrors(dataset))
@@ -589,14 +589,7 @@ class OpenMMLabDataModule(LightningDataModule):
 
     def config_classes(self) -> Optional[Sequence[str]]:
         """The classes the config names (its test dataset's metainfo or dataset class)."""
-        import importlib
-        dataset_cfg = _leaf_datasets(self.cfg.test_dataloader.dataset)[0]
-        classes = (dataset_cfg.get('metainfo') or {}).get('classes')
-        if classes is None:
-            registry = importlib.import_module(f'{_scope(self.cfg, self.scope)}.registry')
-            dataset_type = registry.DATASETS.get(dataset_cfg['type'])
-            classes = getattr(dataset_type, 'METAINFO', {}).get('classes')
-        return tuple(classes) if classes is not None else None
+        return dataset_classes(self.cfg, self.scope, leaf_datasets(self.cfg.test_dataloader.dataset)[0])
 
     def predict_pipeline(self) -> list:
         """The test pipeline without annotation loading."""

@@ -28,9 +28,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image, ImageDraw
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from msmlp.checkpoint import listed
 from tasks.base import InputError
 from tasks.embedded import ensure_dataset
-from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask, loads_annotations, without_annotations
+from tasks.openmmlab import (IMAGE_SUFFIXES, OpenMMLabDataModule, OpenMMLabTask, dataset_classes, dataset_type,
+                             leaf_datasets, loads_annotations, without_annotations)
 
 __all__ = ['SegmentationTask', 'ADE20KDataModule', 'SegmentationMetrics', 'CheckSegLabels',
            'check_image_label_pairs', 'class_palette', 'draw_overlay']
@@ -107,11 +109,6 @@ def _files(folder: Path, suffixes: Sequence[str]) -> Dict[str, Path]:
     return found
 
 
-def _examples(paths: Sequence[Path], limit: int = 5) -> str:
-    shown = ', '.join(str(p) for p in sorted(paths)[:limit])
-    return shown + (f' and {len(paths) - limit} more' if len(paths) > limit else '')
-
-
 def check_image_label_pairs(img_dir: Path, ann_dir: Path, img_suffix: str = '.jpg',
                             seg_map_suffix: str = '.png') -> int:
     """Check that every image has its label map and every label map its image.
@@ -125,19 +122,19 @@ def check_image_label_pairs(img_dir: Path, ann_dir: Path, img_suffix: str = '.jp
                              'images/{training,validation}/*.jpg and annotations/{training,validation}/*.png')
     images = _files(img_dir, (img_suffix,))
     labels = _files(ann_dir, (seg_map_suffix,))
-    other = {'.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.JPG', '.JPEG', '.PNG'} - {img_suffix}
+    other = {*IMAGE_SUFFIXES, *(suffix.upper() for suffix in IMAGE_SUFFIXES)} - {img_suffix}
     skipped = [p for k, p in _files(img_dir, tuple(other)).items() if k not in images]
     if skipped:
         raise InputError(f'{len(skipped)} images in {img_dir} do not end in {img_suffix!r} and would be skipped: '
-                         f'{_examples(skipped)}. Convert them, or set the dataset\'s img_suffix')
+                         f'{listed(sorted(skipped), limit=5)}. Convert them, or set the dataset\'s img_suffix')
     unlabelled = [p for k, p in images.items() if k not in labels]
     if unlabelled:
         raise InputError(f'{len(unlabelled)} images have no label map ({ann_dir}/<name>{seg_map_suffix}): '
-                         f'{_examples(unlabelled)}')
+                         f'{listed(sorted(unlabelled), limit=5)}')
     orphans = [p for k, p in labels.items() if k not in images]
     if orphans:
         raise InputError(f'{len(orphans)} label maps have no image ({img_dir}/<name>{img_suffix}): '
-                         f'{_examples(orphans)}')
+                         f'{listed(sorted(orphans), limit=5)}')
     return len(images)
 
 
@@ -378,14 +375,11 @@ class SegmentationTask(OpenMMLabTask):
         """The label-map value of each predicted class: the inverse of what the dataset does on
         loading (a class subset's ``label_map``, then ``reduce_zero_label``), so the written maps
         read like the dataset's own: ADE20K's index + 1, 0 being "other"."""
-        import mmseg.registry
-        dataset_cfg = self.cfg.test_dataloader.dataset
-        while 'dataset' in dataset_cfg:
-            dataset_cfg = dataset_cfg.dataset
-        dataset_type = mmseg.registry.DATASETS.get(dataset_cfg['type'])
-        reduce_zero_label = dataset_cfg.get('reduce_zero_label', _dataset_default(dataset_type, 'reduce_zero_label'))
+        dataset_cfg = leaf_datasets(self.cfg.test_dataloader.dataset)[0]
+        dataset_cls = dataset_type(self.cfg, self.scope, dataset_cfg)
+        reduce_zero_label = dataset_cfg.get('reduce_zero_label', _dataset_default(dataset_cls, 'reduce_zero_label'))
         classes = list(self.classes or range(self.num_classes))
-        original = list(getattr(dataset_type, 'METAINFO', {}).get('classes') or [])
+        original = list(getattr(dataset_cls, 'METAINFO', {}).get('classes') or [])
         # As mmseg's BaseSegDataset.get_label_map: a subset of the dataset's classes is remapped.
         subset = classes != original and original and set(classes) <= set(original)
         values = np.array([original.index(c) for c in classes] if subset else range(len(classes)), dtype=np.int64)
@@ -399,8 +393,8 @@ class SegmentationTask(OpenMMLabTask):
 
 
 # ----- data --------------------------------------------------------------------------------
-def _dataset_default(dataset_type, name: str):
-    for cls in getattr(dataset_type, '__mro__', ()):
+def _dataset_default(dataset_cls, name: str):
+    for cls in getattr(dataset_cls, '__mro__', ()):
         params = inspect.signature(cls.__init__).parameters
         if name in params and params[name].default is not inspect.Parameter.empty:
             return params[name].default
@@ -432,20 +426,19 @@ class ADE20KDataModule(OpenMMLabDataModule):
         return bool(getattr(task, 'tta', False))
 
     def prepare_dataset_cfg(self, split: str, dataset_cfg) -> None:
-        import mmseg.registry
         if split != 'train' and self._tta():
             dataset_cfg['pipeline'] = copy.deepcopy(self.cfg.tta_pipeline)
-        dataset_type = mmseg.registry.DATASETS.get(dataset_cfg['type'])
-        classes = (dataset_cfg.get('metainfo') or {}).get('classes') or dataset_type.METAINFO['classes']
-        ignore_index = dataset_cfg.get('ignore_index', _dataset_default(dataset_type, 'ignore_index'))
+        dataset_cls = dataset_type(self.cfg, self.scope, dataset_cfg)
+        classes = dataset_classes(self.cfg, self.scope, dataset_cfg)
+        ignore_index = dataset_cfg.get('ignore_index', _dataset_default(dataset_cls, 'ignore_index'))
         dataset_cfg['pipeline'] = _insert_label_checks(list(dataset_cfg['pipeline']),
                                                        CheckSegLabels(len(classes), ignore_index))
         if dataset_cfg.get('ann_file'):
             return  # a split file lists the images; the loader reports missing ones
         root = Path(dataset_cfg['data_root'])
         prefix = dataset_cfg.get('data_prefix') or {}
-        img_suffix = dataset_cfg.get('img_suffix', _dataset_default(dataset_type, 'img_suffix'))
-        seg_suffix = dataset_cfg.get('seg_map_suffix', _dataset_default(dataset_type, 'seg_map_suffix'))
+        img_suffix = dataset_cfg.get('img_suffix', _dataset_default(dataset_cls, 'img_suffix'))
+        seg_suffix = dataset_cfg.get('seg_map_suffix', _dataset_default(dataset_cls, 'seg_map_suffix'))
         count = check_image_label_pairs(root / prefix.get('img_path', ''), root / prefix.get('seg_map_path', ''),
                                         img_suffix, seg_suffix)
         if count == 0:
