@@ -20,7 +20,7 @@ def print_config(capsys, *args):
 
 
 def test_configs_are_found_beside_the_installed_module():
-    assert cli.CONFIGS_DIR == Path(cli.__file__).resolve().parent / 'configs'
+    assert cli.CONFIG_DIR == Path(cli.__file__).resolve().parent / 'configs'
     assert cli.task_config('cls').is_file()
 
 
@@ -80,19 +80,11 @@ def test_no_arguments_prints_usage_and_fails(capsys):
     assert 'usage: msmlp' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('task', ['det', 'seg'])
-def test_task_without_default_config_is_not_available_yet(task, capsys, monkeypatch, tmp_path):
-    (tmp_path / 'cls').mkdir()
-    (tmp_path / 'cls' / 'default.yaml').write_text((REPO / 'configs/cls/default.yaml').read_text())
-    monkeypatch.setattr(cli, 'CONFIGS_DIR', tmp_path)
-    assert cli.main(['fit', '--task', task]) == 2
-    err = capsys.readouterr().err
-    assert 'not available yet' in err and f'{task}/default.yaml' in err
-
-    (tmp_path / task).mkdir()
-    (tmp_path / task / 'default.yaml').write_text((REPO / 'configs/cls/default.yaml').read_text())
-    assert cli.main(['fit', f'--task={task}', '--print_config']) == 0  # available once its config exists
-    assert f'task: {task}' in capsys.readouterr().out
+def test_a_missing_task_config_says_the_installation_is_incomplete(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, 'CONFIG_DIR', tmp_path)
+    assert cli.main(['fit', '--task', 'det']) == 2
+    assert capsys.readouterr().err == (f'msmlp: error: {tmp_path / "det" / "default.yaml"} is missing: '
+                                       'this installation of msmlp is incomplete (reinstall it)\n')
 
 
 def test_unknown_task(capsys):
@@ -216,7 +208,7 @@ def test_a_config_not_found_is_one_line_saying_where_it_looked(capsys, tmp_path,
     assert cli.main(['fit', '--task', 'cls', '--config', 'cls/nope.yaml']) == 1
     err = capsys.readouterr().err.strip()
     assert err == f'msmlp: error: config not found: cls/nope.yaml (looked in {tmp_path} and in the shipped configs, ' \
-                  f'{cli.CONFIGS_DIR})'
+                  f'{cli.CONFIG_DIR})'
 
 
 def test_no_lightning_advertisement(caplog):

@@ -311,6 +311,13 @@ def test_fit_checkpoint_then_validate_test_and_predict(root, tmp_path, monkeypat
     from PIL import Image
     assert Image.open(pngs[0]).size == Image.open(root / 'val' / '000000.jpg').size
 
+    exported = tmp_path / 'export' / 'det.pth'  # for mmdet's own tools, from this run's checkpoint
+    assert cli.main(['export', '--checkpoint', str(checkpoints[-1]), '--format', 'openmmlab',
+                     '--output', str(exported)]) == 0
+    assert 'builds the model from' in capsys.readouterr().out
+    meta = torch.load(exported, weights_only=True)['meta']
+    assert meta['dataset_meta']['classes'] == tuple(shapes.CLASSES)
+
 
 @pytest.mark.slow
 def test_embedded_default_reaches_ap50(tmp_path, monkeypatch, capsys):
@@ -333,13 +340,13 @@ def test_embedded_default_reaches_ap50(tmp_path, monkeypatch, capsys):
                                         if p.name != 'default.yaml'))
 def test_coco_yaml_configs_point_at_their_mmdet_config(yaml, capsys):
     """Each configs/det/*.yaml parses on top of the default and names an existing mmdet config."""
-    from tasks.openmmlab import resolve_config
+    from tasks.base import find_config
     path = Path(cli.__file__).parent / 'configs' / 'det' / yaml
     with pytest.raises(SystemExit):
         cli.run_lightning('det', ['fit', '--config', str(path), '--print_config'])
     printed = capsys.readouterr().out
     assert f'config: mmdet/{yaml[:-len(".yaml")]}.py' in printed and 'root: data/coco' in printed
-    assert resolve_config(f'mmdet/{yaml[:-len(".yaml")]}.py').is_file()
+    assert find_config(f'mmdet/{yaml[:-len(".yaml")]}.py').is_file()
 
 
 def test_malformed_boxes_and_polygons_are_warned_about(tmp_path):

@@ -51,7 +51,8 @@ def test_static_onnx_takes_its_size_only(tmp_path):
     path = tmp_path / 'static.onnx'
     export(model, 'onnx', str(path), img_size=(96, 128), static=True)
     assert check_export(model, 'onnx', str(path), (96, 128), static=True) <= 1e-5
-    with pytest.raises(Exception):
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+    with pytest.raises(InvalidArgument, match='Got: 128 Expected: 96'):
         run_onnx(path, torch.randn(1, 3, 128, 128))
 
 
@@ -73,12 +74,10 @@ def test_safetensors_weights_load_with_timm_pretrained(tmp_path, capsys):
     out = tmp_path / 'msmlp_tiny.safetensors'
     assert main(['--model', 'msmlp_tiny', '--format', 'safetensors', '--output', str(out)]) == 0
     assert 'holds the model\'s weights exactly' in capsys.readouterr().out
-    exported = build_model('msmlp_tiny')  # same architecture, other random weights
     loaded = timm.create_model('msmlp_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
     from safetensors.torch import load_file
     saved = load_file(out)
     assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
-    assert not all(torch.equal(v, saved[k]) for k, v in exported.state_dict().items())
 
 
 def test_checkpoint_of_a_lightning_run_sets_the_classes_and_weights(tmp_path, capsys):

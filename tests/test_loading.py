@@ -58,7 +58,7 @@ def test_a_resumed_epoch_continues_with_the_same_batches(workers):
     resumed.sampler.set_epoch(1)
     rest = batches(resumed)
     assert len(rest) == len(uninterrupted) - 3 == 6  # 37 samples, batches of 4, the last one dropped
-    assert all(torch.equal(a, b) for a, b in zip(seen + rest, uninterrupted))
+    assert all(torch.equal(a, b) for a, b in zip(seen + rest, uninterrupted, strict=True))
     assert resumed.state_dict() == {'epoch': 1, 'batches': 9}
 
 
@@ -82,8 +82,9 @@ def test_a_state_saved_at_the_end_of_an_epoch_starts_the_next_one_whole():
     loader = ResumableLoader(RandomItems(), batch_size=4, seed=0)
     loader.load_state_dict({'epoch': 0, 'batches': 9})
     loader.sampler.set_epoch(1)  # Lightning moves on to the next epoch
-    assert all(torch.equal(a, b) for a, b in zip(batches(loader), epochs(0)[1]))
-    assert len(batches(loader)) == 9
+    first = batches(loader)
+    assert len(first) == 9
+    assert all(torch.equal(a, b) for a, b in zip(first, epochs(0)[1], strict=True))
 
 
 def test_samples_and_augmentations_do_not_depend_on_the_workers_or_the_global_generators():
@@ -93,7 +94,8 @@ def test_samples_and_augmentations_do_not_depend_on_the_workers_or_the_global_ge
     assert torch.equal(torch.get_rng_state(), state[0])  # loading in this process moved no global generator
     assert np.array_equal(np.random.get_state()[1], state[1]) and random.getstate() == state[2]
     torch.manual_seed(7)  # another global state: same batches
-    assert all(torch.equal(a, b) for epoch_a, epoch_b in zip(main, epochs(2)) for a, b in zip(epoch_a, epoch_b))
+    assert all(torch.equal(a, b) for epoch_a, epoch_b in zip(main, epochs(2), strict=True)
+               for a, b in zip(epoch_a, epoch_b, strict=True))
     first, second = torch.cat(main[0]), torch.cat(main[1])
     assert sorted(first[:, 0].tolist()) != first[:, 0].tolist()  # shuffled
     assert not torch.equal(first[:, 0], second[:, 0])  # another order each epoch

@@ -241,7 +241,7 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
-def test_inference_uses_the_fused_onednn_products_even_when_first_asked_under_autocast():
+def test_the_fused_onednn_products_are_found_even_when_first_looked_for_under_autocast():
     mixing.fused_linear_available.cache_clear()
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert mixing.fused_linear_available()

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip('mmdet', reason='the OpenMMLab stack comes from scripts/setup.sh')
-mm = pytest.importorskip('msmlp.mm')
 from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
 
 import msmlp  # noqa: E402
+import msmlp.mm as mm  # noqa: E402
 from msmlp import CheckpointError  # noqa: E402
 
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -117,7 +117,7 @@ def test_classifier_norm_takes_no_gradient():
     assert all(p.grad is not None for p in backbone.parameters() if p.requires_grad)
 
 
-def test_with_cp_and_drop_path():
+def test_with_cp_and_drop_path(monkeypatch):
     torch.manual_seed(0)
     plain = build(**TINY, drop_path_rate=0.3)
     cp = build(**TINY, drop_path_rate=0.3, with_cp=True)
@@ -129,8 +129,14 @@ def test_with_cp_and_drop_path():
     cp.apply(lambda m: m.eval() if m.__class__.__name__ == 'DropPath' else None)
     for a, b in zip(plain(x), cp(x)):
         assert torch.allclose(a, b, atol=1e-6)
+    checkpointed_blocks = []
+
+    def counted_checkpoint(block, *args, **kwargs):
+        checkpointed_blocks.append(block)
+        return torch.utils.checkpoint.checkpoint(block, *args, **kwargs)
+    monkeypatch.setattr(msmlp.model, 'checkpoint', counted_checkpoint)
     sum(o.sum() for o in cp(x)).backward()
-    assert x.grad is not None
+    assert x.grad is not None and len(checkpointed_blocks) == sum(TINY['depths'])
 
 
 def test_pretrained_init_cfg_loads_a_released_checkpoint():

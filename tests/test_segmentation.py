@@ -360,10 +360,10 @@ def test_unreadable_image_or_label_map_is_one_line_naming_it(small_root, damaged
                                         if p.name != 'default.yaml'))
 def test_ade20k_yaml_configs_point_at_their_mmseg_config(yaml, capsys):
     """Each configs/seg/*.yaml parses on top of the default and names an existing mmseg config."""
-    from tasks.openmmlab import resolve_config
+    from tasks.base import find_config
     with pytest.raises(SystemExit):
         cli.run_lightning('seg', ['fit', '--config', str(Path(cli.__file__).parent / 'configs/seg' / yaml),
                                   '--print_config'])
     printed = capsys.readouterr().out
     assert f'config: mmseg/{yaml[:-len(".yaml")]}.py' in printed and 'train_time_interval' in printed
-    assert resolve_config(f'mmseg/{yaml[:-len(".yaml")]}.py').is_file()
+    assert find_config(f'mmseg/{yaml[:-len(".yaml")]}.py').is_file()

@@ -48,8 +48,8 @@ def test_forward_and_grad_checkpointing(name):
     x = torch.randn(1, *input_size(name, FWD_SIZE))
     with torch.no_grad():
         out = model(x)
-        model.set_grad_checkpointing()
-        again = model(x)
+    model.set_grad_checkpointing()
+    again = model(x)  # with autograd on, as checkpointing only runs then
     assert out.shape == (1, 1000) and not out.isnan().any()
     assert torch.allclose(out, again, rtol=1e-4, atol=1e-5)
 
@@ -106,16 +106,22 @@ def check_feature_maps(outputs, channels, reductions, size, batch=1):
         assert not o.isnan().any()
 
 
-@pytest.mark.parametrize('feature_cls', [None, 'getter'])
+@pytest.mark.parametrize('feature_cls', [None, 'hook', 'fx'])  # None: the model's own, 'getter'
 @pytest.mark.parametrize('name', MODELS)
 def test_features_only(name, feature_cls):
     extra = dict(feature_cls=feature_cls) if feature_cls else {}
+    torch.manual_seed(0)
     model = timm.create_model(name, features_only=True, **extra).eval()
+    torch.manual_seed(0)
+    classifier = timm.create_model(name).eval()  # the same weights
     size = input_size(name, FEAT_SIZE)
+    x = torch.randn(1, *size)
     with torch.no_grad():
-        outputs = model(torch.randn(1, *size))
+        outputs = model(x)
+        expected = classifier.forward_intermediates(x, intermediates_only=True)
     assert len(model.feature_info.channels()) >= 3
     check_feature_maps(outputs, model.feature_info.channels(), model.feature_info.reduction(), size)
+    assert all(torch.allclose(o, e, rtol=1e-4, atol=1e-5) for o, e in zip(outputs, expected, strict=True))
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -128,8 +134,8 @@ def test_forward_intermediates(name):
         final, intermediates = model.forward_intermediates(x, output_fmt='NCHW')
         check_feature_maps(intermediates, info.channels(), info.reduction(), size)
         assert torch.allclose(final, model.forward_features(x))
-        model.set_grad_checkpointing()
-        again, _ = model.forward_intermediates(x, output_fmt='NCHW')
+    model.set_grad_checkpointing()
+    again, _ = model.forward_intermediates(x, output_fmt='NCHW')  # autograd on: checkpointing runs
     assert torch.allclose(final, again, rtol=1e-4, atol=1e-5)
 
 

@@ -212,7 +212,20 @@ def test_tensors_on_a_second_gpu_mix_there():
 
 
 # ----- the model with mix_impl='triton' --------------------------------------------------------
-def test_a_released_checkpoint_gives_the_released_logits_through_the_triton_mixer():
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The number of Triton mixer calls (mix_impl='triton' falls back to the fast path silently)."""
+    calls = []
+    mix = triton_mix.shift_mix_triton
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return mix(*args, **kwargs)
+    monkeypatch.setattr(triton_mix, 'shift_mix_triton', counted)
+    return calls
+
+
+def test_a_released_checkpoint_gives_the_released_logits_through_the_triton_mixer(triton_launches):
     from pathlib import Path
     from msmlp import MSMLP
     reference_cases = torch.load(Path(__file__).parent / 'fixtures' / 'msmlp_reference.pt', weights_only=True)
@@ -224,9 +237,10 @@ def test_a_released_checkpoint_gives_the_released_logits_through_the_triton_mixe
     with torch.no_grad():
         logits = model.eval().to(DEVICE)(case['input'].to(DEVICE)).cpu()
     assert (logits - case['logits']).abs().max() <= 1e-5
+    assert len(triton_launches) == sum(cfg['depths'])
 
 
-def test_triton_blocks_train_as_the_reference_blocks():
+def test_triton_blocks_train_as_the_reference_blocks(triton_launches):
     from msmlp import MSMLP
     torch.manual_seed(0)
     model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), drop_path_rate=0.).to(DEVICE)
@@ -237,6 +251,7 @@ def test_triton_blocks_train_as_the_reference_blocks():
         model.set_mix_impl(impl)
         model(x).square().sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(triton_launches) == 4  # one block per stage, in the triton pass only
     for name, expected in grads[0].items():
         assert torch.allclose(grads[1][name], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), name
 
