@@ -16,6 +16,7 @@ processes, so they do not depend on the process count.
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +24,7 @@ import numpy as np
 import timm
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from timm.data.transforms import _str_to_pil_interpolation
@@ -94,9 +96,19 @@ def _is_image(name: str) -> bool:
 
 
 def _images_under(folder: Path) -> List[str]:
-    found = []
+    """Image files under ``folder``, recursively, following links to folders; a link to a
+    folder already listed (a loop, or one folder reached twice) is an ``InputError``, as its
+    images would be listed again, endlessly or under another class."""
+    found, seen = [], {os.path.realpath(folder): str(folder)}
     for parent, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        for name in dirs:
+            path = os.path.join(parent, name)
+            real = os.path.realpath(path)
+            if real in seen:
+                raise InputError(f'{path} leads to {real}, which is already read as {seen[real]}: each of its '
+                                 'images would be read again; remove the link')
+            seen[real] = path
         found += [os.path.join(parent, f) for f in sorted(files) if _is_image(f)]
     return found
 
@@ -105,7 +117,12 @@ def class_folders(folder: Path) -> List[str]:
     """Sorted class folder names in ``folder``; ``InputError`` if it is missing or has none."""
     if not folder.is_dir():
         raise InputError(f'data folder not found: {folder}')
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith('.'))
+    entries = [e for e in folder.iterdir() if not e.name.startswith('.')]
+    broken = [e for e in entries if e.is_symlink() and not e.exists()]
+    if broken:
+        raise InputError(f'{broken[0]} is a broken link (to {os.readlink(broken[0])}): a class folder that '
+                         'cannot be read; fix or remove it')
+    classes = sorted(e.name for e in entries if e.is_dir())
     for name in classes:
         try:
             name.encode('utf-8')
@@ -115,6 +132,10 @@ def class_folders(folder: Path) -> List[str]:
                              'checkpoints and configs as text; rename the folder') from None
     if not classes:
         raise InputError(f'no class folders in {folder}: expected {folder}/<class name>/<images>')
+    loose = sorted(e.name for e in entries if e.is_file() and _is_image(e.name))
+    if loose:
+        rank_zero_warn(f'{folder} holds {len(loose)} image file(s) outside its class folders, which are not read '
+                       f'({listed(loose, 3)}): put each in {folder}/<class name>/')
     return classes
 
 
@@ -457,14 +478,16 @@ class ClassificationTask(BaseTask):
             raise InputError(f'{where} has the classes {listed(classes, limit=10)}, the checkpoint '
                              f'{self.checkpoint_path} was trained on {listed(self.class_names, limit=10)}: '
                              'give data of those classes, or train on these '
-                             f'from its weights with fit --model.pretrained {self.checkpoint_path}')
+                             f'from its weights with fit --model.pretrained {self.checkpoint_path}'
+                             + _normalisation_hint(classes, self.class_names))
         if count_differs:
             raise InputError(f'num_classes differs: the model has num_classes={self.hparams.num_classes} but '
                              f'{where} has {len(classes)} class folders; set --model.init_args.num_classes='
                              f'{len(classes)} (or use data with {self.hparams.num_classes} classes)')
         if names_differ:
             raise InputError(f'the class folders of {where} ({listed(classes, limit=10)}) differ from the model\'s '
-                             f'class_names ({listed(self.hparams.class_names, limit=10)})')
+                             f'class_names ({listed(self.hparams.class_names, limit=10)})'
+                             + _normalisation_hint(classes, self.hparams.class_names))
         self.hparams.class_names = [str(c) for c in classes]
 
     # ----- steps -------------------------------------------------------------------------------
@@ -568,6 +591,18 @@ class ClassificationTask(BaseTask):
             names = checkpoint.get('hyper_parameters', {}).get('class_names')
             if names:
                 self.hparams.class_names = list(names)
+
+
+def _normalisation_hint(folders: Sequence[str], names: Sequence[str]) -> str:
+    """Why names that print alike differ: Unicode composes accents in two ways (macOS file
+    systems give decomposed names, NFD), and the two sort apart, so they are not taken as equal."""
+    def composed(items):
+        return sorted(unicodedata.normalize('NFC', str(item)) for item in items)
+    if list(map(str, folders)) == list(map(str, names)) or composed(folders) != composed(names):
+        return ''
+    form = 'NFC' if all(unicodedata.is_normalized('NFC', str(n)) for n in names) else 'NFD'
+    return ('; they differ only in how Unicode composes their accents (NFC or NFD; folders copied from macOS are '
+            f'NFD): rename the folders to the model\'s form, unicodedata.normalize({form!r}, name)')
 
 
 def _ranking(path: str, ranked: Sequence[Tuple[str, float]]) -> str:

@@ -14,10 +14,11 @@ gathered in dataset order, each image once, and evaluated by the first process
 
 Annotation files are checked before training; these stop the run with an error naming the
 file and the id: a missing file, a file that is not COCO instances JSON (missing keys or
-fields, duplicate ids), an annotation whose ``image_id`` or ``category_id`` is not listed, an
-image listed but missing on disk, a class of the config missing from the categories (or in
-another order), an annotation without a polygon/RLE mask when the pipeline loads masks.
-Handled, not errors:
+fields, duplicate ids, fields of the wrong type), an annotation whose ``image_id`` or
+``category_id`` is not listed, an image listed but missing on disk, a class of the config
+missing from the categories (or in another order), an annotation without a polygon/RLE mask
+when the pipeline loads masks; while loading, an image whose size is not its entry's (an EXIF
+orientation, which mmcv applies, turns it). Handled, not errors:
 
 * images without annotations: skipped in training when the config's ``filter_cfg`` says
   ``filter_empty_gt`` (mmdet's COCO configs do); kept in validation, where every detection
@@ -27,7 +28,8 @@ Handled, not errors:
   stay in the ground truth as the annotation file has them (as ``CocoMetric`` does);
 * crowd annotations (``iscrowd: 1``): never training targets (mmdet ignores them); in
   validation, detections matching them count neither as true nor as false positives (COCO's
-  rule).
+  rule);
+* annotations of categories the config's classes leave out: not used, with a warning.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from torch.utils.data import Dataset
 
 from msmlp.checkpoint import listed
@@ -102,21 +105,59 @@ def _read_coco(path: str, mtime: int, size: int) -> dict:
             seen.add(item['id'])
         if duplicates:
             raise InputError(f'{path}: {key} ids are not unique: {listed(duplicates, _SHOWN)}')
-    image_ids = {img['id'] for img in data['images']}
+    for img in data['images']:
+        for side in ('width', 'height'):
+            if not _is_number(img[side], integer=True) or img[side] <= 0:
+                raise InputError(f'{path}: image {img["id"]} has {side} {img[side]!r}, not a whole number of '
+                                 'pixels > 0')
+    images = {img['id']: img for img in data['images']}
     category_ids = {cat['id'] for cat in data['categories']}
     for ann in data['annotations']:
-        if ann['image_id'] not in image_ids:
-            raise InputError(f'{path}: annotation {ann["id"]} refers to image_id {ann["image_id"]}, '
+        if ann['image_id'] not in images:
+            raise InputError(f'{path}: annotation {ann["id"]} refers to image_id {ann["image_id"]!r}, '
                              'which is not in its images list')
         if ann['category_id'] not in category_ids:
-            raise InputError(f'{path}: annotation {ann["id"]} has category_id {ann["category_id"]}, which is not '
+            raise InputError(f'{path}: annotation {ann["id"]} has category_id {ann["category_id"]!r}, which is not '
                              f'in its categories list (ids {sorted(category_ids)})')
-        if not isinstance(ann['area'], (int, float)) or ann['area'] < 0:
+        if not _is_number(ann['area']) or ann['area'] < 0:
             raise InputError(f'{path}: annotation {ann["id"]} has area {ann["area"]!r}, not a number >= 0')
         bbox = ann['bbox']
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
             raise InputError(f'{path}: annotation {ann["id"]} has bbox {bbox!r}, not [x, y, width, height]')
+        if ann.get('iscrowd', 0) not in (0, 1):
+            raise InputError(f'{path}: annotation {ann["id"]} has iscrowd {ann["iscrowd"]!r}, not 0 or 1')
+        problem = _segmentation_problem(ann.get('segmentation'), images[ann['image_id']])
+        if problem:
+            raise InputError(f'{path}: annotation {ann["id"]} has {problem}')
     return data
+
+
+def _is_number(value: Any, integer: bool = False) -> bool:
+    """A JSON number (not a string, not a boolean); with ``integer``, a whole one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return not integer or float(value).is_integer()
+
+
+def _segmentation_problem(segmentation: Any, image: dict) -> str:
+    """What is wrong with a COCO ``segmentation`` field ('' if nothing): polygons are a list of
+    ``[x1, y1, x2, y2, ...]`` lists, RLE a ``{'counts', 'size': [height, width]}`` of its image."""
+    if segmentation is None:
+        return ''
+    if isinstance(segmentation, list):
+        if any(_is_number(p) for p in segmentation):
+            return ('a flat segmentation list [x1, y1, ...]: COCO polygons are a list of polygons '
+                    '[[x1, y1, x2, y2, ...], ...]')
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+                return f'a polygon that is not a list of numbers: {str(polygon)[:60]}'
+        return ''
+    if isinstance(segmentation, dict) and 'counts' in segmentation and 'size' in segmentation:
+        if list(segmentation['size']) != [image['height'], image['width']]:
+            return (f'an RLE mask of size {segmentation["size"]} (height, width) on image {image["id"]} of '
+                    f'{image["height"]}x{image["width"]}')
+        return ''
+    return f'segmentation {str(segmentation)[:60]}, neither polygons nor an RLE with counts and size'
 
 
 def _skipped_in_training(ann: dict, image: dict) -> bool:
@@ -178,9 +219,10 @@ def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks:
     images = {img['id']: img for img in data['images']}
     wanted = {cat['id'] for cat in data['categories'] if cat['name'] in set(classes)}
     report: Dict[str, List] = {'skipped': [], 'crowd': [], 'unannotated': [], 'malformed': [], 'no_polygon': []}
-    annotated = set()
+    annotated, unused = set(), []
     for ann in data['annotations']:
         if ann['category_id'] not in wanted:
+            unused.append(ann)
             continue
         annotated.add(ann['image_id'])
         if ann.get('iscrowd'):
@@ -196,6 +238,12 @@ def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks:
             report['no_polygon'].append(ann['id'])
     report['unannotated'] = [i for i in images if i not in annotated]
     _warn_about(ann_file, report, training)
+    if unused:
+        by_id = {cat['id']: cat['name'] for cat in data['categories']}
+        others = sorted({by_id[ann['category_id']] for ann in unused})
+        rank_zero_warn(f'{ann_file}: {len(unused)} annotation(s) of categories the config does not train '
+                       f'({listed(others, _SHOWN)}) are not used: metainfo.classes lists {len(classes)} of '
+                       f'the file\'s {len(names)} categories')
     return report
 
 
@@ -264,12 +312,13 @@ class CocoTargets:
         return target
 
 
-class _WithTargets(Dataset):
-    """An mmdet dataset whose items also carry their COCO ground truth (``'targets'``) and
-    their position in the dataset (``'index'``)."""
+class _SizeChecked(Dataset):
+    """An mmdet dataset whose images must have the size their COCO entry gives: the boxes and
+    masks are drawn at the entry's size (an image turned by its EXIF orientation, or replaced
+    by another, would train on and be scored against misplaced targets without a word)."""
 
-    def __init__(self, dataset: Dataset, targets: CocoTargets):
-        self.dataset, self.targets = dataset, targets
+    def __init__(self, dataset: Dataset, ann_files: Sequence[str]):
+        self.dataset, self.ann_files = dataset, ' / '.join(dict.fromkeys(ann_files))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -277,24 +326,51 @@ class _WithTargets(Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
         sample = item['data_samples']
-        self._check_size(sample)
-        item['targets'] = self.targets(sample.img_id)
+        entry = self.dataset.get_data_info(index)
+        height, width = sample.ori_shape[:2]
+        if entry.get('img_path') == sample.img_path and (entry['height'], entry['width']) != (height, width):
+            raise InputError(f"{self.ann_files} gives image {sample.img_path} as {entry['width']}x"
+                             f"{entry['height']} (WxH) but the file is {width}x{height}"
+                             + _orientation_note(sample.img_path))
+        return item
+
+    def __getattr__(self, name: str):
+        if name in ('dataset', 'ann_files'):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _orientation_note(path: str) -> str:
+    """Why an image may read in another size than it is stored: its EXIF orientation."""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(0x0112, 1)
+    except (OSError, ValueError):
+        return ''
+    if orientation in (1, None):
+        return ''
+    return (f' (its EXIF orientation {orientation} turns it when read: save it with the rotation applied, '
+            'or give the turned size in the annotation file)')
+
+
+class _WithTargets(_SizeChecked):
+    """A size-checked mmdet dataset whose items also carry their COCO ground truth (``'targets'``)
+    and their position in the dataset (``'index'``)."""
+
+    def __init__(self, dataset: Dataset, targets: CocoTargets):
+        super().__init__(dataset, [targets.ann_file])
+        self.targets = targets
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        item['targets'] = self.targets(item['data_samples'].img_id)
         item['index'] = index
         return item
 
-    def _check_size(self, sample) -> None:
-        # COCOeval draws the ground-truth masks at the file's size and the predictions at the
-        # image's: a wrong size would give a mask AP of 0 without a word
-        entry = self.targets.images[sample.img_id]
-        height, width = sample.ori_shape[:2]
-        if (entry['height'], entry['width']) != (height, width):
-            raise InputError(f"{self.targets.ann_file} gives image {sample.img_path} as {entry['width']}x"
-                             f"{entry['height']} (WxH) but the file is {width}x{height}")
-
     def __getattr__(self, name: str):
-        if name in ('dataset', 'targets'):
+        if name == 'targets':
             raise AttributeError(name)
-        return getattr(self.dataset, name)
+        return super().__getattr__(name)
 
 
 # ----- metrics -------------------------------------------------------------------------------
@@ -481,6 +557,7 @@ class CocoDataModule(OpenMMLabDataModule):
                  config: Optional[str] = None, cfg_options: Optional[Dict[str, Any]] = None):
         super().__init__(root, batch_size, num_workers, predict_images, config, cfg_options)
         self.ann_files: Dict[str, str] = {}
+        self.train_ann_files: List[str] = []  # every leaf dataset's (a ConcatDataset has several)
         self.masks: Dict[str, bool] = {}
 
     def embedded_root(self) -> Path:
@@ -495,13 +572,15 @@ class CocoDataModule(OpenMMLabDataModule):
             raise InputError(f'annotation file not found: {ann_file}. The embedded dataset holds '
                              'annotations/instances_{train,val}.json: pass --data.root with the dataset this '
                              'config reads')
-        check_coco(ann_file, img_dir, dataset_classes(self.cfg, self.scope, dataset_cfg), needs_masks=_loads_masks(dataset_cfg.get('pipeline')),
-                   training=split == 'train')
-        self.ann_files[split] = ann_file
         self.masks[split] = _loads_masks(dataset_cfg.get('pipeline'))
+        check_coco(ann_file, img_dir, dataset_classes(self.cfg, self.scope, dataset_cfg),
+                   needs_masks=self.masks[split], training=split == 'train')
+        self.ann_files[split] = ann_file
+        if split == 'train':
+            self.train_ann_files.append(ann_file)
 
     def wrap_dataset(self, split: str, dataset: Dataset) -> Dataset:
         if split == 'train':
-            return dataset
+            return _SizeChecked(dataset, self.train_ann_files)
         return _WithTargets(dataset, CocoTargets(self.ann_files[split], dataset.metainfo['classes'],
                                                 self.masks[split]))

@@ -62,6 +62,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from msmlp.checkpoint import listed
 from tasks.base import BaseTask, InputError, find_config
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, worker_args
 
@@ -610,7 +611,13 @@ class OpenMMLabDataModule(LightningDataModule):
     def _image_paths(spec: str) -> List[str]:
         spec = os.path.expanduser(spec)
         if os.path.isdir(spec):
-            paths = sorted(str(p) for p in Path(spec).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = [p for p in Path(spec).iterdir() if not p.name.startswith('.')]
+            images = {p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir()}
+            paths = sorted(map(str, images))
+            unread = sorted(p.name + ('/' if p.is_dir() else '') for p in entries if p not in images)
+            if unread:
+                rank_zero_warn(f'predict_images={spec!r}: {len(unread)} entries are not read ({listed(unread, 5)}): '
+                               f'only the {"/".join(IMAGE_SUFFIXES)} files in the folder itself are')
         elif os.path.isfile(spec):
             paths = [spec]
         else:

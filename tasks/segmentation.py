@@ -11,8 +11,9 @@ optional multi-scale + flip test-time augmentation (the config's ``tta_pipeline`
 ``annotations/{training,validation}/*.png``) or, with no ``root``, from the embedded scenes
 (:mod:`tasks.embedded.ade20k`). Before anything is trained it checks that every image has its
 label map and every label map its image, and while loading that each label map is an 8-bit
-single-channel map of its image's size whose values are classes (or 255, ignored): each
-error names the file.
+single-channel map (not a JPEG) of its image's size whose values are classes (or 255, ignored),
+and that its image has no EXIF orientation (read turned, it would not overlap its label map):
+each error names the file.
 """
 from __future__ import annotations
 
@@ -35,10 +36,11 @@ from tasks.openmmlab import (IMAGE_SUFFIXES, OpenMMLabDataModule, OpenMMLabTask,
                              leaf_datasets, loads_annotations, without_annotations)
 
 __all__ = ['SegmentationTask', 'ADE20KDataModule', 'SegmentationMetrics', 'CheckSegLabels',
-           'check_image_label_pairs', 'class_palette', 'draw_overlay']
+           'check_image_label_pairs', 'class_subset_note', 'class_palette', 'draw_overlay']
 
 DEFAULT_CONFIG = 'mmseg/msmlp-mini_upernet_ade20k-scenes-128x128.py'
 IGNORE_INDEX = 255
+EXIF_ORIENTATION = 0x0112
 LABEL_MODES = ('L', 'P')  # 8-bit single-channel PNGs: grey or palette (indices are the labels)
 
 
@@ -96,11 +98,11 @@ class SegmentationMetrics(MulticlassConfusionMatrix):
 
 # ----- data checks -------------------------------------------------------------------------
 def _files(folder: Path, suffixes: Sequence[str]) -> Dict[str, Path]:
-    """Files under ``folder`` (recursively, as mmseg lists them) ending in ``suffixes``, by
-    relative path without the suffix."""
+    """Files under ``folder`` ending in ``suffixes``, by relative path without the suffix: as
+    mmseg lists them (mmengine's ``list_dir_or_file``), recursively, hidden folders included,
+    hidden files not."""
     found = {}
-    for parent, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith('.')]
+    for parent, _, names in os.walk(folder, followlinks=True):
         for name in names:
             for suffix in suffixes:
                 if name.endswith(suffix) and not name.startswith('.'):
@@ -140,8 +142,9 @@ def check_image_label_pairs(img_dir: Path, ann_dir: Path, img_suffix: str = '.jp
 
 class CheckSegLabels:
     """A pipeline step after ``LoadAnnotations``: the label map must be an 8-bit single-channel
-    map of its image's size whose values are classes (after ``reduce_zero_label`` and any
-    class subset's ``label_map``) or the ignore index. Raises :class:`InputError` naming the file.
+    map, not a JPEG, of its image's size whose values are classes (after ``reduce_zero_label``
+    and any class subset's ``label_map``) or the ignore index, and its image must have no EXIF
+    orientation. Raises :class:`InputError` naming the file.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
@@ -152,6 +155,7 @@ class CheckSegLabels:
         path = results.get('seg_map_path', '<label map>')
         seg = results['gt_seg_map']
         self._check_mode(path)
+        self._check_orientation(results.get('img_path'), path)
         if seg.ndim != 2:
             raise InputError(f'label map {path} has {seg.shape[-1]} channels: ADE20K label maps are 8-bit '
                              'single-channel PNGs of class indices (not colour images)')
@@ -179,12 +183,30 @@ class CheckSegLabels:
         # mmseg casts what it reads to uint8: a 16-bit map would wrap around silently.
         try:
             with Image.open(path) as image:
-                mode = image.mode
+                mode, file_format = image.mode, image.format
         except (OSError, ValueError) as err:
             raise InputError(f'cannot read label map {path}: {err}') from None
+        if file_format == 'JPEG':
+            raise InputError(f'label map {path} is a JPEG: lossy compression changes class indices along every '
+                             'edge; save label maps as PNG')
         if mode not in LABEL_MODES and mode != 'RGB' and mode != 'RGBA':
             raise InputError(f'label map {path} is a {mode!r} image: ADE20K label maps are 8-bit single-channel '
                              'PNGs of class indices')
+
+    @staticmethod
+    def _check_orientation(img_path: Optional[str], label_path: str) -> None:
+        # mmcv reads images turned by their EXIF orientation but label maps as stored: the two
+        # would no longer overlap (silently so for square images and half turns).
+        try:
+            with Image.open(img_path) as image:
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        except (OSError, ValueError, TypeError, AttributeError):
+            return  # unreadable images are reported by the loader
+        if orientation not in (1, None):
+            raise InputError(f'image {img_path} has EXIF orientation {orientation}: it is read turned, its label '
+                             f'map {label_path} as stored; save the image with the turn applied '
+                             '(PIL.ImageOps.exif_transpose) if the labels follow the turned view, or without the '
+                             'orientation tag if they follow the stored pixels')
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index})'
@@ -401,6 +423,18 @@ def _dataset_default(dataset_cls, name: str):
     return None
 
 
+def class_subset_note(dataset_cls, classes: Sequence[str], ignore_index: int) -> Optional[str]:
+    """What happens to the pixels of the dataset's other classes when the config trains a subset
+    of them (mmseg's ``label_map`` sends them to the ignore index); None for no subset."""
+    original = list(getattr(dataset_cls, 'METAINFO', {}).get('classes') or [])
+    left_out = [c for c in original if c not in set(classes)]
+    if not left_out or not set(classes) <= set(original):
+        return None
+    return (f'the config trains {len(classes)} of the {len(original)} classes of {dataset_cls.__name__}: label-map '
+            f'pixels of the other {len(left_out)} ({listed(left_out, 5)}) are ignored ({ignore_index}) in training '
+            'and evaluation')
+
+
 class ADE20KDataModule(OpenMMLabDataModule):
     """mmseg's ``ADE20KDataset`` with the config's pipelines.
 
@@ -431,6 +465,11 @@ class ADE20KDataModule(OpenMMLabDataModule):
         dataset_cls = dataset_type(self.cfg, self.scope, dataset_cfg)
         classes = dataset_classes(self.cfg, self.scope, dataset_cfg)
         ignore_index = dataset_cfg.get('ignore_index', _dataset_default(dataset_cls, 'ignore_index'))
+        note = class_subset_note(dataset_cls, classes, ignore_index)
+        said = self.__dict__.setdefault('_notes', set())
+        if note and note not in said:
+            said.add(note)
+            rank_zero_info(f'[msmlp] {note}')
         dataset_cfg['pipeline'] = _insert_label_checks(list(dataset_cfg['pipeline']),
                                                        CheckSegLabels(len(classes), ignore_index))
         if dataset_cfg.get('ann_file'):

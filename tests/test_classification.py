@@ -19,7 +19,7 @@ from PIL import Image
 import cli
 import msmlp
 from tasks.base import InputError
-from tasks.classification import ClassificationTask, ImageFolderDataModule, load_rgb
+from tasks.classification import ClassificationTask, ImageFolderDataModule, load_rgb, scan_image_folder
 from tasks.embedded import data_root, ensure_dataset
 from tasks.embedded import imagenet as shapes
 
@@ -144,6 +144,39 @@ def test_class_order_comes_from_the_training_split(tmp_path):
     data.setup('fit')
     assert data.classes == ['ant', 'bee', 'cat'] and data.num_classes == 3
     assert sorted({t for _, t in data.datasets['val'].samples}) == [1, 2]
+
+
+def test_a_link_back_to_a_listed_folder_is_refused(tmp_path):
+    """os.walk follows it: a loop, or one folder under two names, lists its images again."""
+    write_folder(tmp_path, classes=('ant', 'bee'), splits=('train',))
+    (tmp_path / 'train' / 'ant' / 'loop').symlink_to(tmp_path / 'train' / 'ant')
+    with pytest.raises(InputError, match=r'train/ant/loop leads to .*train/ant, which is already read as '
+                                         r'.*train/ant: each of its images would be read again'):
+        scan_image_folder(tmp_path / 'train')
+    (tmp_path / 'train' / 'ant' / 'loop').unlink()
+    (tmp_path / 'extra').mkdir()
+    (tmp_path / 'train' / 'ant' / 'more').symlink_to(tmp_path / 'extra')
+    (tmp_path / 'train' / 'ant' / 'again').symlink_to(tmp_path / 'extra')
+    with pytest.raises(InputError, match=r'train/ant/more leads to .*extra, which is already read as .*ant/again'):
+        scan_image_folder(tmp_path / 'train')
+
+
+def test_a_broken_class_folder_link_is_refused(tmp_path):
+    write_folder(tmp_path, classes=('ant', 'bee'), splits=('train',))
+    (tmp_path / 'train' / 'cat').symlink_to(tmp_path / 'gone')
+    with pytest.raises(InputError, match=rf'^{tmp_path}/train/cat is a broken link \(to {tmp_path}/gone\): a class '
+                                         'folder that cannot be read; fix or remove it$'):
+        scan_image_folder(tmp_path / 'train')
+
+
+def test_images_outside_the_class_folders_are_warned_about(tmp_path):
+    write_folder(tmp_path, classes=('ant', 'bee'), splits=('train',))
+    for name in ('stray.png', 'other.jpg'):
+        Image.new('RGB', (8, 8)).save(tmp_path / 'train' / name)
+    with pytest.warns(UserWarning, match=r'train holds 2 image file\(s\) outside its class folders, which are not '
+                                         r'read \(other\.jpg, stray\.png\)'):
+        classes, samples = scan_image_folder(tmp_path / 'train')
+    assert classes == ['ant', 'bee'] and len(samples) == 8
 
 
 def test_released_eval_transform():
@@ -356,6 +389,20 @@ def test_model_flags_win_over_checkpoint_hyperparameters(trained, capsys, monkey
                                  f'--ckpt_path={trained["best"]}', '--model.num_classes=5')
     assert status != 0
     assert err == 'msmlp: error: class_names has 3 names but num_classes=5\n'
+
+
+def test_class_names_differing_only_in_unicode_composition_say_so(tmp_path, capsys, monkeypatch):
+    """Folders copied from macOS hold decomposed (NFD) names: alike in print, apart in order."""
+    import unicodedata
+    composed = ['café', 'thé', 'tisane']
+    write_folder(tmp_path / 'data', classes=[unicodedata.normalize('NFD', c) for c in composed])
+    monkeypatch.chdir(tmp_path)
+    status, _, err = msmlp_run(capsys, *fit_args(tmp_path / 'data', '--trainer.fast_dev_run=1',
+                                                 f'--model.init_args.class_names={composed}'))
+    assert status == 1
+    assert err.startswith('msmlp: error: the class folders of ') and err.count('\n') == 1
+    assert err.endswith("; they differ only in how Unicode composes their accents (NFC or NFD; folders copied from "
+                        "macOS are NFD): rename the folders to the model's form, unicodedata.normalize('NFC', name)\n")
 
 
 @pytest.mark.parametrize('target', ['image', 'folder'])

@@ -182,6 +182,59 @@ def test_an_evaluated_image_of_another_size_than_its_coco_entry_is_refused(tmp_p
         val[index]
 
 
+def test_a_training_image_turned_by_its_exif_orientation_is_refused(tmp_path):
+    """mmcv reads images turned by their EXIF orientation; the boxes are drawn on the listed size."""
+    from PIL import Image
+    data_root = write_shapes(tmp_path / 'data', train=4, val=1)
+    images = json.loads((data_root / 'annotations' / 'instances_train.json').read_text())['images']
+    entry = next(img for img in images if img['width'] != img['height'])
+    path = data_root / 'train' / entry['file_name']
+    image = Image.open(path)
+    exif = image.getexif()
+    exif[0x0112] = 6  # a quarter turn
+    image.save(path, exif=exif, quality=95)
+    datamodule = CocoDataModule(root=str(data_root), config=MINI)
+    datamodule.setup('fit')
+    train = datamodule.datasets['train']
+    index = [train.get_data_info(i)['img_id'] for i in range(len(train))].index(entry['id'])
+    with pytest.raises(InputError, match=rf'instances_train\.json gives image .*{entry["file_name"]} as '
+                                         rf'{entry["width"]}x{entry["height"]} \(WxH\) but the file is '
+                                         rf'{entry["height"]}x{entry["width"]} \(its EXIF orientation 6 turns it'):
+        train[index]
+    others = [i for i in range(len(train)) if i != index]
+    assert train[others[0]]['inputs'].shape[0] == 3
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda d: d['annotations'][0].update(iscrowd='0'), r"annotation \d+ has iscrowd '0', not 0 or 1"),
+    (lambda d: d['images'][0].update(width='128'), r"image 1 has width '128', not a whole number of pixels > 0"),
+    (lambda d: d['images'][0].update(height=0), r'image 1 has height 0, not a whole number of pixels > 0'),
+    (lambda d: d['annotations'][0].update(segmentation=[1, 1, 9, 1, 9, 9]),
+     r'annotation \d+ has a flat segmentation list \[x1, y1, \.\.\.\]: COCO polygons are a list of polygons'),
+    (lambda d: d['annotations'][0].update(segmentation={'counts': [0, 4], 'size': [2, 2]}),
+     r'annotation \d+ has an RLE mask of size \[2, 2\] \(height, width\) on image \d+ of \d+x\d+'),
+    (lambda d: d['annotations'][0].update(category_id='1'),
+     r"annotation \d+ has category_id '1', which is not in its categories list \(ids \[1, 2, 3\]\)"),
+])
+def test_fields_of_the_wrong_type_are_one_line_naming_the_id(tmp_path, edit, message):
+    """Each was a TypeError traceback, or (iscrowd '0', a true string) every box a crowd region."""
+    data_root = write_shapes(tmp_path / 'data', train=1, val=2)
+    edit_json(data_root / 'annotations' / 'instances_val.json', edit)
+    with pytest.raises(InputError, match=r'instances_val\.json: ' + message):
+        check(data_root)
+
+
+def test_annotations_of_classes_the_config_does_not_train_are_warned_about(tmp_path):
+    data_root = write_shapes(tmp_path / 'data', train=1, val=4)
+    data = json.loads((data_root / 'annotations' / 'instances_val.json').read_text())
+    names = {cat['id']: cat['name'] for cat in data['categories']}
+    unused = [a for a in data['annotations'] if names[a['category_id']] != 'circle']
+    with pytest.warns(UserWarning, match=rf'instances_val\.json: {len(unused)} annotation\(s\) of categories the '
+                                         r'config does not train \(square, triangle\) are not used: '
+                                         r"metainfo.classes lists 1 of the file's 3 categories"):
+        check_coco(str(data_root / 'annotations' / 'instances_val.json'), str(data_root / 'val'), ('circle',))
+
+
 def test_classes_out_of_the_files_order_are_an_error(tmp_path):
     data_root = write_shapes(tmp_path / 'data', train=1, val=2)
     with pytest.raises(InputError, match="mmdet numbers labels in the file's order"):
@@ -391,6 +444,18 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path, monkeypatch, capsys
     assert cli.main(['fit', '--task', 'det', '--trainer.fast_dev_run=1', f'--data.root={data_root}']) == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f'msmlp: error: cannot read {broken}: ') and 'Traceback' not in err
+
+
+def test_predicting_a_folder_says_what_it_does_not_read(tmp_path):
+    from PIL import Image
+    for name in ('a.png', 'b.JPG', 'c.gif', 'sub/d.png'):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new('RGB', (8, 8)).save(tmp_path / name)
+    (tmp_path / '.hidden.png').write_bytes((tmp_path / 'a.png').read_bytes())
+    with pytest.warns(UserWarning, match=r"predict_images='.*': 2 entries are not read \(c\.gif, sub/\): only the "
+                                         r'\.jpg/.* files in the folder itself are'):
+        paths = CocoDataModule._image_paths(str(tmp_path))
+    assert paths == [str(tmp_path / 'a.png'), str(tmp_path / 'b.JPG')]
 
 
 def test_predicting_an_unreadable_image_names_it(tmp_path):

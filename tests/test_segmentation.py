@@ -1,5 +1,6 @@
 """Segmentation task: metrics against mmseg's IoUMetric, whole/sliding/TTA inference, the data
 checks on bad input, and the real CLI (fit with fast_dev_run, validate, predict)."""
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import cli  # noqa: E402
 from tasks.base import InputError  # noqa: E402
 from tasks.embedded import ade20k as scenes  # noqa: E402
 from tasks.segmentation import (ADE20KDataModule, SegmentationMetrics, SegmentationTask,  # noqa: E402
-                                check_image_label_pairs)
+                                check_image_label_pairs, class_subset_note)
 
 PAPER_T = 'mmseg/msmlp-t_upernet_8xb2-160k_ade20k-512x512.py'
 
@@ -187,6 +188,44 @@ def test_colour_or_16_bit_label_maps_are_refused(small_root, mode):
     image = Image.fromarray(labels).convert('RGB') if mode == 'RGB' else Image.fromarray(labels.astype(np.uint16))
     image.save(path)
     _first_item_error(small_root, match=r'ADE_train_00000001\.png .*8-bit single-channel')
+
+
+def test_jpeg_label_maps_are_refused(small_root):
+    """JPEG artefacts change class indices along every edge; mmseg would read them as labels."""
+    path = small_root / 'annotations' / 'training' / 'ADE_train_00000001.png'
+    Image.open(path).save(path, format='JPEG', quality=95)
+    _first_item_error(small_root, match=r'label map .*ADE_train_00000001\.png is a JPEG: lossy compression')
+
+
+def test_an_image_turned_by_its_exif_orientation_is_refused(small_root):
+    """mmcv reads the image turned, the label map as stored: a half turn keeps the size."""
+    path = small_root / 'images' / 'training' / 'ADE_train_00000001.jpg'
+    image = Image.open(path)
+    exif = image.getexif()
+    exif[0x0112] = 3  # 180 degrees
+    image.save(path, exif=exif, quality=95)
+    _first_item_error(small_root, match=r'image .*ADE_train_00000001\.jpg has EXIF orientation 3: it is read turned')
+
+
+def test_images_in_hidden_folders_are_paired_as_mmseg_reads_them(small_root):
+    """mmseg lists hidden folders (a notebook's .ipynb_checkpoints) with the rest."""
+    hidden = small_root / 'images' / 'training' / '.ipynb_checkpoints'
+    hidden.mkdir()
+    shutil.copy(small_root / 'images' / 'training' / 'ADE_train_00000001.jpg', hidden / 'ADE_train_00000001.jpg')
+    with pytest.raises(InputError, match=r'1 images have no label map .*\.ipynb_checkpoints/ADE_train_00000001\.jpg'):
+        datamodule(small_root).setup('fit')
+
+
+def test_a_class_subset_says_that_the_other_classes_are_ignored(small_root, caplog):
+    from mmseg.datasets import ADE20KDataset
+    assert class_subset_note(ADE20KDataset, ADE20KDataset.METAINFO['classes'], 255) is None
+    note = class_subset_note(ADE20KDataset, ('sky', 'tree'), 255)
+    assert note.startswith('the config trains 2 of the 150 classes of ADE20KDataset: label-map pixels of the '
+                           'other 148 (wall, building, floor, ceiling, road and 143 more) are ignored (255)')
+    with caplog.at_level(logging.INFO):
+        datamodule(small_root).setup('fit')  # builds train and val: one note
+    notes = [r.getMessage() for r in caplog.records if 'the config trains 5 of the 150 classes' in r.getMessage()]
+    assert len(notes) == 1
 
 
 @pytest.mark.parametrize('mode', ['L', 'RGBA', 'CMYK'])
