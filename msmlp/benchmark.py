@@ -195,6 +195,7 @@ def make_step(model: nn.Module, args: argparse.Namespace, device: torch.device) 
         def infer():
             with torch.inference_mode(), _autocast(args, device):
                 run(x)
+        infer.resident_bytes = lambda: _tensor_bytes([x, *model.parameters(), *model.buffers()])
         return infer
 
     model.train()
@@ -212,7 +213,13 @@ def make_step(model: nn.Module, args: argparse.Namespace, device: torch.device) 
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
+    train_step.resident_bytes = lambda: _tensor_bytes(
+        [x, *model.parameters(), *model.buffers(), *(t for state in optimizer.state.values() for t in state.values())])
     return train_step
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def count_gmacs(model: nn.Module, args: argparse.Namespace, device: torch.device) -> float:
@@ -227,13 +234,17 @@ def count_gmacs(model: nn.Module, args: argparse.Namespace, device: torch.device
 
 def measure_peak_mb(step: Callable[[], None], device: torch.device) -> float:
     """Peak bytes of live tensors (parameters, gradients, optimizer state, activations) over
-    one step, in MiB; NaN where they cannot be tracked."""
+    one step, in MiB; NaN where they cannot be tracked. On a GPU: what the step allocates beyond
+    what was allocated before it, plus the step's own resident tensors (``step.resident_bytes``:
+    its input, the model's weights and its optimizer's state), so that the other rows' models,
+    on the same device, do not count."""
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(device) - before + step.resident_bytes()) / 2 ** 20
     try:
         from torch.distributed._tools.mem_tracker import MemTracker
     except ImportError:

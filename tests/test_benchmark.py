@@ -161,3 +161,21 @@ def test_the_cpu_kernel_executes_what_is_counted(monkeypatch):
     assert executed_minus_counted(16) == executed_minus_counted(16, '--train') == 0  # each group at its own size
     monkeypatch.setenv('MSMLP_CPU_KERNEL', '0')
     assert executed_minus_counted(16) == executed_minus_counted(16, '--train') > 0
+
+
+def test_gpu_peak_memory_leaves_out_the_other_rows_models(monkeypatch):
+    """On a GPU every row's model stays on the device: a row's peak is what its step allocates
+    beyond what was there before, plus its own weights, optimizer state and input."""
+    args = benchmark.parse_args(['--train', '--batch-size', '2', '--img-size', '32'])
+    model = timm.create_model('convnext_tiny', num_classes=10)
+    step = benchmark.make_step(model, args, torch.device('cpu'))
+    step()  # AdamW's state exists after the warm-up
+    others, allocated_by_step = 5 * 2 ** 30, 100 * 2 ** 20
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, 'reset_peak_memory_stats', lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, 'memory_allocated', lambda device=None: others)
+    monkeypatch.setattr(torch.cuda, 'max_memory_allocated', lambda device=None: others + allocated_by_step)
+    weights = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size() for b in model.buffers())
+    own = weights * 3 + 2 * 3 * 32 * 32 * 4 + 4 * len(list(model.parameters()))  # weights, Adam's two moments and step counts, input
+    peak = benchmark.measure_peak_mb(step, torch.device('cuda'))
+    assert peak == pytest.approx((allocated_by_step + own) / 2 ** 20, rel=1e-6)
