@@ -57,7 +57,7 @@ from . import cpu_kernel
 if TYPE_CHECKING:
     from .model import MSMLPBlock
 
-__all__ = ['MIX_IMPLS', 'forward_fast', 'forward_triton', 'mix_fast', 'mix_reference', 'mix_triton', 'shift_mix',
+__all__ = ['MIX_IMPLS', 'auto_impl', 'forward_fast', 'forward_triton', 'mix_fast', 'mix_reference', 'mix_triton', 'shift_mix',
            'triton_runs', 'triton_runs_on']
 
 
@@ -680,7 +680,24 @@ def forward_triton(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
     return _channel_mlp(block, x, _triton_mix_nhwc(x, block))
 
 
+def auto_impl(x: torch.Tensor) -> str:
+    """What ``mix_impl='auto'`` (the default) runs on ``x``: the Triton mixer on a CUDA map
+    where triton imports and the map fits its 32-bit indexing (measured faster than the fast
+    path on an H200 in every setting: docs/speed.md), else the fast path."""
+    if x.is_cuda and triton_runs(x):
+        from .triton_mix import fits
+        n, c, h, w = x.shape
+        if fits(n, h, w, c):
+            return 'triton'
+    return 'fast'
+
+
+def mix_auto(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
+    return MIX_IMPLS[auto_impl(x)](x, block)
+
+
 MIX_IMPLS: Dict[str, Callable[[torch.Tensor, 'MSMLPBlock'], torch.Tensor]] = {
+    'auto': mix_auto,
     'reference': mix_reference,
     'fast': mix_fast,
     'triton': mix_triton,

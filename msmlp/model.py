@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, register_model, resolve_pretrained
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
-from .mixing import MIX_IMPLS, forward_fast, forward_triton, shift_mix
+from .mixing import MIX_IMPLS, auto_impl, forward_fast, forward_triton, shift_mix
 
 __all__ = ['MSMLP', 'MIX_SIZES', 'SHIFT_DIST', 'checkpoint_filter_fn']
 
@@ -150,6 +150,8 @@ class MSMLPBlock(nn.Module):
 
     Eager, ``'fast'`` runs :func:`msmlp.mixing.forward_fast`; compiled, traced, exported or
     scripted, the block runs the released computation (``forward_released``), the same function.
+    ``'triton'`` runs the Triton mixer (compiled too, as a custom operator); ``'auto'``, the
+    default, picks it for CUDA maps where triton imports, and ``'fast'`` elsewhere.
     torch.fx keeps the block as one leaf (registered with timm), so a traced model runs the
     eager block and gives the eager outputs exactly.
 
@@ -161,7 +163,8 @@ class MSMLPBlock(nn.Module):
         drop_path: Stochastic depth rate.
         layer_scale_init: Initial value of the layer scale ``gamma``.
         mlp_ratio: Hidden width of the channel MLP relative to ``dim``.
-        mix_impl: ``'fast'`` (default), ``'reference'`` or ``'triton'`` (one Triton kernel for the
+        mix_impl: ``'auto'`` (default: ``'triton'`` on CUDA maps where triton imports, else
+            ``'fast'``), ``'fast'``, ``'reference'`` or ``'triton'`` (one Triton kernel for the
             mixer, on GPUs or under Triton's interpreter; elsewhere the fast path); all compute
             the released function.
     """
@@ -175,7 +178,7 @@ class MSMLPBlock(nn.Module):
             drop_path: float = 0.,
             layer_scale_init: float = 1e-6,
             mlp_ratio: float = 4.,
-            mix_impl: str = 'fast',
+            mix_impl: str = 'auto',
     ):
         super().__init__()
         groups = channel_groups(dim, len(shift_dist))
@@ -232,21 +235,28 @@ class MSMLPBlock(nn.Module):
         return shortcut + self.drop_path(x)
 
     @torch.jit.unused
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_fast(self, x: torch.Tensor, impl: str) -> torch.Tensor:
         # same function, channels-last (see mixing.py)
-        return forward_triton(self, x) if self._mix_impl == 'triton' else forward_fast(self, x)
+        return forward_triton(self, x) if impl == 'triton' else forward_fast(self, x)
 
     @torch.jit.unused
-    def _runs_fast(self) -> bool:
-        if self._mix_impl == 'triton':  # a custom op: torch.compile keeps it
+    def _impl_for(self, x: torch.Tensor) -> str:
+        if self._mix_impl != 'auto':
+            return self._mix_impl
+        return 'fast' if _watched() else auto_impl(x)  # traced or watched, every path runs the released one
+
+    @torch.jit.unused
+    def _runs_fast(self, impl: str) -> bool:
+        if impl == 'triton':  # a custom op: torch.compile keeps it
             return not _watched()
-        return self._mix_impl == 'fast' and not _traced()
+        return impl == 'fast' and not _traced()
 
     def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
         """The block on an NCHW map (``forward``; blocks on other layouts call it)."""
         if not torch.jit.is_scripting():
-            if self._runs_fast():
-                return self._forward_fast(x)
+            impl = self._impl_for(x)
+            if self._runs_fast(impl):
+                return self._forward_fast(x, impl)
         return self.forward_released(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +277,7 @@ class MSMLPStage(nn.Module):
         drop_path: Drop-path rate of each block.
         layer_scale_init: Initial layer scale of the blocks.
         downsample: Follow the blocks with a 2x downsampling to ``2 * dim`` channels.
-        mix_impl: ``'fast'``, ``'reference'`` or ``'triton'`` token mixing.
+        mix_impl: ``'auto'``, ``'fast'``, ``'reference'`` or ``'triton'`` token mixing.
     """
 
     def __init__(
@@ -318,8 +328,8 @@ class MSMLP(nn.Module):
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
             (with their output norms); re-applied on every ``train()``.
         with_cp: Gradient checkpointing of every block.
-        mix_impl: ``'fast'``, ``'reference'`` or ``'triton'`` token mixing (same function; see
-            :class:`MSMLPBlock`).
+        mix_impl: ``'auto'`` (default), ``'fast'``, ``'reference'`` or ``'triton'`` token mixing
+            (same function; see :class:`MSMLPBlock`).
     """
 
     def __init__(
@@ -336,7 +346,7 @@ class MSMLP(nn.Module):
             out_indices: Optional[Sequence[int]] = None,
             frozen_stages: int = -1,
             with_cp: bool = False,
-            mix_impl: str = 'fast',
+            mix_impl: str = 'auto',
     ):
         super().__init__()
         num_stages = len(depths)

@@ -77,7 +77,8 @@ class MSSwin(SwinTransformer):
             such pattern per stage. ``('ws', 'sw')`` is Swin.
         mix_sizes: Per stage, the depthwise kernel of each channel group of the MS blocks.
         layer_scale_init: Initial layer scale of the MS blocks.
-        mix_impl: ``'fast'``, ``'reference'`` or ``'triton'`` mixing in the MS blocks (same function).
+        mix_impl: ``'auto'`` (default: triton on CUDA maps where triton imports, else fast),
+            ``'fast'``, ``'reference'`` or ``'triton'`` mixing in the MS blocks (same function).
         out_indices: Stages ``forward_dense`` returns (NCHW), each through a LayerNorm of its own.
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
             (with their output norms and the patch merging after stage i-1, as mmdet's Swin);
@@ -94,7 +95,7 @@ class MSSwin(SwinTransformer):
             block_pattern: Pattern = DEFAULT_PATTERN,
             mix_sizes: Sequence[Sequence[int]] = MIX_SIZES,
             layer_scale_init: float = 1e-6,
-            mix_impl: str = 'fast',
+            mix_impl: str = 'auto',
             out_indices: Optional[Sequence[int]] = None,
             frozen_stages: int = -1,
             with_cp: bool = False,

@@ -24,9 +24,10 @@ the released block's rolls and depthwise convs, without materialising the rolled
   zeros. The per-program partial sums are added with torch (deterministic, no atomics).
 * Bias gradient: ``grad`` summed over N, H, W (both branches get the same).
 
-The groups' kernels are packed into one ``(2, K * K, C)`` fp32 tensor (branch, tap, channel;
-each kernel centred in the largest, ``K``, zeros elsewhere) by differentiable torch operations,
-so autograd unpacks the packed weight gradient into each group's ``(c_g, 1, k_g, k_g)``.
+The operator takes the groups' kernels and biases as lists and packs the kernels into one
+``(2, K * K, C)`` fp32 tensor (branch, tap, channel; each kernel centred in the largest, ``K``,
+zeros elsewhere) by one concatenation and one gather; its backward gathers the packed weight
+gradient back into each group's ``(c_g, 1, k_g, k_g)``.
 The kernels run as the custom operators ``msmlp::shift_mix_triton`` (with fake and autograd
 registrations: torch.compile traces them without graph breaks, as opaque calls) and its two
 gradients. They run on CUDA tensors, or on CPU tensors under Triton's interpreter
@@ -48,7 +49,7 @@ try:
 except ImportError:  # the module stays importable; ``available()`` says False
     triton = None
 
-__all__ = ['available', 'interpreted', 'pack_weights', 'shift_mix_triton']
+__all__ = ['available', 'fits', 'interpreted', 'pack_weights', 'shift_mix_triton']
 
 MAX_KERNEL = 7
 # Programs of the weight gradient (taps x channel blocks x pixel ranges): enough to fill a GPU,
@@ -162,8 +163,9 @@ if triton is not None:
                 di = tl.where(row_done, di + 1, di)
                 dj = tl.where(row_done, -radius, dj + 1)
             acc = tl.where(((c >= start) & (c < end))[None, :], part, acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + c, mask=c_in, other=0.)[None, :]
+        if HAS_BIAS:  # both branches' biases: (2, C)
+            bias = tl.load(bias_ptr + c, mask=c_in, other=0.) + tl.load(bias_ptr + C + c, mask=c_in, other=0.)
+            acc += bias.to(tl.float32)[None, :]
         out = out_ptr + image + p[:, None] * C + c[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_in[:, None] & c_in[None, :])
 
@@ -343,79 +345,179 @@ def _launch_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_size
     return partial.sum(0)
 
 
-# ----- custom operators ----------------------------------------------------------------------
+# ----- packing the groups' kernels ------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _pack_index(kernel_sizes: Tuple[int, ...], group_sizes: Tuple[int, ...],
+                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Where each entry of the packed ``(2, K * K, C)`` weight lies in the flat concatenation of
+    the groups' kernels (lr groups, then td groups, then one zero, which the taps outside a
+    group's kernel take); and where each entry of that concatenation (the zero left out) lies in
+    the packed weight. Both int64, on ``device``."""
+    size, channels = max(kernel_sizes), sum(group_sizes)
+    total = 2 * sum(c * k * k for c, k in zip(group_sizes, kernel_sizes))
+    index = torch.full((2, size * size, channels), total, dtype=torch.long)
+    offset = 0
+    for branch in range(2):
+        start = 0
+        for c, k in zip(group_sizes, kernel_sizes):
+            pad = (size - k) // 2
+            taps = torch.tensor([(i + pad) * size + j + pad for i in range(k) for j in range(k)])
+            index[branch, taps, start:start + c] = offset + torch.arange(c)[None, :] * k * k + torch.arange(k * k)[:, None]
+            offset, start = offset + c * k * k, start + c
+    index = index.flatten()
+    inverse = torch.empty(total, dtype=torch.long)
+    inside = index < total
+    inverse[index[inside]] = torch.arange(index.numel())[inside]
+    return index.to(device), inverse.to(device)
+
+
+def _pack(weights: Sequence[torch.Tensor], kernel_sizes: Sequence[int], group_sizes: Sequence[int]) -> torch.Tensor:
+    """The groups' kernels (lr groups, then td groups) as the kernels' fp32 ``(2, K * K, C)``
+    weight: one concatenation and one gather, whatever the number of groups."""
+    index, _ = _pack_index(tuple(kernel_sizes), tuple(group_sizes), weights[0].device)
+    flat = torch.cat([w.reshape(-1) for w in weights] + [weights[0].new_zeros(1)])
+    size = max(kernel_sizes)
+    return flat.index_select(0, index).view(2, size * size, sum(group_sizes)).float()
+
+
+def _flat_weight_grad(grad: torch.Tensor, x: torch.Tensor, shifts, kernel_sizes, group_sizes) -> torch.Tensor:
+    """The kernels' gradient, fp32, flat in ``_pack``'s order (lr groups, then td groups)."""
+    _, inverse = _pack_index(tuple(kernel_sizes), tuple(group_sizes), x.device)
+    return _launch_weight_grad(grad, x, shifts, kernel_sizes, group_sizes).reshape(-1).index_select(0, inverse)
+
+
+# ----- autograd: a custom operator (compiled) and a plain autograd.Function (eager) ------------
+# The mixer takes the groups' kernels and biases as they are (lists, lr groups then td groups)
+# and packs them inside, out of autograd's sight: a handful of launches a block, where
+# differentiable packing took some forty operations forward and backward, and a GPU step of
+# msmlp_tiny waited on the host (measured on an H200: 92 ms a bf16 training step at batch 128
+# for 50 ms of kernels). Eager, an autograd.Function calls the launches: a custom operator's
+# dispatch flattens its lists on every call, which costs a block more host time than the
+# rest of its mixer. torch.compile traces the custom operator (fake and autograd registrations:
+# no graph breaks, the launches as opaque calls).
+def _mix_forward(x: torch.Tensor, weight: torch.Tensor, biases: Sequence[torch.Tensor], shifts, kernel_sizes,
+                 group_sizes) -> torch.Tensor:
+    """The mixer of ``x`` by the packed ``weight`` and the groups' biases (lr, then td)."""
+    return _launch_mix(x, weight, torch.cat(list(biases)), x.dtype, shifts, kernel_sizes, group_sizes, adjoint=False)
+
+
+def _mix_backward(ctx, grad: torch.Tensor, x: torch.Tensor, weights: Sequence[torch.Tensor], grad_input, grad_weight):
+    """Gradients of ``x``, of each kernel and of each bias (``ctx.needs`` says which), by
+    ``grad_input(grad)`` and ``grad_weight(grad)`` (the kernels' gradient, flat)."""
+    grad = grad.to(x.dtype).contiguous()
+    need_x, need_weights, need_biases = ctx.needs
+    grad_x, grad_weights, grad_biases = None, [None] * len(weights), [None] * len(weights)
+    if need_x:
+        grad_x = grad_input(grad)
+    if need_weights:
+        flat = grad_weight(grad).to(weights[0].dtype)
+        grad_weights = [part.view(w.shape) for part, w in zip(flat.split([w.numel() for w in weights]), weights)]
+    if need_biases:  # both branches' biases get the summed gradient, each its own copy
+        sizes = list(ctx.layout[2])
+        summed = grad.sum((0, 1, 2), dtype=torch.float32).to(ctx.bias_dtype)
+        grad_biases = list(summed.split(sizes)) + list(summed.clone().split(sizes))
+    return grad_x, grad_weights, grad_biases
+
+
+def _save(ctx, x: torch.Tensor, weights, biases, layout, *saved: torch.Tensor) -> None:
+    ctx.save_for_backward(x, *saved, *weights)
+    ctx.bias_dtype, ctx.layout = biases[0].dtype, layout
+    ctx.needs = x.requires_grad, any(w.requires_grad for w in weights), any(b.requires_grad for b in biases)
+
+
 @torch.library.custom_op('msmlp::shift_mix_triton', mutates_args=())
-def _mix_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, shifts: List[int],
+def _mix_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor], shifts: List[int],
             kernel_sizes: List[int], group_sizes: List[int]) -> torch.Tensor:
-    return _launch_mix(x, weight, bias, x.dtype, shifts, kernel_sizes, group_sizes, adjoint=False)
+    return _mix_forward(x, _pack(weights, kernel_sizes, group_sizes), biases, shifts, kernel_sizes, group_sizes)
 
 
+# The backward's operators pack and unpack inside: traced (torch.compile), their index tables
+# stay out of the graph.
 @torch.library.custom_op('msmlp::shift_mix_triton_grad_input', mutates_args=())
-def _grad_input_op(grad: torch.Tensor, weight: torch.Tensor, shifts: List[int], kernel_sizes: List[int],
+def _grad_input_op(grad: torch.Tensor, weights: List[torch.Tensor], shifts: List[int], kernel_sizes: List[int],
                    group_sizes: List[int]) -> torch.Tensor:
-    return _launch_mix(grad, weight, None, grad.dtype, shifts, kernel_sizes, group_sizes, adjoint=True)
+    return _launch_grad_input(grad, _pack(weights, kernel_sizes, group_sizes), shifts, kernel_sizes, group_sizes)
 
 
 @torch.library.custom_op('msmlp::shift_mix_triton_grad_weight', mutates_args=())
 def _grad_weight_op(grad: torch.Tensor, x: torch.Tensor, shifts: List[int], kernel_sizes: List[int],
                     group_sizes: List[int]) -> torch.Tensor:
-    return _launch_weight_grad(grad, x, shifts, kernel_sizes, group_sizes)
+    return _flat_weight_grad(grad, x, shifts, kernel_sizes, group_sizes)
 
 
 @_mix_op.register_fake
-def _(x, weight, bias, shifts, kernel_sizes, group_sizes):
+def _(x, weights, biases, shifts, kernel_sizes, group_sizes):
     return torch.empty_like(x)
 
 
 @_grad_input_op.register_fake
-def _(grad, weight, shifts, kernel_sizes, group_sizes):
+def _(grad, weights, shifts, kernel_sizes, group_sizes):
     return torch.empty_like(grad)
 
 
 @_grad_weight_op.register_fake
 def _(grad, x, shifts, kernel_sizes, group_sizes):
-    size = max(kernel_sizes)
-    return x.new_empty(2, size * size, x.shape[-1], dtype=torch.float32)
+    return x.new_empty(2 * sum(c * k * k for c, k in zip(group_sizes, kernel_sizes)), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, _, shifts, kernel_sizes, group_sizes = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.layout = (shifts, kernel_sizes, group_sizes)
+    x, weights, biases, *layout = inputs
+    _save(ctx, x, weights, biases, layout)
 
 
 def _backward(ctx, grad: torch.Tensor):
-    x, weight = ctx.saved_tensors
-    grad = grad.to(x.dtype).contiguous()
-    need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
-    grad_x = _grad_input_op(grad, weight, *ctx.layout) if need_x else None
-    grad_weight = _grad_weight_op(grad, x, *ctx.layout) if need_weight else None
-    grad_bias = grad.sum((0, 1, 2), dtype=torch.float32) if need_bias else None
-    return grad_x, grad_weight, grad_bias, None, None, None
+    x, *weights = ctx.saved_tensors
+    return *_mix_backward(ctx, grad, x, weights, lambda g: _grad_input_op(g, weights, *ctx.layout),
+                          lambda g: _grad_weight_op(g, x, *ctx.layout)), None, None, None
 
 
 _mix_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _launch_grad_input(grad: torch.Tensor, weight: torch.Tensor, shifts, kernel_sizes, group_sizes) -> torch.Tensor:
+    return _launch_mix(grad, weight, None, grad.dtype, shifts, kernel_sizes, group_sizes, adjoint=True)
+
+
+class _MixFunction(torch.autograd.Function):
+    """``_mix_op`` eager: the same launches, without the operator's dispatch, and the packed
+    weight kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout, *params: torch.Tensor) -> torch.Tensor:
+        weights, biases = params[:len(params) // 2], params[len(params) // 2:]
+        weight = _pack(weights, *layout[1:])
+        _save(ctx, x, weights, biases, layout, weight)
+        return _mix_forward(x, weight, biases, *layout)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, *weights = ctx.saved_tensors
+        grad_x, grad_weights, grad_biases = _mix_backward(
+            ctx, grad, x, weights, lambda g: _launch_grad_input(g, weight, *ctx.layout),
+            lambda g: _flat_weight_grad(g, x, *ctx.layout))
+        return grad_x, None, *grad_weights, *grad_biases
+
+
 # ----- public API ----------------------------------------------------------------------------
 def pack_weights(weights_lr: Sequence[torch.Tensor], weights_td: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-group depthwise kernels ``(c_g, 1, k_g, k_g)`` of both branches as one fp32
-    ``(2, K * K, C)`` tensor (branch, tap, channel), each centred in the largest kernel ``K``."""
-    size = max(w.shape[-1] for w in list(weights_lr) + list(weights_td))
+    ``(2, K * K, C)`` tensor (branch, tap, channel), each centred in the largest kernel ``K``
+    (differentiable)."""
+    return _pack(list(weights_lr) + list(weights_td), [w.shape[-1] for w in weights_lr],
+                 [w.shape[0] for w in weights_lr])
 
-    def branch(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        padded = [F.pad(w.float(), [(size - w.shape[-1]) // 2] * 4).reshape(w.shape[0], size * size)
-                  for w in weights]
-        return torch.cat(padded).t()
 
-    return torch.stack((branch(weights_lr), branch(weights_td))).contiguous()
+def fits(n: int, h: int, w: int, c: int) -> bool:
+    """Whether an ``n x h x w x c`` map is within the kernels' 32-bit indexing (an image's
+    elements and the batch's pixels each below 2**31)."""
+    return max(h * w * c, n * h * w) < 2 ** 31
 
 
 def _check_layout(x: torch.Tensor, weights: Sequence[torch.Tensor], shifts, kernel_sizes, group_sizes) -> None:
     if x.dim() != 4:
         raise ValueError(f'expected an (N, H, W, C) map, got shape {tuple(x.shape)}')
     n, h, w, c = x.shape
-    if max(h * w * c, n * h * w) >= 2 ** 31:
+    if not fits(n, h, w, c):
         raise ValueError(f'a {n}x{h}x{w}x{c} map is too large for the Triton mixer, which indexes an image\'s '
                          f'elements and the batch\'s pixels in 32 bits (each below 2**31): use mix_impl=\'fast\'')
     if not len(shifts) == len(kernel_sizes) == len(group_sizes):
@@ -439,6 +541,8 @@ def shift_mix_triton(x_nhwc: torch.Tensor, weights_lr: Sequence[torch.Tensor], b
     its bias ``(c_g,)``, as in an ``MSMLPBlock``'s ``dwconv_lr``/``dwconv_td``.
     """
     _check_layout(x_nhwc, list(weights_lr) + list(weights_td), shifts, kernel_sizes, group_sizes)
-    weight = pack_weights(weights_lr, weights_td)
-    bias = torch.cat([b.float() for b in biases_lr]) + torch.cat([b.float() for b in biases_td])
-    return _mix_op(x_nhwc.contiguous(), weight, bias, list(shifts), list(kernel_sizes), list(group_sizes))
+    weights, biases = list(weights_lr) + list(weights_td), list(biases_lr) + list(biases_td)
+    layout = (list(shifts), list(kernel_sizes), list(group_sizes))
+    if torch.compiler.is_compiling():
+        return _mix_op(x_nhwc.contiguous(), weights, biases, *layout)
+    return _MixFunction.apply(x_nhwc.contiguous(), layout, *weights, *biases)

@@ -104,6 +104,8 @@ def test_a_triton_row_times_the_triton_mixer_or_is_left_out_with_a_note(capsys, 
     rows = benchmark.build_rows(benchmark.parse_args(argv))
     assert [row.label for row in rows] == ['msmlp_tiny (fast)', 'msmlp_tiny (triton)']
     assert {block.mix_impl for block in rows[1].model.modules() if hasattr(block, 'mix_impl')} == {'triton'}
+    # the fast row is the fast path, not the default (which is triton's on a GPU)
+    assert {block.mix_impl for block in rows[0].model.modules() if hasattr(block, 'mix_impl')} == {'fast'}
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -258,3 +258,24 @@ def test_triton_mix_impl_falls_back_to_the_fast_path_where_triton_cannot_run():
             'assert torch.equal(m(x), fast)')
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     subprocess.run([sys.executable, '-c', code], check=True, env=env)
+
+
+def test_the_default_mixer_is_triton_on_cuda_maps_and_fast_elsewhere(monkeypatch):
+    """``mix_impl='auto'`` (the default) runs the Triton mixer on CUDA maps where triton runs and
+    the map fits its 32-bit indexing; the fast path on the CPU, and where triton cannot run."""
+    from types import SimpleNamespace
+    model = msmlp.MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1)).eval()
+    assert {b.mix_impl for b in model.modules() if hasattr(b, 'mix_impl')} == {'auto'}
+    x = torch.randn(1, 3, 32, 32)
+    assert mixing.auto_impl(x) == 'fast'
+    auto = model(x)
+    model.set_mix_impl('fast')
+    assert torch.equal(model(x), auto)
+    cuda_map = SimpleNamespace(is_cuda=True, shape=(128, 96, 56, 56))
+    monkeypatch.setattr(mixing, 'triton_runs', lambda x: False)
+    assert mixing.auto_impl(cuda_map) == 'fast'
+    monkeypatch.setattr(mixing, 'triton_runs', lambda x: True)
+    assert mixing.auto_impl(cuda_map) == 'triton'
+    assert mixing.auto_impl(SimpleNamespace(is_cuda=True, shape=(1, 96, 5000, 5000))) == 'fast'  # 2.4e9 elements
+    assert mixing.auto_impl(SimpleNamespace(is_cuda=False, shape=(128, 96, 56, 56))) == 'fast'
+

@@ -164,12 +164,11 @@ def test_compiles_without_graph_breaks():
 def test_operator_registrations():
     kernels, groups = (1, 3, 3, 5, 7), channel_groups(24)
     _, params = block_params(24, kernels)
-    weight = triton_mix.pack_weights(params[0], params[2]).detach().requires_grad_()
-    assert weight.shape == (2, 49, 24)
-    bias = torch.randn(24, device=DEVICE, requires_grad=True)
+    weights = [w.detach().requires_grad_() for w in params[0] + params[2]]
+    biases = [b.detach().requires_grad_() for b in params[1] + params[3]]
     x = torch.randn(1, 3, 4, 24, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.msmlp.shift_mix_triton.default,
-                          (x, weight, bias, list(SHIFTS), list(kernels), list(groups)))
+                          (x, weights, biases, list(SHIFTS), list(kernels), list(groups)))
 
 
 def test_rejects_a_layout_that_does_not_match():
