@@ -693,7 +693,7 @@ def auto_impl(x: torch.Tensor) -> str:
 
 
 def mix_auto(x: torch.Tensor, block: 'MSMLPBlock') -> torch.Tensor:
-    return MIX_IMPLS[auto_impl(x)](x, block)
+    return MIX_IMPLS[block._impl_for(x)](x, block)
 
 
 MIX_IMPLS: Dict[str, Callable[[torch.Tensor, 'MSMLPBlock'], torch.Tensor]] = {

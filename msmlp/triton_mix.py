@@ -41,7 +41,6 @@ import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -49,7 +48,7 @@ try:
 except ImportError:  # the module stays importable; ``available()`` says False
     triton = None
 
-__all__ = ['available', 'fits', 'interpreted', 'pack_weights', 'shift_mix_triton']
+__all__ = ['available', 'fits', 'interpreted', 'shift_mix_triton']
 
 MAX_KERNEL = 7
 # Programs of the weight gradient (taps x channel blocks x pixel ranges): enough to fill a GPU,
@@ -499,14 +498,6 @@ class _MixFunction(torch.autograd.Function):
 
 
 # ----- public API ----------------------------------------------------------------------------
-def pack_weights(weights_lr: Sequence[torch.Tensor], weights_td: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-group depthwise kernels ``(c_g, 1, k_g, k_g)`` of both branches as one fp32
-    ``(2, K * K, C)`` tensor (branch, tap, channel), each centred in the largest kernel ``K``
-    (differentiable)."""
-    return _pack(list(weights_lr) + list(weights_td), [w.shape[-1] for w in weights_lr],
-                 [w.shape[0] for w in weights_lr])
-
-
 def fits(n: int, h: int, w: int, c: int) -> bool:
     """Whether an ``n x h x w x c`` map is within the kernels' 32-bit indexing (an image's
     elements and the batch's pixels each below 2**31)."""
