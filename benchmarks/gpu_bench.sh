@@ -13,7 +13,10 @@
 #
 # Needs only python3 with torch and timm, as on the device image; nothing is installed and
 # the repository is used in place. Tables go to $OUT/gpu_bench.md (./gpu_bench.md without
-# $OUT), the log to $OUT/gpu_bench.log. QUICK=1 skips the compiled and fp32 tables;
+# $OUT), the log to $OUT/gpu_bench.log. PARTS names the parts to run (default: check kernels
+# bf16 features profile bound fp32 compiled; kernels runs only with AGAINST=FILE, another version
+# of msmlp/triton_mix.py to time the mixer's kernels against: benchmarks/mixer_kernels.py; bound
+# is benchmarks/mixer_bound.py, msmlp_tiny with its mixer replaced by a copy of its input). QUICK=1 skips the compiled and fp32 tables;
 # the compiled tables leave out the reference path (compiled, fast and reference run the same operations).
 #
 #   benchmarks/gpu_bench.sh                                   # on the GPU machine (LAYOUTS=nchw: skip channels_last)
@@ -59,21 +62,34 @@ bench() {  # one table: the fast, triton and reference paths against convnext_ti
     --runs "${RUNS:-10}" --warmup 3 --steps-per-run "${STEPS:-5}" --output "$table" "$@"
 }
 
+wanted() { [[ " ${PARTS:-check kernels bf16 features profile bound fp32 compiled} " == *" $1 "* ]]; }
 # in order of what the issue needs most, so that a short budget loses the least
-TO_TABLE=1 step 'exactness on the GPU' "$python" benchmarks/gpu_check.py --device "$device"
+wanted check && TO_TABLE=1 step 'exactness on the GPU' "$python" benchmarks/gpu_check.py --device "$device"
+[[ -n ${AGAINST:-} ]] && wanted kernels &&  # AGAINST=FILE: the mixer's kernels against another triton_mix.py
+  TO_TABLE=1 step 'mixer kernels' "$python" benchmarks/mixer_kernels.py --against "$AGAINST"
 batch="--batch-size ${BATCH:-128} --img-size ${SIZE:-224}"
-for layout in ${LAYOUTS:-channels-last nchw}; do  # LAYOUTS=nchw: NCHW input only
-  [[ $layout == nchw ]] && layout="" || layout="--$layout"
-  bench --precision bf16 $batch $layout
-  bench --precision bf16 $batch $layout --train
-done
-bench --precision bf16 --batch-size 2 --img-size "${DET_SIZE:-800x1333}" --features-only --channels-last
-[[ $device == cuda ]] && TO_TABLE=1 step 'training step kernels' "$python" benchmarks/triton_kernels.py $batch
+if wanted bf16; then
+  for layout in ${LAYOUTS:-channels-last nchw}; do  # LAYOUTS=nchw: NCHW input only
+    [[ $layout == nchw ]] && layout="" || layout="--$layout"
+    bench --precision bf16 $batch $layout
+    bench --precision bf16 $batch $layout --train
+  done
+fi
+wanted features && bench --precision bf16 --batch-size 2 --img-size "${DET_SIZE:-800x1333}" --features-only --channels-last
+[[ $device == cuda ]] && wanted profile &&
+  TO_TABLE=1 step 'training step kernels' "$python" benchmarks/triton_kernels.py $batch
+wanted bound &&  # msmlp_tiny with its mixer replaced by a copy: what no mixer can pass
+  TO_TABLE=1 step 'identity-mixer bound' "$python" benchmarks/mixer_bound.py --device "$device" --precision bf16 \
+    $batch --channels-last --no-memory
 if [[ -z ${QUICK:-} ]]; then  # QUICK=1: skip the fp32 and compiled tables
-  bench --precision fp32 $batch --channels-last
-  bench --precision fp32 $batch --channels-last --train
-  bench --precision bf16 $batch --channels-last --compile --no-reference
-  bench --precision bf16 $batch --channels-last --compile --no-reference --train
+  if wanted fp32; then
+    bench --precision fp32 $batch --channels-last
+    bench --precision fp32 $batch --channels-last --train
+  fi
+  if wanted compiled; then
+    bench --precision bf16 $batch --channels-last --compile --no-reference
+    bench --precision bf16 $batch --channels-last --compile --no-reference --train
+  fi
 fi
 echo "$((SECONDS - started))s; tables: $table"
 exit $status

@@ -50,8 +50,9 @@ def test_deterministic_algorithms_fix_the_weight_gradients_tile(monkeypatch):
     assert triton_mix._weight_grad_launcher(3136, 96) is triton_mix._weight_grad_kernel_tuned
     monkeypatch.setattr(torch, 'are_deterministic_algorithms_enabled', lambda: True)
     fixed = triton_mix._weight_grad_launcher(3136, 96)
-    block_p, block_c, warps = triton_mix.WEIGHT_GRAD_CONFIGS[0]
-    assert [(c.kwargs, c.num_warps) for c in fixed.configs] == [(dict(BLOCK_P=block_p, BLOCK_C=block_c), warps)]
+    block_p, block_c, columns, warps = triton_mix.WEIGHT_GRAD_CONFIGS[0]
+    assert [(c.kwargs, c.num_warps) for c in fixed.configs] == [
+        (dict(BLOCK_P=block_p, BLOCK_C=block_c, COLUMNS=columns), warps)]
 
 
 def test_every_launch_grid_fits_cuda_limits_at_any_map_size():
@@ -60,11 +61,27 @@ def test_every_launch_grid_fits_cuda_limits_at_any_map_size():
     input (4M pixels) takes 125000 tiles of 32 pixels, which a second axis could not launch."""
     pytest.importorskip('triton')
     from msmlp import triton_mix
-    for n, h, w, c in [(1, 2000, 2000, 96), (2, 14, 14, 384), (1024, 56, 56, 96), (4, 3000, 5000, 16)]:
+    from msmlp.model import channel_groups
+    for n, h, w, c in [(1, 2000, 2000, 96), (2, 14, 14, 384), (1024, 56, 56, 96), (4, 3000, 5000, 20)]:
+        groups = channel_groups(c)
+        _, span = triton_mix._group_table((0,) * len(groups), (7,) * len(groups), tuple(groups), 'cpu')
         for block_p, block_c, _ in triton_mix.MIX_CONFIGS + [(16, 8, 1)]:
-            grid = triton_mix._mix_grid(n, h, w, c)(dict(BLOCK_P=block_p, BLOCK_C=block_c))
-            assert grid[0] == -(-h * w // block_p) * n and grid[1] == -(-c // block_c)
+            grid = triton_mix._mix_grid(n, h, w, len(groups), span)(dict(BLOCK_P=block_p, BLOCK_C=block_c))
+            assert grid[0] == -(-h * w // block_p) * n and grid[1] == len(groups) * -(-span // block_c)
             assert grid[0] < 2 ** 31 and all(size <= 65535 for size in grid[1:]), (n, h, w, c, grid)
+
+
+@pytest.mark.parametrize('groups,span', [((20, 20, 20, 20, 16), 24), ((39, 39, 39, 39, 36), 48),
+                                         ((77, 77, 77, 77, 76), 88), ((8, 8), 8), ((3, 3, 3, 3), 16)])
+def test_a_groups_programs_start_at_the_vector_holding_its_first_channel(groups, span):
+    """Each group's programs take its channels from the 8-channel vector holding its first one
+    (aligned 16-byte loads) to the one holding its last: ``span`` channels for the widest group
+    (96 channels: the group of channels 20-39 loads 16-39; of 12, channels 6-8 load 0-15)."""
+    pytest.importorskip('triton')
+    from msmlp import triton_mix
+    table, measured = triton_mix._group_table((0,) * len(groups), (3,) * len(groups), groups, 'cpu')
+    assert measured == span
+    assert table[:, :2].tolist() == [[sum(groups[:i]), sum(groups[:i + 1])] for i in range(len(groups))]
 
 
 @pytest.mark.parametrize('shape', [(1, 47000, 47000, 1), (2 ** 16, 256, 128, 1)])

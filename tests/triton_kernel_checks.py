@@ -111,6 +111,18 @@ def test_matches_reference(case, monkeypatch):
     assert_agree(triton_run(x, params, shifts, kernels, groups, grad), ref, 1e-5)
 
 
+def assert_case_agrees(case: str, seed: int) -> None:
+    """``CASES[case]`` through the triton path agrees with the reference to 1e-5 (random input
+    and output gradient from ``seed``)."""
+    dim, kernels, shifts, (n, h, w), _ = CASES[case]
+    _, params = block_params(dim, kernels)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
+    grad = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
+    ours = triton_run(x, params, shifts, kernels, channel_groups(dim), grad)
+    assert_agree(ours, reference_run(x, params, shifts, grad), 1e-5)
+
+
 @pytest.mark.parametrize('tile', [(16, 8), (32, 16)], ids=['16x8', '32x16'])
 def test_every_tile_matches_reference(tile, monkeypatch):
     """Channel blocks narrower than a group, blocks holding parts of two groups, pixel tiles
@@ -118,13 +130,16 @@ def test_every_tile_matches_reference(tile, monkeypatch):
     if not triton_mix.interpreted():
         pytest.skip('on a GPU the autotuner chooses the tiles')
     monkeypatch.setattr(triton_mix, '_block_sizes', lambda pixels, channels: tile)
-    dim, kernels, shifts, (n, h, w), _ = CASES['96ch-7x9']
-    _, params = block_params(dim, kernels)
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
-    grad = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
-    ours = triton_run(x, params, shifts, kernels, channel_groups(dim), grad)
-    assert_agree(ours, reference_run(x, params, shifts, grad), 1e-5)
+    assert_case_agrees('96ch-7x9', seed=3)
+
+
+@pytest.mark.parametrize('columns', [1, 4])
+def test_weight_gradient_of_one_tap_or_part_of_a_row_a_program(columns, monkeypatch):
+    """Weight-gradient programs of one tap (the tuned tiles' COLUMNS 1) and of chunks of a row
+    that end past it (4 taps: 7x7 kernels take two chunks, the second with a tap beyond the row);
+    the other checks run whole rows (8)."""
+    monkeypatch.setattr(triton_mix, 'INTERPRETER_COLUMNS', columns)
+    assert_case_agrees('24ch-batch3-13x5', seed=4)
 
 
 def test_bf16_within_its_precision():

@@ -1,0 +1,140 @@
+"""The Triton mixer's kernels timed alone, per stage of msmlp_tiny, against another version of
+msmlp/triton_mix.py (a file: e.g. ``git show REV:msmlp/triton_mix.py > old.py``), in one
+process on one GPU, interleaved: forward, input gradient and weight gradient at a training
+step's maps (batch 128, 224x224; stage 0's map is fp32 under autocast, the others bf16), and
+the forward at detection size (batch 2, 800x1333). Milliseconds per step (per block times the
+stage's depth), by triton.testing.do_bench.
+
+    python3 benchmarks/mixer_kernels.py --against old_triton_mix.py
+    python3 benchmarks/mixer_kernels.py --work   # the share of tap work each channel block wastes (no GPU)
+"""
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from msmlp import triton_mix
+
+DEPTHS = (3, 3, 9, 3)
+KERNELS = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
+SHIFTS = (-2, -1, 0, 1, 2)
+
+
+def load_version(path: str):
+    """``path`` as a module of its own, its operators renamed so that they register beside ours."""
+    source = Path(path).read_text().replace("'msmlp::", "'msmlp_against::")
+    file = Path('/tmp') / 'triton_mix_against.py'  # triton's jit reads the kernels' source from a file
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location('triton_mix_against', file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def stage_cases(batch: int, height: int, width: int):
+    """Per stage: its map (N, H, W, C), input dtype, kernels, and depth."""
+    h, w = height // 4, width // 4
+    for stage, (kernels, depth) in enumerate(zip(KERNELS, DEPTHS)):
+        c = 96 * 2 ** stage
+        yield stage, (batch, h, w, c), torch.float32 if stage == 0 else torch.bfloat16, kernels, depth
+        h, w = h // 2, w // 2
+
+
+def kernel_calls(module, shape, dtype, kernels, device='cuda'):
+    """The three launches of one block's mixer, as argument-free callables."""
+    from msmlp.model import channel_groups
+    n, h, w, c = shape
+    groups = channel_groups(c)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    weights = [torch.randn(g, 1, k, k, device=device) for g, k in zip(groups, kernels)] * 2
+    bias = torch.randn(2 * c, device=device)
+    weight = module._pack(weights, kernels, groups)
+    layout = (SHIFTS, kernels, groups)
+    grad = grad.to(dtype)  # the mixer's output, and so its gradient, is in x's dtype
+    return {
+        'forward': lambda: module._launch_mix(x, weight, bias, dtype, *layout, adjoint=False),
+        'input grad': lambda: module._launch_mix(grad, weight, None, dtype, *layout, adjoint=True),
+        'weight grad': lambda: module._launch_weight_grad(grad, x, *layout),
+    }
+
+
+def tap_work(block_c: int, by_group: bool) -> float:
+    """The share of msmlp_tiny's mixer work (channel taps over the batch's pixels, every block)
+    that is wasted by ``block_c``-channel programs: taking a block's groups over all its channels
+    (``by_group=False``, the kernels before 2026-12-04), or a group's channels from the vector
+    holding its first (``by_group=True``)."""
+    from msmlp.model import channel_groups
+    useful = done = 0
+    for _, (_, h, w, c), _, kernels, depth in stage_cases(1, 224, 224):
+        groups = channel_groups(c)
+        ends = [sum(groups[:i + 1]) for i in range(len(groups))]
+        spans = list(zip([e - g for e, g in zip(ends, groups)], ends, kernels))
+        taps = 0
+        if by_group:
+            for start, end, k in spans:
+                taps += sum(k * k * min(block_c, c - c0) for c0 in range(start // 8 * 8, end, block_c))
+        else:
+            for c0 in range(0, c, block_c):
+                taps += sum(k * k * (min(c, c0 + block_c) - c0)
+                            for start, end, k in spans if start < c0 + block_c and end > c0)
+        useful += h * w * depth * sum(k * k * (end - start) for start, end, k in spans)
+        done += h * w * depth * taps
+    return 1 - useful / done
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--against', help='another msmlp/triton_mix.py')
+    parser.add_argument('--dry-run', action='store_true', help='each launch once on small CPU maps (TRITON_INTERPRET=1)')
+    parser.add_argument('--work', action='store_true',
+                        help='print the share of tap work wasted per channel block')
+    args = parser.parse_args(argv)
+    if args.work:
+        for block_c in (8, 16, 32, 64):
+            print(f'{block_c}-channel blocks waste {100 * tap_work(block_c, False):.0f}% of the taps taking every '
+                  f'group a block overlaps, {100 * tap_work(block_c, True):.0f}% taking one group a block')
+        return 0
+    if not args.against:
+        parser.error('--against FILE is needed to time the kernels')
+    if args.dry_run:
+        against = load_version(args.against)
+        for module in (triton_mix, against):
+            for _, shape, dtype, kernels, _ in stage_cases(2, 32, 40):
+                for call in kernel_calls(module, shape, dtype, kernels, 'cpu').values():
+                    call()
+        print('mixer_kernels: dry run passed')
+        return 0
+    if not torch.cuda.is_available():
+        print('mixer_kernels: needs a CUDA GPU; skipped')
+        return 0
+    from triton.testing import do_bench
+    versions = {'ours': triton_mix, 'against': load_version(args.against)}
+    print(f'# mixer kernels, ms per step of msmlp_tiny: this tree vs {args.against}, {torch.cuda.get_device_name()}')
+    for label, (batch, height, width), passes in (('training, 128x224x224', (128, 224, 224), None),
+                                                  ('features, 2x800x1333', (2, 800, 1333), ('forward',))):
+        totals = {name: {} for name in versions}
+        for stage, shape, dtype, kernels, depth in stage_cases(batch, height, width):
+            calls = {name: kernel_calls(module, shape, dtype, kernels) for name, module in versions.items()}
+            for kernel in passes or calls['ours']:
+                times = {name: depth * do_bench(calls[name][kernel]) for name in versions}
+                times = {name: min(t, depth * do_bench(calls[name][kernel])) for name, t in times.items()}
+                for name, t in times.items():
+                    totals[name][kernel] = totals[name].get(kernel, 0.) + t
+                line = (f'{label} stage {stage} {shape} {kernel}: ours {times["ours"]:.3f} ms, '
+                        f'against {times["against"]:.3f} ms ({times["against"] / times["ours"]:.2f}x)')
+                if dtype != torch.bfloat16:  # what the kernels would take on a bf16 copy of the map
+                    as_bf16 = kernel_calls(triton_mix, shape, torch.bfloat16, kernels)[kernel]
+                    line += f'; ours with a bf16 map {depth * min(do_bench(as_bf16), do_bench(as_bf16)):.3f} ms'
+                print(line, flush=True)
+        for kernel, ours in totals['ours'].items():
+            against = totals['against'][kernel]
+            print(f'{label} total {kernel}: ours {ours:.3f} ms, against {against:.3f} ms ({against / ours:.2f}x)')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
