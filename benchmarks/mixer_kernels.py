@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from msmlp import triton_mix
+from msmlp.model import MIX_SIZES, SHIFT_DIST, VARIANT_ARCHS, channel_groups
 
-DEPTHS = (3, 3, 9, 3)
-KERNELS = ((1, 1, 3, 5, 7), (1, 3, 3, 5, 7), (1, 5, 5, 5, 7), (1, 7, 7, 7, 7))
-SHIFTS = (-2, -1, 0, 1, 2)
+TINY = VARIANT_ARCHS['msmlp_tiny']
 
 
 def load_version(path: str):
@@ -37,15 +36,14 @@ def load_version(path: str):
 def stage_cases(batch: int, height: int, width: int):
     """Per stage: its map (N, H, W, C), input dtype, kernels, and depth."""
     h, w = height // 4, width // 4
-    for stage, (kernels, depth) in enumerate(zip(KERNELS, DEPTHS)):
-        c = 96 * 2 ** stage
+    for stage, (kernels, depth) in enumerate(zip(MIX_SIZES, TINY['depths'])):
+        c = TINY['embed_dim'] * 2 ** stage
         yield stage, (batch, h, w, c), torch.float32 if stage == 0 else torch.bfloat16, kernels, depth
         h, w = h // 2, w // 2
 
 
 def kernel_calls(module, shape, dtype, kernels, device='cuda'):
     """The three launches of one block's mixer, as argument-free callables."""
-    from msmlp.model import channel_groups
     n, h, w, c = shape
     groups = channel_groups(c)
     x = torch.randn(shape, device=device, dtype=dtype)
@@ -53,7 +51,7 @@ def kernel_calls(module, shape, dtype, kernels, device='cuda'):
     weights = [torch.randn(g, 1, k, k, device=device) for g, k in zip(groups, kernels)] * 2
     bias = torch.randn(2 * c, device=device)
     weight = module._pack(weights, kernels, groups)
-    layout = (SHIFTS, kernels, groups)
+    layout = (SHIFT_DIST, kernels, groups)
     grad = grad.to(dtype)  # the mixer's output, and so its gradient, is in x's dtype
     return {
         'forward': lambda: module._launch_mix(x, weight, bias, dtype, *layout, adjoint=False),
@@ -67,7 +65,6 @@ def tap_work(block_c: int, by_group: bool) -> float:
     that is wasted by ``block_c``-channel programs: taking a block's groups over all its channels
     (``by_group=False``, the kernels before 2026-12-04), or a group's channels from the vector
     holding its first (``by_group=True``)."""
-    from msmlp.model import channel_groups
     useful = done = 0
     for _, (_, h, w, c), _, kernels, depth in stage_cases(1, 224, 224):
         groups = channel_groups(c)

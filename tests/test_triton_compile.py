@@ -172,10 +172,10 @@ def instructions_per_element(loop: list, block_p: int, block_c: int, num_warps: 
 def test_a_tap_costs_few_instructions_and_reads_whole_vectors(kernel):
     """Per tap, an element costs two multiply-adds, a bf16 conversion per branch and its share of
     16-byte loads and of the tap's pixel arithmetic. Measured on sm_90 in bf16 (64x64 tile on 8
-    warps; the weight gradient 64x32 on 4 one tap a program, 8x32x8 on 4 a row of taps): 9.6
-    instructions an element in the forward, 9.1 in the input gradient, 16.7 and 12.5 in the weight
-    gradient; 11.8 and 10.9 in the forward and input gradient while every tap recomputed its row,
-    and 49, 45 and 51-63 when every tap's source was computed per pixel and channel."""
+    warps; the weight gradient 64x32 on 4 one tap a program, 8x32x8 on 4 a row of taps; triton
+    3.8): 9.2 instructions an element in the forward, 8.6 in the input gradient, 15.8 and 12.5 in
+    the weight gradient; 11.8, 10.9 and 16.7 while every tap recomputed its row, and 49, 45 and
+    51-63 when every tap's source was computed per pixel and channel."""
     if kernel.startswith('weight-grad'):
         tile = triton_mix.WEIGHT_GRAD_CONFIGS[0 if kernel == 'weight-grad-tap' else 3]
         block_p, block_c, columns, num_warps = tile
@@ -201,7 +201,8 @@ def tile_report() -> None:
     rows += [('weight gradient', dtype, tile, weight_grad_source(dtype, *tile[:3]))
              for dtype in ('bf16', 'fp32') for tile in triton_mix.WEIGHT_GRAD_CONFIGS]
     for name, dtype, tile, source_ in rows:
-        (block_p, block_c, *columns, warps), taps = tile, (tile[2] if len(tile) == 4 else 1)
+        block_p, block_c, *columns, warps = tile
+        taps = columns[0] if columns else 1
         kernel = compiled(source_, warps)
         registers, spilled = registers_and_spills(kernel)
         per_element = instructions_per_element(innermost_loop(kernel), block_p * taps, block_c, warps)
