@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the speed issues, as one prepared run for a lent GPU machine, in the order
-# of what matters most: first benchmarks/gpu_check.py (the fast and triton paths equal the
-# reference there, also under a CUDA graph); then msmlp_tiny (fast, triton and reference paths)
+# of what matters most: first benchmarks/gpu_check.py (the fast, triton and triton_norm paths
+# equal the reference there, also under a CUDA graph); then msmlp_tiny (fast, triton, triton_norm
+# and reference paths)
 # against timm's convnext_tiny, batch 128 at 224x224, bf16 autocast, inference and a training
 # step (forward, backward, AdamW), channels_last and NCHW; backbone features at 2x3x800x1333;
 # benchmarks/triton_kernels.py (a training step's GPU time by kernel); then fp32 (TF32 off:
@@ -14,8 +15,10 @@
 # Needs only python3 with torch and timm, as on the device image; nothing is installed and
 # the repository is used in place. Tables go to $OUT/gpu_bench.md (./gpu_bench.md without
 # $OUT), the log to $OUT/gpu_bench.log. PARTS names the parts to run (default: check kernels
-# bf16 features profile bound fp32 compiled; kernels runs only with AGAINST=FILE, another version
-# of msmlp/triton_mix.py to time the mixer's kernels against: benchmarks/mixer_kernels.py; bound
+# bf16 features profile bound fp32 compiled; kernels is benchmarks/mixer_kernels.py: the mixer
+# fused with its LayerNorm per stage against the mixer then the norm and against ConvNeXt's
+# depthwise conv then the norm, and with AGAINST=FILE, another version of msmlp/triton_mix.py,
+# the mixer's kernels against that version's; bound
 # is benchmarks/mixer_bound.py, msmlp_tiny with its mixer replaced by a copy of its input). QUICK=1 skips the compiled and fp32 tables;
 # the compiled tables leave out the reference path (compiled, fast and reference run the same operations).
 #
@@ -65,8 +68,8 @@ bench() {  # one table: the fast, triton and reference paths against convnext_ti
 wanted() { [[ " ${PARTS:-check kernels bf16 features profile bound fp32 compiled} " == *" $1 "* ]]; }
 # in order of what the issue needs most, so that a short budget loses the least
 wanted check && TO_TABLE=1 step 'exactness on the GPU' "$python" benchmarks/gpu_check.py --device "$device"
-[[ -n ${AGAINST:-} ]] && wanted kernels &&  # AGAINST=FILE: the mixer's kernels against another triton_mix.py
-  TO_TABLE=1 step 'mixer kernels' "$python" benchmarks/mixer_kernels.py --against "$AGAINST"
+wanted kernels &&  # the fused mixer and norm per stage; AGAINST=FILE: the kernels against another triton_mix.py
+  TO_TABLE=1 step 'mixer kernels' "$python" benchmarks/mixer_kernels.py ${AGAINST:+--against "$AGAINST"}
 batch="--batch-size ${BATCH:-128} --img-size ${SIZE:-224}"
 if wanted bf16; then
   for layout in ${LAYOUTS:-channels-last nchw}; do  # LAYOUTS=nchw: NCHW input only

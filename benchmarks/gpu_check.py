@@ -1,5 +1,5 @@
-"""Before timing on a GPU: the fast and triton paths equal the reference path there too (fp32,
-TF32 off), on outputs and gradients, and under bf16 autocast within bf16 precision; a forward
+"""Before timing on a GPU: the fast, triton and triton_norm paths equal the reference path there
+too (fp32, TF32 off), on outputs and gradients, and under bf16 autocast within bf16 precision; a forward
 and backward captured in one CUDA graph replays what eager computes.
 
     python3 benchmarks/gpu_check.py [--device cuda]
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     grad = torch.randn(4, 10, device=device)
     from msmlp.mixing import triton_runs
     ref = outputs_and_grads(model, 'reference', x, grad)
-    impls = ['fast'] + (['triton'] if triton_runs(x) else [])
+    impls = ['fast'] + (['triton', 'triton_norm'] if triton_runs(x) else [])
     ok = True
     for impl in impls:
         ours = outputs_and_grads(model, impl, x, grad)

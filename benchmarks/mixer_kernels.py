@@ -6,6 +6,10 @@ the forward at detection size (batch 2, 800x1333). Milliseconds per step (per bl
 stage's depth), by triton.testing.do_bench.
 
     python3 benchmarks/mixer_kernels.py --against old_triton_mix.py
+
+Then (also without ``--against``) the mixer fused with the LayerNorm after it, against the mixer
+kernel followed by the norm and against ConvNeXt's 7x7 depthwise conv followed by the norm, per
+stage (inference).
     python3 benchmarks/mixer_kernels.py --work   # the share of tap work each channel block wastes (no GPU)
 """
 import argparse
@@ -60,6 +64,35 @@ def kernel_calls(module, shape, dtype, kernels, device='cuda'):
     }
 
 
+def norm_calls(shape, dtype, kernels, device='cuda'):
+    """A block's mixer and the LayerNorm after it, inference under bf16 autocast (out in bf16,
+    as the next linear layer takes it): as one kernel, as the mixer kernel then the norm and the
+    cast, and ConvNeXt's token mixer (cuDNN's 7x7 depthwise conv, channels-last) then the same."""
+    n, h, w, c = shape
+    groups = channel_groups(c)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    weights = [torch.randn(g, 1, k, k, device=device) for g, k in zip(groups, kernels)] * 2
+    bias = torch.randn(2 * c, device=device)
+    norm = torch.ones(c, device=device), torch.zeros(c, device=device)
+    weight = triton_mix._pack(weights, kernels, groups)
+    layout = (SHIFT_DIST, kernels, groups)
+    conv_weight = torch.randn(c, 1, 7, 7, device=device)
+    x_nchw = x.permute(0, 3, 1, 2)  # channels-last memory
+
+    def normed(mixed):
+        return torch.nn.functional.layer_norm(mixed.float(), (c,), *norm, 1e-6).to(torch.bfloat16)
+
+    def convnext():
+        with torch.autocast(device, dtype=torch.bfloat16):  # the conv casts stage 0's fp32 map to bf16
+            mixed = torch.nn.functional.conv2d(x_nchw, conv_weight, padding=3, groups=c)
+        return normed(mixed.permute(0, 2, 3, 1))
+    return {
+        'fused': lambda: triton_mix._launch_mix_norm(x, weight, bias, *norm, 1e-6, torch.bfloat16, *layout, False),
+        'separate': lambda: normed(triton_mix._launch_mix(x, weight, bias, dtype, *layout, adjoint=False)),
+        'convnext': convnext,
+    }
+
+
 def tap_work(block_c: int, by_group: bool) -> float:
     """The share of msmlp_tiny's mixer work (channel taps over the batch's pixels, every block)
     that is wasted by ``block_c``-channel programs: taking a block's groups over all its channels
@@ -83,34 +116,9 @@ def tap_work(block_c: int, by_group: bool) -> float:
     return 1 - useful / done
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--against', help='another msmlp/triton_mix.py')
-    parser.add_argument('--dry-run', action='store_true', help='each launch once on small CPU maps (TRITON_INTERPRET=1)')
-    parser.add_argument('--work', action='store_true',
-                        help='print the share of tap work wasted per channel block')
-    args = parser.parse_args(argv)
-    if args.work:
-        for block_c in (8, 16, 32, 64):
-            print(f'{block_c}-channel blocks waste {100 * tap_work(block_c, False):.0f}% of the taps taking every '
-                  f'group a block overlaps, {100 * tap_work(block_c, True):.0f}% taking one group a block')
-        return 0
-    if not args.against:
-        parser.error('--against FILE is needed to time the kernels')
-    if args.dry_run:
-        against = load_version(args.against)
-        for module in (triton_mix, against):
-            for _, shape, dtype, kernels, _ in stage_cases(2, 32, 40):
-                for call in kernel_calls(module, shape, dtype, kernels, 'cpu').values():
-                    call()
-        print('mixer_kernels: dry run passed')
-        return 0
-    if not torch.cuda.is_available():
-        print('mixer_kernels: needs a CUDA GPU; skipped')
-        return 0
-    from triton.testing import do_bench
-    versions = {'ours': triton_mix, 'against': load_version(args.against)}
-    print(f'# mixer kernels, ms per step of msmlp_tiny: this tree vs {args.against}, {torch.cuda.get_device_name()}')
+def time_versions(versions, path: str, do_bench) -> None:
+    """Each kernel of ours against ``versions['against']`` (from ``path``), per stage and in total."""
+    print(f'# mixer kernels, ms per step of msmlp_tiny: this tree vs {path}, {torch.cuda.get_device_name()}')
     for label, (batch, height, width), passes in (('training, 128x224x224', (128, 224, 224), None),
                                                   ('features, 2x800x1333', (2, 800, 1333), ('forward',))):
         totals = {name: {} for name in versions}
@@ -128,8 +136,48 @@ def main(argv=None) -> int:
                     line += f'; ours with a bf16 map {depth * min(do_bench(as_bf16), do_bench(as_bf16)):.3f} ms'
                 print(line, flush=True)
         for kernel, ours in totals['ours'].items():
-            against = totals['against'][kernel]
-            print(f'{label} total {kernel}: ours {ours:.3f} ms, against {against:.3f} ms ({against / ours:.2f}x)')
+            theirs = totals['against'][kernel]
+            print(f'{label} total {kernel}: ours {ours:.3f} ms, against {theirs:.3f} ms ({theirs / ours:.2f}x)')
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--against', help='another msmlp/triton_mix.py to time the kernels against')
+    parser.add_argument('--dry-run', action='store_true', help='each launch once on small CPU maps (TRITON_INTERPRET=1)')
+    parser.add_argument('--work', action='store_true',
+                        help='print the share of tap work wasted per channel block')
+    args = parser.parse_args(argv)
+    if args.work:
+        for block_c in (8, 16, 32, 64):
+            print(f'{block_c}-channel blocks waste {100 * tap_work(block_c, False):.0f}% of the taps taking every '
+                  f'group a block overlaps, {100 * tap_work(block_c, True):.0f}% taking one group a block')
+        return 0
+    against = load_version(args.against) if args.against else None
+    if args.dry_run:
+        for module in (triton_mix, against) if against else (triton_mix,):
+            for _, shape, dtype, kernels, _ in stage_cases(2, 32, 40):
+                for call in kernel_calls(module, shape, dtype, kernels, 'cpu').values():
+                    call()
+        for _, shape, dtype, kernels, _ in stage_cases(2, 32, 40):
+            for call in norm_calls(shape, dtype, kernels, 'cpu').values():
+                call()
+        print('mixer_kernels: dry run passed')
+        return 0
+    if not torch.cuda.is_available():
+        print('mixer_kernels: needs a CUDA GPU; skipped')
+        return 0
+    from triton.testing import do_bench
+    if against:
+        time_versions({'ours': triton_mix, 'against': against}, args.against, do_bench)
+    print('# mixer and LayerNorm, inference under bf16 autocast, batch 128 at 224x224, ms per step: '
+          'one kernel | the mixer kernel, then the norm | convnext_tiny\'s dwconv, then the norm')
+    totals = {}
+    for stage, shape, dtype, kernels, depth in stage_cases(128, 224, 224):
+        calls = norm_calls(shape, dtype, kernels)
+        times = {name: depth * min(do_bench(call), do_bench(call)) for name, call in calls.items()}
+        totals = {name: totals.get(name, 0.) + t for name, t in times.items()}
+        print(f'stage {stage} {shape}: ' + ' | '.join(f'{name} {t:.3f}' for name, t in times.items()), flush=True)
+    print('total: ' + ' | '.join(f'{name} {t:.3f}' for name, t in totals.items()))
     return 0
 
 

@@ -69,7 +69,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
     parser.add_argument('--no-reference', action='store_true', help='skip the reference-path row')
     parser.add_argument('--triton', action='store_true',
-                        help="add a row with mix_impl='triton' (the Triton mixer: on a GPU, or under TRITON_INTERPRET=1)")
+                        help="add rows with mix_impl='triton' (the Triton mixer: on a GPU, or under TRITON_INTERPRET=1) "
+                             "and 'triton_norm' (the Triton mixer and the LayerNorm after it as one kernel)")
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
     parser.add_argument('--output', default=None, metavar='FILE', help='also append the table to FILE')
     args = parser.parse_args(argv)
@@ -152,7 +153,7 @@ def build_rows(args: argparse.Namespace) -> List[Row]:
     if mix_owner(rows[0].model) is not None and getattr(args, 'triton', False):
         from msmlp.mixing import triton_runs_on
         if triton_runs_on(torch.device(args.device)):
-            rows.append(Row(f'{name} (triton)', name, create_model(name, args, 'triton')))
+            rows += [Row(f'{name} ({impl})', name, create_model(name, args, impl)) for impl in ('triton', 'triton_norm')]
         else:  # mix_impl='triton' would run the fast path: a row so labelled would time the wrong thing
             print(f'msmlp benchmark: no triton row: the Triton mixer runs on a CUDA device with triton, or on the '
                   f"CPU under TRITON_INTERPRET=1; on {args.device} mix_impl='triton' runs the fast path",

@@ -468,21 +468,30 @@ def _folded_pwconv2(block: 'MSMLPBlock') -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def fused_linear_available() -> bool:
+def fused_linear_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether oneDNN's fused Linear+GELU and Linear+add (the ops the compiler emits on the
-    CPU) exist in this torch build and agree exactly with the plain operations."""
+    CPU) exist in this torch build, agree exactly with the plain operations in fp32, and run in
+    ``dtype`` on this CPU (oneDNN has no bf16 products on a CPU without bf16 instructions: an
+    AMD EPYC with AVX2 refuses them)."""
     try:
         with torch.autocast('cpu', enabled=False), torch.no_grad():
-            return _fused_matches_plain()
+            return _fused_matches_plain() and (dtype == torch.float32 or _fused_runs(dtype))
     except (AttributeError, RuntimeError):
         return False
 
 
+def _fused(x: torch.Tensor) -> torch.Tensor:
+    linear = torch.ops.mkldnn._linear_pointwise
+    return linear.binary(linear(x, x, x[0], 'gelu', [], 'none'), x, x, x[0], 'add')
+
+
 def _fused_matches_plain() -> bool:
     x = torch.ones(2, 2)
-    linear = torch.ops.mkldnn._linear_pointwise
-    return torch.equal(linear.binary(linear(x, x, x[0], 'gelu', [], 'none'), x, x, x[0], 'add'),
-                       F.linear(F.gelu(F.linear(x, x, x[0])), x, x[0]) + x)
+    return torch.equal(_fused(x), F.linear(F.gelu(F.linear(x, x, x[0])), x, x[0]) + x)
+
+
+def _fused_runs(dtype: torch.dtype) -> bool:
+    return _fused(torch.ones(2, 2, dtype=dtype)).dtype == dtype  # raises where oneDNN has no such product
 
 
 def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float, rows: int,
@@ -495,7 +504,7 @@ def _mlp_inference(mixed, x, norm_weight, norm_bias, w1, b1, w2, b2, eps: float,
     c = x.shape[1]
     dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else x.dtype
     w1, b1, w2, b2 = (t.to(dtype) for t in (w1, b1, w2, b2))
-    fused = dtype in (torch.float32, torch.bfloat16) and fused_linear_available()
+    fused = dtype in (torch.float32, torch.bfloat16) and fused_linear_available(dtype)
     linear = torch.ops.mkldnn._linear_pointwise
     outs = []
     for start in range(0, x.shape[0], rows):
@@ -636,8 +645,13 @@ def forward_fast(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
 def _channel_mlp(block: 'MSMLPBlock', x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
     """The rest of the block by plain operations on NHWC maps (the layer scale folded into
     ``pwconv2``): ``x + drop_path(mlp(norm(mixed)))``, returned as NCHW."""
+    return _after_norm(block, x, block.norm(mixed))
+
+
+def _after_norm(block: 'MSMLPBlock', x: torch.Tensor, normed: torch.Tensor) -> torch.Tensor:
+    """``x + drop_path(mlp(normed))`` on NHWC maps, returned as NCHW."""
     w2, b2 = _folded_pwconv2(block)
-    y = F.linear(block.act(block.pwconv1(block.norm(mixed))), w2, b2)
+    y = F.linear(block.act(block.pwconv1(normed)), w2, b2)
     return (x + block.drop_path(y)).permute(0, 3, 1, 2)
 
 
@@ -680,6 +694,33 @@ def forward_triton(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
     return _channel_mlp(block, x, _triton_mix_nhwc(x, block))
 
 
+def _norm_fusable(block: 'MSMLPBlock') -> bool:
+    norm = block.norm
+    return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+
+
+def _norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer after the norm computes in: autocast's where it is on (a separate
+    norm would give fp32 and the linear layer cast it), else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def forward_triton_norm(block: 'MSMLPBlock', x: torch.Tensor) -> torch.Tensor:
+    """The block with the Triton mixer and the LayerNorm after it as one kernel, then the plain
+    channel MLP; ``forward_triton`` where the norm is not a LayerNorm with weight and bias, the
+    fast path where Triton cannot run."""
+    if not (triton_runs(x) and _norm_fusable(block)):
+        return forward_triton(block, x)
+    from .triton_mix import shift_mix_norm_triton
+    x = _as_nhwc(x)
+    lr, td, norm = block.dwconv_lr, block.dwconv_td, block.norm
+    normed = shift_mix_norm_triton(x, [c.weight for c in lr], [c.bias for c in lr], [c.weight for c in td],
+                                   [c.bias for c in td], block.shift_dist, block.mix_size, block.group_sizes,
+                                   norm.weight, norm.bias, norm.eps, _norm_dtype(x))
+    return _after_norm(block, x, normed)
+
+
 def auto_impl(x: torch.Tensor) -> str:
     """What ``mix_impl='auto'`` (the default) runs on ``x``: the Triton mixer on a CUDA map
     where triton imports and the map fits its 32-bit indexing (measured faster than the fast
@@ -701,6 +742,15 @@ MIX_IMPLS: Dict[str, Callable[[torch.Tensor, 'MSMLPBlock'], torch.Tensor]] = {
     'reference': mix_reference,
     'fast': mix_fast,
     'triton': mix_triton,
+    'triton_norm': mix_triton,  # the mixer alone is triton's; the block fuses the norm after it
+}
+
+
+# The block's forward on the channels-last paths, by the implementation it runs
+BLOCK_FORWARDS: Dict[str, Callable[['MSMLPBlock', torch.Tensor], torch.Tensor]] = {
+    'fast': forward_fast,
+    'triton': forward_triton,
+    'triton_norm': forward_triton_norm,
 }
 
 

@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, register_model, resolve_pretrained
 from timm.models._features import feature_take_indices
 from timm.models._registry import generate_default_cfgs
 
-from .mixing import MIX_IMPLS, auto_impl, forward_fast, forward_triton, shift_mix
+from .mixing import BLOCK_FORWARDS, MIX_IMPLS, auto_impl, shift_mix
 
 __all__ = ['MSMLP', 'MIX_SIZES', 'SHIFT_DIST', 'checkpoint_filter_fn']
 
@@ -150,8 +150,9 @@ class MSMLPBlock(nn.Module):
 
     Eager, ``'fast'`` runs :func:`msmlp.mixing.forward_fast`; compiled, traced, exported or
     scripted, the block runs the released computation (``forward_released``), the same function.
-    ``'triton'`` runs the Triton mixer (compiled too, as a custom operator); ``'auto'``, the
-    default, picks it for CUDA maps where triton imports, and ``'fast'`` elsewhere.
+    ``'triton'`` runs the Triton mixer (compiled too, as a custom operator), ``'triton_norm'``
+    the Triton mixer and the LayerNorm after it as one kernel; ``'auto'``, the default, picks
+    ``'triton'`` for CUDA maps where triton imports, and ``'fast'`` elsewhere.
     torch.fx keeps the block as one leaf (registered with timm), so a traced model runs the
     eager block and gives the eager outputs exactly.
 
@@ -164,8 +165,9 @@ class MSMLPBlock(nn.Module):
         layer_scale_init: Initial value of the layer scale ``gamma``.
         mlp_ratio: Hidden width of the channel MLP relative to ``dim``.
         mix_impl: ``'auto'`` (default: ``'triton'`` on CUDA maps where triton imports, else
-            ``'fast'``), ``'fast'``, ``'reference'`` or ``'triton'`` (one Triton kernel for the
-            mixer, on GPUs or under Triton's interpreter; elsewhere the fast path); all compute
+            ``'fast'``), ``'fast'``, ``'reference'``, ``'triton'`` (one Triton kernel for the
+            mixer, on GPUs or under Triton's interpreter; elsewhere the fast path) or
+            ``'triton_norm'`` (one kernel for the mixer and the norm after it); all compute
             the released function.
     """
     __jit_unused_properties__ = ['mix_impl']
@@ -237,7 +239,7 @@ class MSMLPBlock(nn.Module):
     @torch.jit.unused
     def _forward_fast(self, x: torch.Tensor, impl: str) -> torch.Tensor:
         # same function, channels-last (see mixing.py)
-        return forward_triton(self, x) if impl == 'triton' else forward_fast(self, x)
+        return BLOCK_FORWARDS[impl](self, x)
 
     @torch.jit.unused
     def _impl_for(self, x: torch.Tensor) -> str:
@@ -247,7 +249,7 @@ class MSMLPBlock(nn.Module):
 
     @torch.jit.unused
     def _runs_fast(self, impl: str) -> bool:
-        if impl == 'triton':  # a custom op: torch.compile keeps it
+        if impl in ('triton', 'triton_norm'):  # custom ops: torch.compile keeps them
             return not _watched()
         return impl == 'fast' and not _traced()
 
@@ -277,7 +279,7 @@ class MSMLPStage(nn.Module):
         drop_path: Drop-path rate of each block.
         layer_scale_init: Initial layer scale of the blocks.
         downsample: Follow the blocks with a 2x downsampling to ``2 * dim`` channels.
-        mix_impl: ``'auto'``, ``'fast'``, ``'reference'`` or ``'triton'`` token mixing.
+        mix_impl: ``'auto'``, ``'fast'``, ``'reference'``, ``'triton'`` or ``'triton_norm'`` token mixing.
     """
 
     def __init__(
@@ -328,8 +330,8 @@ class MSMLP(nn.Module):
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
             (with their output norms); re-applied on every ``train()``.
         with_cp: Gradient checkpointing of every block.
-        mix_impl: ``'auto'`` (default), ``'fast'``, ``'reference'`` or ``'triton'`` token mixing
-            (same function; see :class:`MSMLPBlock`).
+        mix_impl: ``'auto'`` (default), ``'fast'``, ``'reference'``, ``'triton'`` or
+            ``'triton_norm'`` token mixing (same function; see :class:`MSMLPBlock`).
     """
 
     def __init__(
@@ -405,7 +407,8 @@ class MSMLP(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_mix_impl(self, impl: str) -> None:
-        """Switch every block to ``'fast'``, ``'reference'`` or ``'triton'`` token mixing."""
+        """Switch every block to ``'auto'``, ``'fast'``, ``'reference'``, ``'triton'`` or
+        ``'triton_norm'`` token mixing."""
         for block in self.modules():
             if isinstance(block, MSMLPBlock):
                 block.mix_impl = impl

@@ -78,7 +78,8 @@ class MSSwin(SwinTransformer):
         mix_sizes: Per stage, the depthwise kernel of each channel group of the MS blocks.
         layer_scale_init: Initial layer scale of the MS blocks.
         mix_impl: ``'auto'`` (default: triton on CUDA maps where triton imports, else fast),
-            ``'fast'``, ``'reference'`` or ``'triton'`` mixing in the MS blocks (same function).
+            ``'fast'``, ``'reference'``, ``'triton'`` or ``'triton_norm'`` mixing in the MS blocks
+            (same function).
         out_indices: Stages ``forward_dense`` returns (NCHW), each through a LayerNorm of its own.
         frozen_stages: -1 freezes nothing, 0 the stem, i >= 1 the stem and stages 0..i-1
             (with their output norms and the patch merging after stage i-1, as mmdet's Swin);

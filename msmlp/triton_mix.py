@@ -53,7 +53,7 @@ try:
 except ImportError:  # the module stays importable; ``available()`` says False
     triton = None
 
-__all__ = ['available', 'fits', 'interpreted', 'shift_mix_triton']
+__all__ = ['available', 'fits', 'interpreted', 'shift_mix_norm_triton', 'shift_mix_triton']
 
 MAX_KERNEL = 7
 # A program's first channel is a multiple of this (aligned 16-byte loads of bf16 and fp16)
@@ -151,20 +151,12 @@ if triton is not None:
             return _wrap(col - shift_w, W), inside, col, inside
 
     @triton.jit
-    def _mix_kernel(src_ptr, weight_ptr, bias_ptr, group_ptr, out_ptr, N, H, W, C, span,
-                    RADIUS: tl.constexpr, ADJOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        """Forward mixer of ``src`` (or, ``ADJOINT``, its input gradient from ``src = grad``)."""
+    def _mix_tile(src_ptr, weight_ptr, bias_ptr, p_in, h, w, c, c_in, radius, shift_h, shift_w, H, W, C,
+                  RADIUS: tl.constexpr, ADJOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The mixer's fp32 sums of the pixels at rows ``h`` and columns ``w`` (``p_in``: inside the
+        map) and channels ``c`` of one group (``radius``, ``shift_h``, ``shift_w``) of an image at ``src_ptr``."""
         K: tl.constexpr = 2 * RADIUS + 1
-        p = (tl.program_id(0) // N) * BLOCK_P + tl.arange(0, BLOCK_P)
-        c0, start, end, radius, shift_h, shift_w = _group_chunk(group_ptr, span, H, W, BLOCK_C)
-        c = c0 + tl.arange(0, BLOCK_C)
-        p_in = p < H * W
-        c_in = c < C  # loads take whole vectors, the store only the group's channels
-        h = p // W
-        w = p % W
-        image = (tl.program_id(0) % N).to(tl.int64) * H * W * C
-        src_ptr += image
         w_rolled = _wrap(w + shift_w, W)
         h_rolled = _wrap(h + shift_h, H)
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
@@ -187,8 +179,78 @@ if triton is not None:
         if HAS_BIAS:  # both branches' biases: (2, C)
             bias = tl.load(bias_ptr + c, mask=c_in, other=0.) + tl.load(bias_ptr + C + c, mask=c_in, other=0.)
             acc += bias.to(tl.float32)[None, :]
+        return acc
+
+    @triton.jit
+    def _mix_kernel(src_ptr, weight_ptr, bias_ptr, group_ptr, out_ptr, N, H, W, C, span,
+                    RADIUS: tl.constexpr, ADJOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Forward mixer of ``src`` (or, ``ADJOINT``, its input gradient from ``src = grad``)."""
+        p = (tl.program_id(0) // N) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c0, start, end, radius, shift_h, shift_w = _group_chunk(group_ptr, span, H, W, BLOCK_C)
+        c = c0 + tl.arange(0, BLOCK_C)
+        p_in = p < H * W
+        c_in = c < C  # loads take whole vectors, the store only the group's channels
+        image = (tl.program_id(0) % N).to(tl.int64) * H * W * C
+        acc = _mix_tile(src_ptr + image, weight_ptr, bias_ptr, p_in, p // W, p % W, c, c_in, radius, shift_h,
+                        shift_w, H, W, C, RADIUS, ADJOINT, HAS_BIAS, BLOCK_P, BLOCK_C)
         out = out_ptr + image + p[:, None] * C + c[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=p_in[:, None] & ((c >= start) & (c < end))[None, :])
+
+    @triton.jit
+    def _mix_norm_kernel(src_ptr, weight_ptr, bias_ptr, group_ptr, norm_weight_ptr, norm_bias_ptr, mixed_ptr,
+                         out_ptr, mean_ptr, rstd_ptr, N, H, W, C, G, eps, RADIUS: tl.constexpr,
+                         SAVE_STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The mixer of ``src`` followed by the LayerNorm over its channels: a program takes a tile
+        of pixels through every group's channels, storing the mixer's output (``mixed``, in its
+        dtype) and gathering each pixel's mean and squared deviations block by block (Chan's
+        pairwise update, from the stored values: the LayerNorm of ``mixed`` exactly as a separate
+        one would see it), then reads its tile back from the cache to normalise it into ``out``
+        (which may be ``mixed`` itself)."""
+        p = (tl.program_id(0) // N) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_in = p < H * W
+        h = p // W
+        w = p % W
+        image = (tl.program_id(0) % N).to(tl.int64) * H * W * C
+        src_ptr += image
+        mixed_ptr += image
+        mean = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_P,), dtype=tl.float32)  # summed squared deviations from the mean
+        count = 0.
+        for g in range(G):
+            start, end, radius, shift_h, shift_w = _group(group_ptr, g, H, W)
+            for first in range(start // VECTOR * VECTOR, end, BLOCK_C):
+                c = tl.multiple_of(first, VECTOR) + tl.arange(0, BLOCK_C)
+                acc = _mix_tile(src_ptr, weight_ptr, bias_ptr, p_in, h, w, c, c < C, radius, shift_h, shift_w,
+                                H, W, C, RADIUS, False, True, BLOCK_P, BLOCK_C)
+                mine = (c >= start) & (c < end)
+                stored = acc.to(mixed_ptr.dtype.element_ty)
+                tl.store(mixed_ptr + p[:, None] * C + c[None, :], stored, mask=p_in[:, None] & mine[None, :])
+                block_count = (tl.minimum(end, first + BLOCK_C) - tl.maximum(start, first)).to(tl.float32)
+                values = tl.where(mine[None, :], stored.to(tl.float32), 0.)
+                block_mean = tl.sum(values, axis=1) / block_count
+                deviations = tl.where(mine[None, :], values - block_mean[:, None], 0.)
+                total = count + block_count
+                delta = block_mean - mean
+                mean += delta * (block_count / total)
+                squares += tl.sum(deviations * deviations, axis=1) + delta * delta * (count * block_count / total)
+                count = total
+        rstd = 1. / tl.sqrt(squares / C + eps)
+        if SAVE_STATS:
+            row = (tl.program_id(0) % N) * H * W + p
+            tl.store(mean_ptr + row, mean, mask=p_in)
+            tl.store(rstd_ptr + row, rstd, mask=p_in)
+        tl.debug_barrier()  # the tile's stores, made by other threads, are seen by the loads below
+        out_ptr += image
+        for first in range(0, C, BLOCK_C):
+            c = first + tl.arange(0, BLOCK_C)
+            c_in = c < C
+            mask = p_in[:, None] & c_in[None, :]
+            values = tl.load(mixed_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.).to(tl.float32)
+            scale = tl.load(norm_weight_ptr + c, mask=c_in, other=0.).to(tl.float32)
+            shift = tl.load(norm_bias_ptr + c, mask=c_in, other=0.).to(tl.float32)
+            normed = (values - mean[:, None]) * rstd[:, None] * scale[None, :] + shift[None, :]
+            tl.store(out_ptr + p[:, None] * C + c[None, :], normed.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _divide(n, magic, shift):
@@ -294,6 +356,10 @@ MIX_CONFIGS = [(64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 32, 8), (64, 16, 2),
                (16, 64, 4), (64, 16, 4)]
 WEIGHT_GRAD_CONFIGS = [(64, 32, 1, 4), (64, 16, 1, 2), (128, 16, 1, 4), (8, 32, 8, 4), (16, 16, 8, 4),
                        (4, 64, 8, 4), (16, 32, 8, 4)]
+# The mixer fused with the LayerNorm after it: a program takes its pixels through every channel,
+# so pixel tiles are small (stage 3 of msmlp_tiny at batch 128 has 6272 pixels).
+MIX_NORM_CONFIGS = [(16, 32, 2), (32, 32, 4), (16, 64, 4), (32, 16, 2), (64, 16, 4), (64, 32, 4), (8, 64, 2), (32, 64, 4),
+                    (32, 32, 2)]
 # The weight gradient's pixel ranges are multiples of every tile's BLOCK_P (powers of two), and
 # its interpreter tile is no wider than its widest tuned channel block.
 PIXEL_UNIT = max(tile[0] for tile in WEIGHT_GRAD_CONFIGS)
@@ -315,6 +381,7 @@ def _tuned(kernel, tiles, key: List[str]):
 if triton is not None:
     _mix_kernel_tuned = _tuned(_mix_kernel, MIX_CONFIGS, ['H', 'W', 'C', 'RADIUS', 'ADJOINT'])
     _weight_grad_kernel_tuned = _tuned(_weight_grad_kernel, WEIGHT_GRAD_CONFIGS, ['N', 'H', 'W', 'C', 'RADIUS'])
+    _mix_norm_kernel_tuned = _tuned(_mix_norm_kernel, MIX_NORM_CONFIGS, ['H', 'W', 'C', 'RADIUS', 'SAVE_STATS'])
 
 
 @functools.lru_cache(maxsize=None)
@@ -365,6 +432,37 @@ def _launch_mix(src: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     with _on_device(src.device):
         _mix_launcher(h * w, c)[_mix_grid(n, h, w, len(group_sizes), span)](*args, **options)
     return out
+
+
+def _mix_norm_launcher(pixels: int, channels: int):
+    """The interpreter's tile (channel blocks of at most 32: a group takes one or two); under
+    ``torch.use_deterministic_algorithms(True)`` one fixed tile (a pixel's mean and deviation are
+    gathered block by block, so their rounding follows the channel block); else the tuned kernel."""
+    if interpreted():
+        return _one_tile(_mix_norm_kernel, (*_block_sizes(pixels, min(channels, 32)), 4))
+    if torch.are_deterministic_algorithms_enabled():
+        return _one_tile(_mix_norm_kernel, MIX_NORM_CONFIGS[0])
+    return _mix_norm_kernel_tuned
+
+
+def _launch_mix_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
+                     norm_bias: torch.Tensor, eps: float, out_dtype: torch.dtype, shifts, kernel_sizes, group_sizes,
+                     keep: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The LayerNorm of the mixer of ``x`` in ``out_dtype``; the mixer's output (in ``x``'s dtype)
+    and the norm's per-pixel ``(2, N, H, W, 1)`` fp32 mean and reciprocal deviation (None unless
+    ``keep``: without them the mixer's output may be the normalised one's buffer, overwritten)."""
+    _check_runnable(x)
+    n, h, w, c = x.shape
+    groups, _ = _group_table(tuple(shifts), tuple(kernel_sizes), tuple(group_sizes), x.device)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    mixed = out if out_dtype == x.dtype and not keep else torch.empty_like(x)
+    stats = torch.empty(2, n, h, w, 1, dtype=torch.float32, device=x.device) if keep else None
+    args = (x, weight, bias, groups, norm_weight, norm_bias, mixed, out, out if stats is None else stats[0],
+            out if stats is None else stats[1], n, h, w, c, len(group_sizes), eps)
+    with _on_device(x.device):
+        _mix_norm_launcher(h * w, c)[lambda meta: (triton.cdiv(h * w, meta['BLOCK_P']) * n,)](
+            *args, RADIUS=max(kernel_sizes) // 2, SAVE_STATS=keep)
+    return out, mixed, stats
 
 
 def _magic(divisor: int) -> Tuple[int, int]:
@@ -548,6 +646,89 @@ class _MixFunction(torch.autograd.Function):
         return grad_x, None, *grad_weights, *grad_biases
 
 
+# ----- the mixer and the LayerNorm after it, in one kernel -----------------------------------------
+def _mix_norm_backward(ctx, grad: torch.Tensor, x: torch.Tensor, mixed: torch.Tensor, stats: torch.Tensor,
+                       weights: Sequence[torch.Tensor], norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                       grad_input, grad_weight):
+    """The LayerNorm's backward (aten's, in the wider of the mixer's and the norm's dtypes, as a
+    separate LayerNorm under autocast runs), then the mixer's (``_mix_backward``)."""
+    dtype = torch.promote_types(mixed.dtype, norm_weight.dtype)
+    need_mixer = any(ctx.needs)
+    grad_mixed, grad_scale, grad_shift = torch.ops.aten.native_layer_norm_backward(
+        grad.to(dtype), mixed.to(dtype), [mixed.shape[-1]], stats[0], stats[1], norm_weight.to(dtype),
+        norm_bias.to(dtype), [need_mixer, *ctx.needs_norm])
+    grad_x, grad_weights, grad_biases = (_mix_backward(ctx, grad_mixed, x, weights, grad_input, grad_weight)
+                                         if need_mixer else (None, [None] * len(weights), [None] * len(weights)))
+    return (grad_x, grad_weights, grad_biases, None if grad_scale is None else grad_scale.to(norm_weight.dtype),
+            None if grad_shift is None else grad_shift.to(norm_bias.dtype))
+
+
+def _save_norm(ctx, x, weights, biases, norm_weight, norm_bias, layout, *saved: torch.Tensor) -> None:
+    _save(ctx, x, weights, biases, layout, *saved, norm_weight, norm_bias)
+    ctx.needs_norm = norm_weight.requires_grad, norm_bias.requires_grad
+
+
+@torch.library.custom_op('msmlp::shift_mix_norm_triton', mutates_args=())
+def _mix_norm_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor], norm_weight: torch.Tensor,
+                 norm_bias: torch.Tensor, eps: float, out_dtype: torch.dtype, keep: bool, shifts: List[int],
+                 kernel_sizes: List[int], group_sizes: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, mixed, stats = _launch_mix_norm(x, _pack(weights, kernel_sizes, group_sizes), torch.cat(biases), norm_weight,
+                                         norm_bias, eps, out_dtype, shifts, kernel_sizes, group_sizes, keep)
+    if not keep:  # an operator's outputs may not alias each other
+        return out, x.new_empty(0), x.new_empty(0, dtype=torch.float32)
+    return out, mixed, stats
+
+
+@_mix_norm_op.register_fake
+def _(x, weights, biases, norm_weight, norm_bias, eps, out_dtype, keep, shifts, kernel_sizes, group_sizes):
+    n, h, w, _ = x.shape
+    return (torch.empty_like(x, dtype=out_dtype), torch.empty_like(x) if keep else x.new_empty(0),
+            x.new_empty((2, n, h, w, 1) if keep else (0,), dtype=torch.float32))
+
+
+def _setup_norm_context(ctx, inputs, output) -> None:
+    x, weights, biases, norm_weight, norm_bias, _, _, _, *layout = inputs
+    _, mixed, stats = output
+    _save_norm(ctx, x, weights, biases, norm_weight, norm_bias, layout, mixed, stats)
+
+
+def _norm_op_backward(ctx, grad: torch.Tensor, *_):
+    x, mixed, stats, norm_weight, norm_bias, *weights = ctx.saved_tensors
+    if not stats.numel():
+        raise RuntimeError('msmlp::shift_mix_norm_triton ran with keep=False, which keeps nothing for a backward')
+    grads = _mix_norm_backward(ctx, grad, x, mixed, stats, weights, norm_weight, norm_bias,
+                               lambda g: _grad_input_op(g, weights, *ctx.layout),
+                               lambda g: _grad_weight_op(g, x, *ctx.layout))
+    return *grads, None, None, None, None, None, None
+
+
+_mix_norm_op.register_autograd(_norm_op_backward, setup_context=_setup_norm_context)
+
+
+class _MixNormFunction(torch.autograd.Function):
+    """``_mix_norm_op`` eager (as ``_MixFunction`` is ``_mix_op``'s)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout, eps: float, out_dtype: torch.dtype, norm_weight: torch.Tensor,
+                norm_bias: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        weights, biases = params[:len(params) // 2], params[len(params) // 2:]
+        weight = _pack(weights, *layout[1:])
+        keep = any(ctx.needs_input_grad)
+        out, mixed, stats = _launch_mix_norm(x, weight, torch.cat(list(biases)), norm_weight, norm_bias, eps,
+                                             out_dtype, *layout, keep)
+        if keep:
+            _save_norm(ctx, x, weights, biases, norm_weight, norm_bias, layout, mixed, stats, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, mixed, stats, weight, norm_weight, norm_bias, *weights = ctx.saved_tensors
+        grad_x, grad_weights, grad_biases, grad_scale, grad_shift = _mix_norm_backward(
+            ctx, grad, x, mixed, stats, weights, norm_weight, norm_bias,
+            lambda g: _launch_grad_input(g, weight, *ctx.layout), lambda g: _flat_weight_grad(g, x, *ctx.layout))
+        return grad_x, None, None, None, grad_scale, grad_shift, *grad_weights, *grad_biases
+
+
 # ----- public API ----------------------------------------------------------------------------
 def fits(n: int, h: int, w: int, c: int) -> bool:
     """Whether an ``n x h x w x c`` map is within the kernels' 32-bit indexing (an image's
@@ -588,3 +769,26 @@ def shift_mix_triton(x_nhwc: torch.Tensor, weights_lr: Sequence[torch.Tensor], b
     if torch.compiler.is_compiling():
         return _mix_op(x_nhwc.contiguous(), weights, biases, *layout)
     return _MixFunction.apply(x_nhwc.contiguous(), layout, *weights, *biases)
+
+
+def shift_mix_norm_triton(x_nhwc: torch.Tensor, weights_lr: Sequence[torch.Tensor], biases_lr: Sequence[torch.Tensor],
+                          weights_td: Sequence[torch.Tensor], biases_td: Sequence[torch.Tensor], shifts: Sequence[int],
+                          kernel_sizes: Sequence[int], group_sizes: Sequence[int], norm_weight: torch.Tensor,
+                          norm_bias: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``F.layer_norm(shift_mix_triton(x_nhwc, ...), (C,), norm_weight, norm_bias, eps)`` as one
+    kernel (the mixer's output goes through the cache, not a second launch), returned in
+    ``out_dtype`` (default ``x``'s: under autocast the caller passes the dtype the next layer
+    takes). Differentiable w.r.t. ``x`` and every weight and bias, the norm's included."""
+    _check_layout(x_nhwc, list(weights_lr) + list(weights_td), shifts, kernel_sizes, group_sizes)
+    channels = x_nhwc.shape[-1]
+    if norm_weight.shape != (channels,) or norm_bias.shape != (channels,):
+        raise ValueError(f'the norm\'s weight and bias must be ({channels},): got {tuple(norm_weight.shape)} and '
+                         f'{tuple(norm_bias.shape)}')
+    weights, biases = list(weights_lr) + list(weights_td), list(biases_lr) + list(biases_td)
+    layout = (list(shifts), list(kernel_sizes), list(group_sizes))
+    out_dtype = x_nhwc.dtype if out_dtype is None else out_dtype
+    x_nhwc = x_nhwc.contiguous()
+    if torch.compiler.is_compiling():
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in [x_nhwc, norm_weight, norm_bias, *weights, *biases])
+        return _mix_norm_op(x_nhwc, weights, biases, norm_weight, norm_bias, eps, out_dtype, keep, *layout)[0]
+    return _MixNormFunction.apply(x_nhwc, layout, eps, out_dtype, norm_weight, norm_bias, *weights, *biases)

@@ -47,13 +47,17 @@ def test_reproduces_released_outputs(case, mix_impl):
         assert (ours - released).abs().max() <= 1e-5 * scale
 
 
-def test_early_stages_are_bit_exact_with_reference_path():
+def test_early_stages_match_the_released_outputs_to_rounding():
+    """Stages 0-1 through the reference path, to 2e-6 of their magnitude (1e-5 above). On the
+    Intel Xeons (AVX-512) the released code reproduces them bit for bit, and so does the
+    reference path; on an AMD EPYC (oneDNN's AVX2 kernels, another order of sums) both stages
+    differ from the fixture by fp32 rounding: 4.8e-6 and 9.1e-6 at magnitudes 11 and 11."""
     data = REFERENCE['wide_64x96']
     model = reference_model(data, 'reference')
     with torch.no_grad():
         stages = model.forward_intermediates(data['input'], intermediates_only=True)
-    assert torch.equal(stages[0], data['stage_outputs'][0])
-    assert torch.equal(stages[1], data['stage_outputs'][1])
+    for ours, released in zip(stages[:2], data['stage_outputs'][:2]):
+        assert (ours - released).abs().max() <= 2e-6 * released.abs().max()
 
 
 @pytest.mark.parametrize('size, stage_sizes', [

@@ -102,8 +102,9 @@ def test_a_triton_row_times_the_triton_mixer_or_is_left_out_with_a_note(capsys, 
     from msmlp import mixing
     monkeypatch.setattr(mixing, 'triton_runs_on', lambda device: True)
     rows = benchmark.build_rows(benchmark.parse_args(argv))
-    assert [row.label for row in rows] == ['msmlp_tiny (fast)', 'msmlp_tiny (triton)']
+    assert [row.label for row in rows] == ['msmlp_tiny (fast)', 'msmlp_tiny (triton)', 'msmlp_tiny (triton_norm)']
     assert {block.mix_impl for block in rows[1].model.modules() if hasattr(block, 'mix_impl')} == {'triton'}
+    assert {block.mix_impl for block in rows[2].model.modules() if hasattr(block, 'mix_impl')} == {'triton_norm'}
     # the fast row is the fast path, not the default (which is triton's on a GPU)
     assert {block.mix_impl for block in rows[0].model.modules() if hasattr(block, 'mix_impl')} == {'fast'}
 

@@ -248,14 +248,15 @@ def test_the_fused_onednn_products_are_found_even_when_first_looked_for_under_au
 
 
 def test_triton_mix_impl_falls_back_to_the_fast_path_where_triton_cannot_run():
-    """On the CPU without Triton's interpreter, mix_impl='triton' runs the fast path."""
+    """On the CPU without Triton's interpreter, mix_impl='triton' (and 'triton_norm') runs the
+    fast path."""
     import os
     import subprocess
     import sys
     code = ('import torch, msmlp; from msmlp import mixing; torch.manual_seed(0); '
             'm = msmlp.MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1)).eval(); x = torch.randn(1, 3, 32, 32); '
             'fast = m(x); m.set_mix_impl("triton"); assert not mixing.triton_runs(x); '
-            'assert torch.equal(m(x), fast)')
+            'assert torch.equal(m(x), fast); m.set_mix_impl("triton_norm"); assert torch.equal(m(x), fast)')
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     subprocess.run([sys.executable, '-c', code], check=True, env=env)
 

@@ -39,20 +39,24 @@ def test_the_weight_gradients_division_by_multiply_is_exact():
                 assert (n * m) >> s == n // d, (n, d)
 
 
-def test_deterministic_algorithms_fix_the_weight_gradients_tile(monkeypatch):
-    """The weight gradient's sums follow its tile, and the autotuner picks tiles by timing: with
-    ``torch.use_deterministic_algorithms(True)`` one fixed tile runs, so two runs (or a resumed
-    one) sum in the same order."""
+def test_deterministic_algorithms_fix_the_tiles_whose_sums_follow_them(monkeypatch):
+    """The weight gradient's sums follow its tile (and the fused norm's statistics its channel
+    block), and the autotuner picks tiles by timing: with ``torch.use_deterministic_algorithms(True)``
+    one fixed tile runs, so two runs (or a resumed one) sum in the same order."""
     pytest.importorskip('triton')
     import torch
     from msmlp import triton_mix
     monkeypatch.setattr(triton_mix, 'interpreted', lambda: False)
     assert triton_mix._weight_grad_launcher(3136, 96) is triton_mix._weight_grad_kernel_tuned
+    assert triton_mix._mix_norm_launcher(3136, 96) is triton_mix._mix_norm_kernel_tuned
     monkeypatch.setattr(torch, 'are_deterministic_algorithms_enabled', lambda: True)
     fixed = triton_mix._weight_grad_launcher(3136, 96)
     block_p, block_c, columns, warps = triton_mix.WEIGHT_GRAD_CONFIGS[0]
     assert [(c.kwargs, c.num_warps) for c in fixed.configs] == [
         (dict(BLOCK_P=block_p, BLOCK_C=block_c, COLUMNS=columns), warps)]
+    block_p, block_c, warps = triton_mix.MIX_NORM_CONFIGS[0]  # the fused norm's statistics follow its channel block
+    assert [(c.kwargs, c.num_warps) for c in triton_mix._mix_norm_launcher(3136, 96).configs] == [
+        (dict(BLOCK_P=block_p, BLOCK_C=block_c), warps)]
 
 
 def test_every_launch_grid_fits_cuda_limits_at_any_map_size():

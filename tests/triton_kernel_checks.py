@@ -1,7 +1,9 @@
 """The Triton mixer computes the released token mixer: outputs and every gradient (input,
 each group's weights and biases of both branches) agree with the released NCHW rolls and
 convs, for unequal channel groups, odd maps, maps smaller than the kernel, shifts beyond the
-map, batches of one and three; bf16 within its precision; compiled without graph breaks.
+map, batches of one and three; bf16 within its precision; compiled without graph breaks. The
+mixer fused with the LayerNorm after it (``shift_mix_norm_triton``, ``mix_impl='triton_norm'``)
+agrees with the released mixer followed by ``F.layer_norm``, the norm's gradients included.
 
 On a machine without a GPU the kernels run on CPU tensors in Triton's interpreter (slow:
 shapes are tiny). The interpreter must be on before anything imports triton, and torch.compile's
@@ -52,6 +54,13 @@ def block_params(dim: int, kernels: Sequence[int], seed: int = 0) -> Tuple[MSMLP
               ((block.dwconv_lr, 'weight'), (block.dwconv_lr, 'bias'),
                (block.dwconv_td, 'weight'), (block.dwconv_td, 'bias'))]
     return block, params
+
+
+def norm_params(dim: int, seed: int = 5) -> List[torch.Tensor]:
+    """A LayerNorm's random weight and bias."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(1 + torch.randn(dim, generator=generator)).to(DEVICE).requires_grad_(),
+            torch.randn(dim, generator=generator).to(DEVICE).requires_grad_()]
 
 
 def flat(params: List[List[torch.Tensor]]) -> List[torch.Tensor]:
@@ -158,12 +167,16 @@ def test_bf16_within_its_precision():
     assert torch.equal(autocast.permute(0, 3, 1, 2), ours[0].detach())
 
 
-def test_compiles_without_graph_breaks():
+@pytest.mark.parametrize('with_norm', [False, True], ids=['mixer', 'mixer-and-norm'])
+def test_compiles_without_graph_breaks(with_norm):
     dim, kernels = 24, (1, 3, 3, 5, 7)
     block, params = block_params(dim, kernels)
+    norm = norm_params(dim) if with_norm else []
     x = torch.randn(1, 4, 5, dim, device=DEVICE)
 
     def mix(x_nhwc):
+        if with_norm:
+            return triton_mix.shift_mix_norm_triton(x_nhwc, *params, SHIFTS, kernels, block.group_sizes, *norm, 1e-6)
         return triton_mix.shift_mix_triton(x_nhwc, *params, SHIFTS, kernels, block.group_sizes)
 
     compiled = torch.compile(mix, backend='aot_eager', fullgraph=True)
@@ -171,19 +184,24 @@ def test_compiles_without_graph_breaks():
     for fn in (mix, compiled):
         x_in = x.clone().requires_grad_()
         out = fn(x_in)
-        grads = torch.autograd.grad(out.square().sum(), [x_in] + flat(params))
+        grads = torch.autograd.grad(out.square().sum(), [x_in] + flat(params) + norm)
         outs.append((out, grads))
     assert_agree(outs[1], outs[0], 1e-6)
 
 
-def test_operator_registrations():
+@pytest.mark.parametrize('with_norm', [False, True], ids=['mixer', 'mixer-and-norm'])
+def test_operator_registrations(with_norm):
     kernels, groups = (1, 3, 3, 5, 7), channel_groups(24)
     _, params = block_params(24, kernels)
     weights = [w.detach().requires_grad_() for w in params[0] + params[2]]
     biases = [b.detach().requires_grad_() for b in params[1] + params[3]]
     x = torch.randn(1, 3, 4, 24, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(torch.ops.msmlp.shift_mix_triton.default,
-                          (x, weights, biases, list(SHIFTS), list(kernels), list(groups)))
+    layout = (list(SHIFTS), list(kernels), list(groups))
+    if with_norm:  # the norm's output in bf16 (autocast's) from an fp32 map, kept for a backward
+        torch.library.opcheck(torch.ops.msmlp.shift_mix_norm_triton.default,
+                              (x, weights, biases, *norm_params(24), 1e-6, torch.bfloat16, True, *layout))
+    else:
+        torch.library.opcheck(torch.ops.msmlp.shift_mix_triton.default, (x, weights, biases, *layout))
 
 
 def test_rejects_a_layout_that_does_not_match():
@@ -225,54 +243,148 @@ def test_tensors_on_a_second_gpu_mix_there():
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
+# ----- the mixer and the LayerNorm after it as one kernel -----------------------------------------
+def reference_norm_run(x_nchw, params, norm, shifts, grad_nchw):
+    x = x_nchw.detach().float().requires_grad_()
+    mixed = reference(x, *params, shifts).permute(0, 2, 3, 1)
+    out = F.layer_norm(mixed, mixed.shape[-1:], *norm, eps=1e-6)
+    grads = torch.autograd.grad((out * grad_nchw.permute(0, 2, 3, 1).float()).sum(), [x] + flat(params) + norm)
+    return out.permute(0, 3, 1, 2), grads
+
+
+def triton_norm_run(x_nchw, params, norm, shifts, kernels, groups, grad_nchw, out_dtype=None):
+    x = x_nchw.detach().permute(0, 2, 3, 1).contiguous().requires_grad_()
+    out = triton_mix.shift_mix_norm_triton(x, *params, shifts, kernels, groups, *norm, 1e-6, out_dtype)
+    grads = torch.autograd.grad((out * grad_nchw.permute(0, 2, 3, 1).to(out.dtype)).sum(), [x] + flat(params) + norm)
+    return out.permute(0, 3, 1, 2), (grads[0].permute(0, 3, 1, 2),) + grads[1:]
+
+
+def assert_norm_case_agrees(case: str, seed: int) -> None:
+    dim, kernels, shifts, (n, h, w), _ = CASES[case]
+    _, params = block_params(dim, kernels)
+    norm = norm_params(dim)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
+    grad = torch.randn(n, dim, h, w, generator=generator).to(DEVICE)
+    ours = triton_norm_run(x, params, norm, shifts, kernels, channel_groups(dim), grad)
+    assert_agree(ours, reference_norm_run(x, params, norm, shifts, grad), 1e-5)
+    with torch.no_grad():  # nothing kept for a backward: normalised in the mixer's buffer
+        inference = triton_mix.shift_mix_norm_triton(x.permute(0, 2, 3, 1).contiguous(), *params, shifts, kernels,
+                                                     channel_groups(dim), *norm, 1e-6)
+    assert torch.equal(inference.permute(0, 3, 1, 2), ours[0])
+
+
+@pytest.mark.parametrize('case', [name for name in CASES if name != '24ch-batch3-one-program'])
+def test_mixer_and_norm_match_reference(case):
+    """The LayerNorm of the released mixer, and every gradient (input, the groups' kernels and
+    biases, the norm's weight and bias), to 1e-5."""
+    assert_norm_case_agrees(case, seed=6)
+
+
+def test_mixer_and_norm_at_a_narrow_tile(monkeypatch):
+    """Blocks of 8 channels (a group of 20 takes three, the last shared with the next group)
+    and pixel tiles of 16 (the 63-pixel map's last one partly outside it). The tile is the
+    fused forward's alone (its backward is the mixer's kernels, checked above), so the outputs,
+    kept for a backward or not, are what is checked."""
+    if not triton_mix.interpreted():
+        pytest.skip('on a GPU the autotuner chooses the tiles')
+    monkeypatch.setattr(triton_mix, '_block_sizes', lambda pixels, channels: (16, 8))
+    dim, kernels, shifts, (n, h, w), _ = CASES['96ch-7x9']
+    _, params = block_params(dim, kernels)
+    norm = norm_params(dim)
+    x = torch.randn(n, dim, h, w, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    expected = F.layer_norm(reference(x, *params, shifts).permute(0, 2, 3, 1), (dim,), *norm, eps=1e-6)
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+    kept = triton_mix.shift_mix_norm_triton(x_nhwc.requires_grad_(), *params, shifts, kernels, channel_groups(dim),
+                                            *norm, 1e-6)
+    with torch.no_grad():
+        inference = triton_mix.shift_mix_norm_triton(x_nhwc, *params, shifts, kernels, channel_groups(dim), *norm, 1e-6)
+    assert close(kept, expected, 1e-5) and torch.equal(inference, kept)
+
+
+def test_mixer_and_norm_in_bf16_and_under_autocast():
+    """bf16 in, bf16 out within its precision; under autocast the first stage's fp32 map gives
+    the bf16 the next linear layer takes, equal to a separate fp32 norm's output cast to bf16."""
+    dim, kernels = 24, (1, 3, 3, 5, 7)
+    block, params = block_params(dim, kernels)
+    norm = norm_params(dim)
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(2, dim, 5, 6, generator=generator).to(DEVICE)
+    grad = torch.randn(2, dim, 5, 6, generator=generator).to(DEVICE)
+    ref = reference_norm_run(x, params, norm, SHIFTS, grad)
+    ours = triton_norm_run(x.bfloat16(), params, norm, SHIFTS, kernels, block.group_sizes, grad)
+    assert ours[0].dtype == ours[1][0].dtype == torch.bfloat16
+    assert_agree(ours, ref, 3e-2)
+    mixed = triton_mix.shift_mix_triton(x.permute(0, 2, 3, 1).contiguous(), *params, SHIFTS, kernels, block.group_sizes)
+    separate = F.layer_norm(mixed, (dim,), *norm, eps=1e-6).bfloat16()
+    fused = triton_norm_run(x, params, norm, SHIFTS, kernels, block.group_sizes, grad, torch.bfloat16)
+    assert fused[0].dtype == torch.bfloat16 and fused[1][0].dtype == torch.float32
+    assert close(fused[0].permute(0, 2, 3, 1), separate, 1e-2)
+    assert_agree(fused, ref, 3e-2)
+
+
+def test_mixer_and_norm_rejects_a_norm_of_other_channels():
+    kernels = (1, 3, 3, 5, 7)
+    block, params = block_params(24, kernels)
+    with pytest.raises(ValueError, match=r'\(24,\)'):
+        triton_mix.shift_mix_norm_triton(torch.randn(1, 3, 3, 24, device=DEVICE), *params, SHIFTS, kernels,
+                                         block.group_sizes, *norm_params(20), 1e-6)
+
+
 # ----- the model with mix_impl='triton' --------------------------------------------------------
 @pytest.fixture
 def triton_launches(monkeypatch):
-    """The number of Triton mixer calls (mix_impl='triton' falls back to the fast path silently)."""
+    """The Triton mixer's calls, by function (mix_impl='triton' falls back to the fast path
+    silently)."""
     calls = []
-    mix = triton_mix.shift_mix_triton
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return mix(*args, **kwargs)
-    monkeypatch.setattr(triton_mix, 'shift_mix_triton', counted)
+    for name in ('shift_mix_triton', 'shift_mix_norm_triton'):
+        def counted(*args, _name=name, _mix=getattr(triton_mix, name), **kwargs):
+            calls.append(_name)
+            return _mix(*args, **kwargs)
+        monkeypatch.setattr(triton_mix, name, counted)
     return calls
 
 
-def test_a_released_checkpoint_gives_the_released_logits_through_the_triton_mixer(triton_launches):
+IMPLS = {'triton': 'shift_mix_triton', 'triton_norm': 'shift_mix_norm_triton'}
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+def test_a_released_checkpoint_gives_the_released_logits_through_the_triton_mixer(impl, triton_launches):
     from pathlib import Path
     from msmlp import MSMLP
     reference_cases = torch.load(Path(__file__).parent / 'fixtures' / 'msmlp_reference.pt', weights_only=True)
     case = reference_cases['wide_64x96']
     cfg = case['config']
     model = MSMLP(num_classes=cfg['num_classes'], embed_dim=cfg['embed_dim'], depths=cfg['depths'],
-                  mix_sizes=cfg['mix_size'], shift_dist=cfg['shift_dist'], mix_impl='triton')
+                  mix_sizes=cfg['mix_size'], shift_dist=cfg['shift_dist'], mix_impl=impl)
     model.load_state_dict(case['state_dict'])
     with torch.no_grad():
         logits = model.eval().to(DEVICE)(case['input'].to(DEVICE)).cpu()
     assert (logits - case['logits']).abs().max() <= 1e-5
-    assert len(triton_launches) == sum(cfg['depths'])
+    assert triton_launches == [IMPLS[impl]] * sum(cfg['depths'])
 
 
-def test_triton_blocks_train_as_the_reference_blocks(triton_launches):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_triton_blocks_train_as_the_reference_blocks(impl, triton_launches):
     from msmlp import MSMLP
     torch.manual_seed(0)
     model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), drop_path_rate=0.).to(DEVICE)
     x = torch.randn(2, 3, 40, 56, device=DEVICE)
     grads = []
-    for impl in ('reference', 'triton'):
+    for mix_impl in ('reference', impl):
         model.zero_grad()
-        model.set_mix_impl(impl)
+        model.set_mix_impl(mix_impl)
         model(x).square().sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    assert len(triton_launches) == 4  # one block per stage, in the triton pass only
+    assert triton_launches == [IMPLS[impl]] * 4  # one block per stage, in the triton pass only
     for name, expected in grads[0].items():
         assert torch.allclose(grads[1][name], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), name
 
 
-def test_compiled_model_keeps_the_triton_op():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_compiled_model_keeps_the_triton_op(impl):
     from msmlp import MSMLP
-    model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), mix_impl='triton').eval().to(DEVICE)
+    model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), mix_impl=impl).eval().to(DEVICE)
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     graphs = []
 
@@ -285,4 +397,4 @@ def test_compiled_model_keeps_the_triton_op():
         out = torch.compile(model, backend=backend, fullgraph=True)(x)
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
     targets = {str(n.target) for g in graphs for n in g.graph.nodes}
-    assert any('shift_mix_triton' in t for t in targets)
+    assert any(IMPLS[impl] in t for t in targets)
