@@ -32,15 +32,24 @@ if ! "$VENV/bin/python" -c "import torch, torchvision, lightning, timm, mmengine
     torch_tag=$("$VENV/bin/python" -c "import torch; print(torch.__version__.replace('+', '_'))")
     wheel_dir="$CACHE/wheels/torch-$torch_tag${FORCE_CUDA:+-cuda}"
     if ! ls "$wheel_dir"/mmcv-$MMCV_VERSION-*.whl >/dev/null 2>&1; then
-      log "building mmcv $MMCV_VERSION with its compiled ops (about 10 minutes on 2 cores; cached in $wheel_dir)"
+      log "building mmcv $MMCV_VERSION with its compiled ops (about 6 minutes on 2 cores; cached in $wheel_dir)"
       build=$(mktemp -d)
       $PIP download --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$build"
       tar -xzf "$build"/mmcv-$MMCV_VERSION.tar.gz -C "$build"
       src="$build/mmcv-$MMCV_VERSION"
       # torch 2.14's headers need C++20; mmcv's setup.py asks for C++17.
       sed -i 's/-std=c++17/-std=c++20/g; s/std=c++14/std=c++20/g' "$src/setup.py"
+      # Python's own flags without -g (debug info doubled the build), and the header that 63 of the
+      # 77 sources open with precompiled with the flags torch's build passes (where they differ,
+      # gcc ignores it): 6 minutes on 2 cores where these took 37.
+      cflags="-Wsign-compare -DNDEBUG -g0 -fwrapv -O3 -Wall"
+      includes=$("$VENV/bin/python" -c "import sysconfig, sys; from torch.utils.cpp_extension import include_paths
+print(' '.join('-I' + p for p in include_paths() + [sys.prefix + '/include', sysconfig.get_paths()['include']]))")
+      common="$src/mmcv/ops/csrc/common"
+      c++ $cflags -fPIC -I"$common" $includes -std=c++20 -DTORCH_API_INCLUDE_EXTENSION_H -DTORCH_EXTENSION_NAME=_ext \
+        -x c++-header -o "$common/pytorch_cpp_helper.hpp.gch" "$common/pytorch_cpp_helper.hpp" || true
       mkdir -p "$wheel_dir"
-      (cd "$src" && MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} \
+      (cd "$src" && CFLAGS="$cflags" MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} \
         "$OLDPWD/$VENV/bin/python" -m pip wheel --no-deps --no-build-isolation -w "$wheel_dir" .)
       rm -rf "$build"
     fi
