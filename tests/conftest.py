@@ -8,7 +8,8 @@ def pytest_collection_modifyitems(config, items):
     if not shard:
         return
     index, count = (int(part) for part in shard.split('/'))
-    kept = items[index::count]
-    config.hook.pytest_deselected(items=[item for position, item in enumerate(items)
-                                         if position % count != index])
+    kept, deselected = [], []
+    for position, item in enumerate(items):
+        (kept if position % count == index else deselected).append(item)
+    config.hook.pytest_deselected(items=deselected)
     items[:] = kept
