@@ -39,9 +39,11 @@ if ! "$VENV/bin/python" -c "import torch, torchvision, lightning, timm, mmengine
       src="$build/mmcv-$MMCV_VERSION"
       # torch 2.14's headers need C++20; mmcv's setup.py asks for C++17.
       sed -i 's/-std=c++17/-std=c++20/g; s/std=c++14/std=c++20/g' "$src/setup.py"
-      # Python's own flags without -g (debug info doubled the build), and the header that 63 of the
-      # 77 sources open with precompiled with the flags torch's build passes (where they differ,
-      # gcc ignores it): 6 minutes on 2 cores where these took 37.
+      # Python's own flags (this pyenv 3.11's CFLAGS) without -g: debug info doubled the build. The
+      # header that 63 of the 77 sources open is precompiled with the flags torch's build passes;
+      # where they differ gcc ignores it. 6 minutes on 2 cores where these took 37. The variable
+      # replaces Python's CFLAGS (setuptools' customize_compiler), so on any Python the header and
+      # the sources get these same flags.
       cflags="-Wsign-compare -DNDEBUG -g0 -fwrapv -O3 -Wall"
       includes=$("$VENV/bin/python" -c "import sysconfig, sys; from torch.utils.cpp_extension import include_paths
 print(' '.join('-I' + p for p in include_paths() + [sys.prefix + '/include', sysconfig.get_paths()['include']]))")
