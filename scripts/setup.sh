@@ -20,12 +20,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 
-if ! "$VENV/bin/python" -c "import torch, torchvision, lightning, timm, mmengine, mmdet, mmseg, mmcv.ops, onnx, onnxruntime, onnxscript, msmlp" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, torchvision, lightning, timm, mmengine, mmdet, mmseg, mmcv.ops, onnx, onnxruntime, onnxscript, xdist, msmlp" 2>/dev/null; then
   log "installing torch, Lightning, timm and build tools"
   $PIP install --upgrade pip
   $PIP install $TORCH_SPEC "setuptools>=77,<81" wheel ninja
   $PIP install "lightning>=2.6,<2.7" "torchmetrics>=1.9,<2" "timm>=1.0,<2" \
-    "jsonargparse[signatures]>=4.32" tensorboard pytest pycocotools ftfy regex \
+    "jsonargparse[signatures]>=4.32" tensorboard pytest "pytest-xdist>=3.6,<4" pycocotools ftfy regex \
     "mmengine==0.10.7" "numpy<2.3" opencv-python-headless safetensors onnx onnxruntime onnxscript
 
   if ! "$VENV/bin/python" -c "import mmcv.ops" 2>/dev/null; then
