@@ -12,7 +12,7 @@ train: setup
 	$(VENV)/bin/msmlp fit --task cls
 
 # Tests run in TEST_WORKERS pytest-xdist processes (0: in pytest's own): many train on one thread
-# (the det and seg defaults, the mmcv ops), so two keep a 2-core machine busy.
+# (the det and seg defaults), so two keep a 2-core machine busy.
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal
 
