@@ -15,7 +15,8 @@
 # Needs only python3 with torch and timm, as on the device image; nothing is installed and
 # the repository is used in place. Tables go to $OUT/gpu_bench.md (./gpu_bench.md without
 # $OUT), the log to $OUT/gpu_bench.log. PARTS names the parts to run (default: check kernels
-# bf16 features profile bound fp32 compiled; kernels is benchmarks/mixer_kernels.py: the mixer
+# bf16 features profile bound compile-check fp32 compiled; compile-check is gpu_check.py --compile,
+# each path compiled by inductor against the reference; kernels is benchmarks/mixer_kernels.py: the mixer
 # fused with its LayerNorm per stage against the mixer then the norm and against ConvNeXt's
 # depthwise conv then the norm, and with AGAINST=FILE, another version of msmlp/triton_mix.py,
 # the mixer's kernels against that version's; bound
@@ -65,7 +66,7 @@ bench() {  # one table: the fast, triton and reference paths against convnext_ti
     --runs "${RUNS:-10}" --warmup 3 --steps-per-run "${STEPS:-5}" --output "$table" "$@"
 }
 
-wanted() { [[ " ${PARTS:-check kernels bf16 features profile bound fp32 compiled} " == *" $1 "* ]]; }
+wanted() { [[ " ${PARTS:-check kernels bf16 features profile bound compile-check fp32 compiled} " == *" $1 "* ]]; }
 # in order of what the issue needs most, so that a short budget loses the least
 wanted check && TO_TABLE=1 step 'exactness on the GPU' "$python" benchmarks/gpu_check.py --device "$device"
 wanted kernels &&  # the fused mixer and norm per stage; AGAINST=FILE: the kernels against another triton_mix.py
@@ -84,6 +85,8 @@ wanted features && bench --precision bf16 --batch-size 2 --img-size "${DET_SIZE:
 wanted bound &&  # msmlp_tiny with its mixer replaced by a copy: what no mixer can pass
   TO_TABLE=1 step 'identity-mixer bound' "$python" benchmarks/mixer_bound.py --device "$device" --precision bf16 \
     $batch --channels-last --no-memory
+wanted compile-check &&  # each path compiled by inductor against the reference: outputs and gradients
+  TO_TABLE=1 step 'compiled exactness on the GPU' "$python" benchmarks/gpu_check.py --device "$device" --compile
 if [[ -z ${QUICK:-} ]]; then  # QUICK=1: skip the fp32 and compiled tables
   if wanted fp32; then
     bench --precision fp32 $batch --channels-last

@@ -63,9 +63,20 @@ VECTOR_CHANNELS = 8
 WEIGHT_GRAD_PROGRAMS = 4096
 
 
-@functools.lru_cache(maxsize=None)  # fixed when the kernels were defined; asked by every block
+# interpreted() and available() return constants set on import, not cached calls: every block asks
+# them, and torch.compile warns on each ``functools.lru_cache`` it traces.
 def interpreted() -> bool:
-    """Whether triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether triton runs kernels with its CPU interpreter (``TRITON_INTERPRET=1``), as fixed
+    when the kernels were defined."""
+    return _INTERPRETED
+
+
+def available() -> bool:
+    """Whether the kernels can run here: triton imports, and a GPU or the interpreter runs them."""
+    return _AVAILABLE
+
+
+def _kernels_interpreted() -> bool:
     if triton is None:
         return False
     try:
@@ -73,12 +84,6 @@ def interpreted() -> bool:
     except ImportError:
         return False
     return isinstance(_mix_kernel, InterpretedFunction)
-
-
-@functools.lru_cache(maxsize=None)
-def available() -> bool:
-    """Whether the kernels can run here: triton imports, and a GPU or the interpreter runs them."""
-    return triton is not None and (interpreted() or torch.cuda.is_available())
 
 
 if triton is not None:
@@ -382,6 +387,9 @@ if triton is not None:
     _mix_kernel_tuned = _tuned(_mix_kernel, MIX_CONFIGS, ['H', 'W', 'C', 'RADIUS', 'ADJOINT'])
     _weight_grad_kernel_tuned = _tuned(_weight_grad_kernel, WEIGHT_GRAD_CONFIGS, ['N', 'H', 'W', 'C', 'RADIUS'])
     _mix_norm_kernel_tuned = _tuned(_mix_norm_kernel, MIX_NORM_CONFIGS, ['H', 'W', 'C', 'RADIUS', 'SAVE_STATS'])
+
+_INTERPRETED = _kernels_interpreted()
+_AVAILABLE = triton is not None and (_INTERPRETED or torch.cuda.is_available())
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,20 +15,30 @@ def test_triton_mixer_checks_pass_in_their_own_process():
     pytest.importorskip('triton')
     # the interpreter runs Python on one core: the checks are shared by one process a core
     shards = max(1, min(2, os.cpu_count() or 1))
-    runs = [subprocess.Popen([sys.executable, '-m', 'pytest', 'tests/triton_kernel_checks.py', '-q',
-                              '-p', 'no:cacheprovider', '-k', 'not second_gpu'],  # needs two GPUs
-                             cwd=ROOT, env=_checks_env(f'{shard}/{shards}'),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for shard in range(shards)]
+    # a second GPU needs two; inductor takes minutes: run with the slow tests
+    selection = 'not second_gpu and not inductor'
+    _assert_passed([_start_checks(selection, f'{shard}/{shards}') for shard in range(shards)])
+
+
+@pytest.mark.slow
+def test_inductor_check_passes_in_its_own_process():
+    pytest.importorskip('triton')
+    _assert_passed([_start_checks('inductor', '0/1')], expected='1 passed')
+
+
+def _start_checks(selection: str, shard: str) -> subprocess.Popen:
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get('TRITON_INTERPRET', '1'), MSMLP_TEST_SHARD=shard)
+    return subprocess.Popen([sys.executable, '-m', 'pytest', 'tests/triton_kernel_checks.py', '-q',
+                             '-p', 'no:cacheprovider', '-k', selection],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_passed(runs, expected: str = ' passed') -> None:
     for run in runs:
         stdout, stderr = run.communicate()
         summary = stdout.strip().splitlines()[-1] if stdout.strip() else stderr[-2000:]
         assert run.returncode == 0, stdout[-6000:] + stderr[-2000:]
-        assert ' passed' in summary and 'skipped' not in summary, summary
-
-
-def _checks_env(shard):
-    return dict(os.environ, TRITON_INTERPRET=os.environ.get('TRITON_INTERPRET', '1'), MSMLP_TEST_SHARD=shard)
+        assert expected in summary and 'skipped' not in summary, summary
 
 
 def test_the_weight_gradients_division_by_multiply_is_exact():

@@ -14,6 +14,7 @@ import os
 
 os.environ.setdefault('TRITON_INTERPRET', '1')  # before triton is imported
 
+import warnings  # noqa: E402
 from typing import List, Sequence, Tuple  # noqa: E402
 
 import pytest  # noqa: E402
@@ -392,9 +393,44 @@ def test_compiled_model_keeps_the_triton_op(impl):
         graphs.append(gm)
         return gm.forward
 
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
         expected = model(x)
         out = torch.compile(model, backend=backend, fullgraph=True)(x)
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
     targets = {str(n.target) for g in graphs for n in g.graph.nodes}
     assert any(IMPLS[impl] in t for t in targets)
+    assert not [str(w.message) for w in caught if 'Dynamo' in str(w.message)]  # e.g. on a cached call it traced
+
+
+def test_inductor_compiles_the_triton_blocks_to_the_reference_outputs_and_gradients(monkeypatch):
+    """torch.compile's default backend (inductor) over both Triton mixers, training. On the CPU
+    inductor builds C++ for each graph (3 min here), so the suite runs this with the slow tests
+    (tests/test_triton_mix.py); triton is imported in the interpreter before, so later kernels run."""
+    from msmlp import MSMLP
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40, 56, device=DEVICE)
+    model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), drop_path_rate=0.).to(DEVICE)
+    launches = []  # the kernels the compiled code runs (a fallback to the fast path would be silent)
+    for name in ('_launch_mix', '_launch_mix_norm'):
+        def counted(*args, _name=name, _launch=getattr(triton_mix, name), **kwargs):
+            launches.append(_name)
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(triton_mix, name, counted)
+    results = {}
+    for impl in ('reference', *IMPLS):
+        model.zero_grad()
+        model.set_mix_impl(impl)
+        run = model if impl == 'reference' else torch.compile(model, fullgraph=True)
+        out = run(x)
+        out.square().sum().backward()
+        results[impl] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        torch._dynamo.reset()
+    # the four blocks' forward launches, then their input gradients' (a mix by the adjoint kernel)
+    assert launches == ['_launch_mix'] * 8 + ['_launch_mix_norm'] * 4 + ['_launch_mix'] * 4, ' '.join(launches)
+    expected, expected_grads = results.pop('reference')
+    for impl, (out, grads) in results.items():
+        assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5), impl
+        for name, grad in grads.items():
+            reference = expected_grads[name]
+            assert torch.allclose(grad, reference, rtol=1e-4, atol=1e-5 * reference.abs().max()), (impl, name)
