@@ -93,16 +93,9 @@ def main(argv=None) -> int:
               f'fp32 worst relative difference {worst:.2e} over outputs and all gradients (bound 1e-5); '
               f'bf16 autocast output {bf16_error:.2e} (bound 5e-2): {"OK" if good else "MISMATCH"}')
     for impl in impls if device.type == 'cuda' else ():
-        try:
-            replayed = captured_outputs_and_grads(model, impl, x, grad)
-            worst = max(relative_error(f, r) for f, r in zip(replayed, outputs_and_grads(model, impl, x, grad)))
-        except Exception as err:  # noqa: BLE001  (the report names it; the other checks go on)
-            worst, failure = float('inf'), f'{type(err).__name__}: {err}'.splitlines()[0]
-        else:
-            failure = f'worst relative difference {worst:.2e} over outputs and all gradients (bound 1e-6)'
-        ok = ok and worst <= 1e-6
-        print(f'{impl} under a CUDA graph (forward and backward captured, replayed on new input) vs eager: '
-              f'{failure}: {"OK" if worst <= 1e-6 else "MISMATCH"}')
+        ok = reported(f'{impl} under a CUDA graph (forward and backward captured, replayed on new input) vs eager',
+                      lambda: (captured_outputs_and_grads(model, impl, x, grad), outputs_and_grads(model, impl, x, grad)),
+                      bound=1e-6) and ok
     if 'triton' not in impls:
         print('triton: does not run here (no triton, or not a GPU)')
     return 0 if ok else 1
@@ -111,15 +104,23 @@ def main(argv=None) -> int:
 def check_compiled(model, impls, x, grad, ref) -> int:
     ok = True
     for impl in impls:
-        try:
-            worst = max(relative_error(f, r) for f, r in zip(compiled_outputs_and_grads(model, impl, x, grad), ref))
-        except Exception as err:  # noqa: BLE001  (the report names it; the other paths go on)
-            worst, result = float('inf'), f'{type(err).__name__}: {err}'.splitlines()[0]
-        else:
-            result = f'worst relative difference {worst:.2e} over outputs and all gradients (bound 1e-4)'
-        ok = ok and worst <= 1e-4
-        print(f'{impl} compiled (inductor, fullgraph) vs reference eager: {result}: {"OK" if worst <= 1e-4 else "MISMATCH"}')
+        ok = reported(f'{impl} compiled (inductor, fullgraph) vs reference eager',
+                      lambda: (compiled_outputs_and_grads(model, impl, x, grad), ref), bound=1e-4) and ok
     return 0 if ok else 1
+
+
+def reported(label: str, compared, bound: float) -> bool:
+    """Print ``label``'s worst relative difference between the two lists of tensors that
+    ``compared()`` returns, or the error it raised (the other checks go on); whether within ``bound``."""
+    try:
+        worst = max(relative_error(f, r) for f, r in zip(*compared()))
+    except Exception as err:  # noqa: BLE001  (the report names it)
+        worst, result = float('inf'), f'{type(err).__name__}: {err}'.splitlines()[0]
+    else:
+        bound_text = f'{bound:.0e}'.replace('e-0', 'e-')
+        result = f'worst relative difference {worst:.2e} over outputs and all gradients (bound {bound_text})'
+    print(f'{label}: {result}: {"OK" if worst <= bound else "MISMATCH"}')
+    return worst <= bound
 
 
 if __name__ == '__main__':

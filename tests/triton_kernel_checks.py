@@ -333,17 +333,39 @@ def test_mixer_and_norm_rejects_a_norm_of_other_channels():
 
 
 # ----- the model with mix_impl='triton' --------------------------------------------------------
-@pytest.fixture
-def triton_launches(monkeypatch):
-    """The Triton mixer's calls, by function (mix_impl='triton' falls back to the fast path
-    silently)."""
+def count_calls(monkeypatch, names: Sequence[str]) -> List[str]:
+    """The calls of ``triton_mix``'s functions ``names``, by name, in order (mix_impl='triton'
+    falls back to the fast path silently)."""
     calls = []
-    for name in ('shift_mix_triton', 'shift_mix_norm_triton'):
-        def counted(*args, _name=name, _mix=getattr(triton_mix, name), **kwargs):
+    for name in names:
+        def counted(*args, _name=name, _function=getattr(triton_mix, name), **kwargs):
             calls.append(_name)
-            return _mix(*args, **kwargs)
+            return _function(*args, **kwargs)
         monkeypatch.setattr(triton_mix, name, counted)
     return calls
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The Triton mixer's calls, by function."""
+    return count_calls(monkeypatch, ('shift_mix_triton', 'shift_mix_norm_triton'))
+
+
+def trained(model, impl: str, x: torch.Tensor, compiled: bool = False):
+    """``model``'s output on ``x`` and its parameters' gradients of ``out.square().sum()`` on
+    mix path ``impl``, compiled by inductor as one graph where ``compiled``."""
+    model.zero_grad()
+    model.set_mix_impl(impl)
+    out = (torch.compile(model, fullgraph=True) if compiled else model)(x)
+    out.square().sum().backward()
+    if compiled:
+        torch._dynamo.reset()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_same_grads(grads, expected_grads, label: str) -> None:
+    for name, expected in expected_grads.items():
+        assert torch.allclose(grads[name], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), (label, name)
 
 
 IMPLS = {'triton': 'shift_mix_triton', 'triton_norm': 'shift_mix_norm_triton'}
@@ -371,15 +393,10 @@ def test_triton_blocks_train_as_the_reference_blocks(impl, triton_launches):
     torch.manual_seed(0)
     model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), drop_path_rate=0.).to(DEVICE)
     x = torch.randn(2, 3, 40, 56, device=DEVICE)
-    grads = []
-    for mix_impl in ('reference', impl):
-        model.zero_grad()
-        model.set_mix_impl(mix_impl)
-        model(x).square().sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    _, expected_grads = trained(model, 'reference', x)
+    _, grads = trained(model, impl, x)
     assert triton_launches == [IMPLS[impl]] * 4  # one block per stage, in the triton pass only
-    for name, expected in grads[0].items():
-        assert torch.allclose(grads[1][name], expected, rtol=1e-4, atol=1e-5 * expected.abs().max()), name
+    assert_same_grads(grads, expected_grads, impl)
 
 
 @pytest.mark.parametrize('impl', IMPLS)
@@ -405,32 +422,17 @@ def test_compiled_model_keeps_the_triton_op(impl):
 
 def test_inductor_compiles_the_triton_blocks_to_the_reference_outputs_and_gradients(monkeypatch):
     """torch.compile's default backend (inductor) over both Triton mixers, training. On the CPU
-    inductor builds C++ for each graph (3 min here), so the suite runs this with the slow tests
+    inductor builds C++ for each graph (1.5 to 3 min here), so the suite runs this with the slow tests
     (tests/test_triton_mix.py); triton is imported in the interpreter before, so later kernels run."""
     from msmlp import MSMLP
     torch.manual_seed(0)
     x = torch.randn(2, 3, 40, 56, device=DEVICE)
     model = MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1), drop_path_rate=0.).to(DEVICE)
-    launches = []  # the kernels the compiled code runs (a fallback to the fast path would be silent)
-    for name in ('_launch_mix', '_launch_mix_norm'):
-        def counted(*args, _name=name, _launch=getattr(triton_mix, name), **kwargs):
-            launches.append(_name)
-            return _launch(*args, **kwargs)
-        monkeypatch.setattr(triton_mix, name, counted)
-    results = {}
-    for impl in ('reference', *IMPLS):
-        model.zero_grad()
-        model.set_mix_impl(impl)
-        run = model if impl == 'reference' else torch.compile(model, fullgraph=True)
-        out = run(x)
-        out.square().sum().backward()
-        results[impl] = out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-        torch._dynamo.reset()
+    launches = count_calls(monkeypatch, ('_launch_mix', '_launch_mix_norm'))  # what the compiled code runs
+    expected, expected_grads = trained(model, 'reference', x)
+    results = {impl: trained(model, impl, x, compiled=True) for impl in IMPLS}
     # the four blocks' forward launches, then their input gradients' (a mix by the adjoint kernel)
     assert launches == ['_launch_mix'] * 8 + ['_launch_mix_norm'] * 4 + ['_launch_mix'] * 4, ' '.join(launches)
-    expected, expected_grads = results.pop('reference')
     for impl, (out, grads) in results.items():
         assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5), impl
-        for name, grad in grads.items():
-            reference = expected_grads[name]
-            assert torch.allclose(grad, reference, rtol=1e-4, atol=1e-5 * reference.abs().max()), (impl, name)
+        assert_same_grads(grads, expected_grads, impl)
