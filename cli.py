@@ -144,11 +144,13 @@ class MSMLPCLI(LightningCLI):
 
         from tasks.base import InputError
         try:
-            return super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError) as err:  # options the machine cannot run
-            trainer = self.config_init[self.subcommand].trainer
-            given = ', '.join(f'{key}={getattr(trainer, key, None)}' for key in ('accelerator', 'strategy', 'devices'))
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, RuntimeError) as err:  # options the machine cannot run
+            options = self.config_init[self.subcommand].trainer
+            given = ', '.join(f'{key}={getattr(options, key, None)}' for key in ('accelerator', 'strategy', 'devices'))
             raise InputError(f'trainer ({given}): {err}') from err
+        check_process_count(trainer)
+        return trainer
 
     def after_instantiate_classes(self) -> None:
         for logger_args in self.pinned_versions:  # the saved config.yaml stays reusable
@@ -305,6 +307,34 @@ def refuse_spawn(strategy: Any) -> None:
         raise InputError(f'--trainer.strategy {strategy if isinstance(strategy, str) else name.strip()} is not '
                          'supported: use --trainer.strategy ddp, which starts each process by re-running this '
                          'msmlp command (under torchrun or SLURM, every process runs it already)')
+
+
+def launched_processes() -> Optional[Tuple[str, int, int]]:
+    """``(launcher, processes, processes per node)`` when torchrun or srun started this run's
+    processes (Lightning then starts none), else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    if TorchElasticEnvironment.detect():
+        return 'torchrun', int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_WORLD_SIZE'])
+    step_tasks = int(os.environ.get('SLURM_STEP_NUM_TASKS', 1))  # set by srun, not in a batch script itself
+    if SLURMEnvironment.detect() and step_tasks > 1:
+        return 'srun', step_tasks, max(1, step_tasks // int(os.environ.get('SLURM_STEP_NUM_NODES', 1)))
+    return None
+
+
+def check_process_count(trainer) -> None:
+    """Under torchrun or srun every process exists already: the trainer must run as many
+    (devices x num_nodes). With fewer, each process would train the whole run alone and all
+    would write to one run folder; with more, Lightning stops every process with a traceback."""
+    from tasks.base import InputError
+    launched = launched_processes()
+    runs = trainer.num_devices * trainer.num_nodes
+    if launched is None or launched[1] == runs:
+        return
+    launcher, processes, per_node = launched
+    nodes = f' --trainer.num_nodes {processes // per_node}' if processes > per_node else ''
+    raise InputError(f'{launcher} started {processes} processes, but the trainer runs {runs} (devices '
+                     f'{trainer.num_devices} x num_nodes {trainer.num_nodes}): pass --trainer.devices {per_node}'
+                     f'{nodes} --trainer.strategy ddp')
 
 
 def explicit_model_keys(argv: Sequence[str]) -> List[str]:

@@ -141,6 +141,45 @@ def test_ddp_spawn_is_refused_in_one_line(strategy, capsys, tmp_path, monkeypatc
     assert not (tmp_path / 'runs').exists()
 
 
+TORCHRUN_TWO = {'TORCHELASTIC_RUN_ID': 'none', 'RANK': '0', 'GROUP_RANK': '0', 'LOCAL_RANK': '0', 'LOCAL_WORLD_SIZE': '2', 'WORLD_SIZE': '2'}
+SRUN_TWO_NODES = {'SLURM_NTASKS': '4', 'SLURM_NTASKS_PER_NODE': '2', 'SLURM_NNODES': '2', 'SLURM_JOB_NAME': 'in1k', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0',
+                  'SLURM_NODEID': '0', 'SLURM_STEP_NUM_TASKS': '4', 'SLURM_STEP_NUM_NODES': '2'}
+
+
+@pytest.mark.parametrize('launcher, variables, flags, hint', [
+    ('torchrun', TORCHRUN_TWO, [], '--trainer.devices 2 --trainer.strategy ddp'),
+    ('torchrun', TORCHRUN_TWO, ['--trainer.devices=3', '--trainer.strategy=ddp'],
+     '--trainer.devices 2 --trainer.strategy ddp'),
+    ('srun', SRUN_TWO_NODES, ['--trainer.devices=2', '--trainer.strategy=ddp'],
+     '--trainer.devices 2 --trainer.num_nodes 2 --trainer.strategy ddp'),
+])
+def test_a_process_count_other_than_the_launchers_is_refused_in_one_line(launcher, variables, flags, hint, capsys,
+                                                                         tmp_path, monkeypatch):
+    """Under torchrun or srun with the default devices=1, every process would train the whole
+    run alone into the same run folder; with too many devices, Lightning stops each process
+    with a traceback."""
+    monkeypatch.chdir(tmp_path)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(['fit', '--task', 'cls', '--trainer.accelerator=cpu', *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    processes = variables.get('WORLD_SIZE') or variables['SLURM_STEP_NUM_TASKS']
+    assert err.count('\n') == 0 and err.startswith(f'msmlp: error: {launcher} started {processes} processes'), err
+    assert err.endswith(hint), err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_slurm_task_layout_lightning_refuses_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('SLURM_NTASKS_PER_NODE', raising=False)  # sbatch --ntasks without --ntasks-per-node
+    for name, value in SRUN_TWO_NODES.items():
+        if name != 'SLURM_NTASKS_PER_NODE':
+            monkeypatch.setenv(name, value)
+    assert cli.main(['fit', '--task', 'cls', '--trainer.accelerator=cpu', '--trainer.devices=2']) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'strategy=auto' in err and 'ntasks-per-node' in err, err
+
+
 def test_lightning_ddp_launcher_reruns_this_command():
     """Lightning's ddp launcher starts the other processes with this command line: whichever
     way msmlp was started, it is `python .../cli.py` with the --task and every flag."""

@@ -113,6 +113,18 @@ def test_learning_rate_scales_with_processes_and_accumulation(env, tmp_path):
     assert rates and all(rate == pytest.approx(2e-3, rel=1e-6) for rate in rates)
 
 
+def test_torchrun_with_the_default_single_device_stops_every_process_in_one_line(env, tmp_path):
+    """torchrun --nproc_per_node 2 without --trainer.devices 2: two lone runs into one folder
+    before; now each process says what to pass, and nothing is written."""
+    done = msmlp(tmp_path, env, '--standalone', '--nproc_per_node=2', str(MSMLP), 'fit', '--task', 'cls',
+                 *SHORT['cls'], command=(sys.executable, '-m', 'torch.distributed.run'), timeout=300, ok=False)
+    refusal = ('msmlp: error: torchrun started 2 processes, but the trainer runs 1 (devices 1 x num_nodes 1): '
+               'pass --trainer.devices 2 --trainer.strategy ddp')
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and out.count(refusal) == 2, out[-3000:]
+    assert 'Epoch' not in out and not (tmp_path / 'runs').exists()
+
+
 def test_torchrun_two_nodes_with_rendezvous(env, tmp_path):
     """torchrun --nnodes 2 (two agents here, as on two machines) with c10d rendezvous."""
     port = free_port()
