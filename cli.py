@@ -327,10 +327,12 @@ def check_process_count(trainer) -> None:
     would write to one run folder; with more, Lightning stops every process with a traceback."""
     from tasks.base import InputError
     launched = launched_processes()
-    runs = trainer.num_devices * trainer.num_nodes
-    if launched is None or launched[1] == runs:
+    if launched is None:
         return
     launcher, processes, per_node = launched
+    runs = trainer.num_devices * trainer.num_nodes
+    if processes == runs:
+        return
     nodes = f' --trainer.num_nodes {processes // per_node}' if processes > per_node else ''
     raise InputError(f'{launcher} started {processes} processes, but the trainer runs {runs} (devices '
                      f'{trainer.num_devices} x num_nodes {trainer.num_nodes}): pass --trainer.devices {per_node}'

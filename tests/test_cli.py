@@ -141,9 +141,11 @@ def test_ddp_spawn_is_refused_in_one_line(strategy, capsys, tmp_path, monkeypatc
     assert not (tmp_path / 'runs').exists()
 
 
-TORCHRUN_TWO = {'TORCHELASTIC_RUN_ID': 'none', 'RANK': '0', 'GROUP_RANK': '0', 'LOCAL_RANK': '0', 'LOCAL_WORLD_SIZE': '2', 'WORLD_SIZE': '2'}
-SRUN_TWO_NODES = {'SLURM_NTASKS': '4', 'SLURM_NTASKS_PER_NODE': '2', 'SLURM_NNODES': '2', 'SLURM_JOB_NAME': 'in1k', 'SLURM_PROCID': '0', 'SLURM_LOCALID': '0',
-                  'SLURM_NODEID': '0', 'SLURM_STEP_NUM_TASKS': '4', 'SLURM_STEP_NUM_NODES': '2'}
+TORCHRUN_TWO = {'TORCHELASTIC_RUN_ID': 'none', 'RANK': '0', 'GROUP_RANK': '0', 'LOCAL_RANK': '0',
+                'LOCAL_WORLD_SIZE': '2', 'WORLD_SIZE': '2'}
+SRUN_TWO_NODES = {'SLURM_NTASKS': '4', 'SLURM_NTASKS_PER_NODE': '2', 'SLURM_NNODES': '2', 'SLURM_JOB_NAME': 'in1k',
+                  'SLURM_PROCID': '0', 'SLURM_LOCALID': '0', 'SLURM_NODEID': '0', 'SLURM_STEP_NUM_TASKS': '4',
+                  'SLURM_STEP_NUM_NODES': '2'}
 
 
 @pytest.mark.parametrize('launcher, variables, flags, hint', [
