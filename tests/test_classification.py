@@ -461,7 +461,7 @@ def test_ema_weights_are_kept_beside_the_model(in_tmp, capsys):
     # the average is no trainable parameter (DDP refuses those that get no gradient) and no extra size
     assert not any(p.requires_grad for p in task.ema.parameters())
     size = sum(p.numel() for p in task.model.parameters()) / 1e6
-    assert f'({size:.1f}M parameters)' in out
+    assert f'task cls: msmlp_tiny (embed_dim 20, depths 1,1,1,1; {size:.1f}M parameters) on {data}' in out
     msmlp.load_pretrained(msmlp.MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1)), path)
 
 

@@ -1,4 +1,5 @@
-"""timm's model battery (its repository's tests/test_models.py), applied to msmlp_tiny/small/base.
+"""timm's model battery (its repository's tests/test_models.py), applied to every registered model:
+msmlp_tiny/small/base and msswin_tiny/small/base.
 
 Each test is one of timm's checks, at timm's input sizes and tolerances; where timm only checks
 shapes we also compare outputs with the eager model, which timm's FX check does exactly.
@@ -8,13 +9,13 @@ import math
 import pytest
 import timm
 import torch
-from timm.layers import get_channel_dim, get_spatial_dim
+from timm.layers import Format, get_channel_dim, get_spatial_dim
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
 import msmlp  # noqa: F401  (registers the models)
 
-MODELS = ['msmlp_tiny', 'msmlp_small', 'msmlp_base']
+MODELS = ['msmlp_tiny', 'msmlp_small', 'msmlp_base', 'msswin_tiny', 'msswin_small', 'msswin_base']
 # timm's sizes: the default 224 capped at these targets
 FWD_SIZE, BWD_SIZE, JIT_SIZE, FEAT_SIZE, FX_SIZE = 224, 128, 128, 96, 128
 
@@ -72,7 +73,9 @@ def test_default_cfg(name):
     with torch.no_grad():
         features = model.forward_features(x)
         pre_logits = model.forward_head(features, pre_logits=True)
-        assert features.shape[1:] == (model.num_features, *cfg['pool_size'])
+        fmt = getattr(model, 'output_fmt', 'NCHW')  # timm's Swin (MS-Swin) keeps its maps NHWC
+        assert features.shape[get_channel_dim(fmt)] == model.num_features
+        assert tuple(features.shape[i] for i in get_spatial_dim(fmt)) == cfg['pool_size']
         assert pre_logits.shape == (1, model.head_hidden_size)
         model.reset_classifier(0)
         assert model.num_classes == 0
@@ -97,9 +100,9 @@ def test_torchscript_matches_eager(name):
         assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
-def check_feature_maps(outputs, channels, reductions, size, batch=1):
+def check_feature_maps(outputs, channels, reductions, size, batch=1, fmt='NCHW'):
     assert len(outputs) == len(channels)
-    c_axis, (h_axis, w_axis) = get_channel_dim('NCHW'), get_spatial_dim('NCHW')
+    c_axis, (h_axis, w_axis) = get_channel_dim(fmt), get_spatial_dim(fmt)
     for c, r, o in zip(channels, reductions, outputs):
         assert o.shape[c_axis] == c and o.shape[0] == batch
         assert o.shape[h_axis] <= math.ceil(size[-2] / r) + 1 and o.shape[w_axis] <= math.ceil(size[-1] / r) + 1
@@ -119,8 +122,11 @@ def test_features_only(name, feature_cls):
     with torch.no_grad():
         outputs = model(x)
         expected = classifier.forward_intermediates(x, intermediates_only=True)
+    fmt = Format(getattr(model, 'output_fmt', 'NCHW'))  # timm's hook and fx extractors of Swin give NHWC
     assert len(model.feature_info.channels()) >= 3
-    check_feature_maps(outputs, model.feature_info.channels(), model.feature_info.reduction(), size)
+    check_feature_maps(outputs, model.feature_info.channels(), model.feature_info.reduction(), size, fmt=fmt)
+    if fmt == Format.NHWC:
+        outputs = [o.permute(0, 3, 1, 2) for o in outputs]
     assert all(torch.allclose(o, e, rtol=1e-4, atol=1e-5) for o, e in zip(outputs, expected, strict=True))
 
 
