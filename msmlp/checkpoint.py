@@ -327,7 +327,7 @@ def infer_arch(state: Mapping[str, torch.Tensor], source: str = 'checkpoint') ->
     Raises:
         CheckpointError: the weights are not an MS-MLP's (an MS-Swin or Swin checkpoint, say).
     """
-    swin = next((k for k in state if '.attn.' in k or '.downsample.reduction.' in k), None)
+    swin = swin_key(state)
     if swin is not None:
         raise CheckpointError(f'{source} holds MS-Swin or Swin weights ({swin}), not an MS-MLP\'s')
     stem = state.get(_STEM)
@@ -338,6 +338,12 @@ def infer_arch(state: Mapping[str, torch.Tensor], source: str = 'checkpoint') ->
     depths = tuple(1 + max((j for i, j in blocks if i == stage), default=-1) for stage in range(max(stages) + 1))
     return dict(in_chans=stem.shape[1], embed_dim=stem.shape[0], depths=depths,
                 mix_sizes=tuple(_stage_mix_sizes(state, stage) for stage in range(len(depths))))
+
+
+def swin_key(state: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """A key that only Swin's layout has (attention, patch merging), if ``state`` has one: the
+    weights are an MS-Swin's or Swin's, not an MS-MLP's."""
+    return next((k for k in state if '.attn.' in k or '.downsample.reduction.' in k), None)
 
 
 def _stage_mix_sizes(state: Mapping[str, torch.Tensor], stage: int) -> Tuple[int, ...]:

@@ -1,13 +1,14 @@
-"""``msmlp export``: an MS-MLP classifier or dense backbone as ONNX, TorchScript, a torch.export
-program, or safetensors weights; a detector or segmentor trained with ``msmlp fit --task det|seg``
-as the checkpoint and config that MMDetection's and MMSegmentation's own tools read.
+"""``msmlp export``: an MS-MLP or MS-Swin classifier or dense backbone as ONNX, TorchScript, a
+torch.export program, or safetensors weights; a detector or segmentor trained with ``msmlp fit
+--task det|seg`` as the checkpoint and config that MMDetection's and MMSegmentation's own tools read.
 
     msmlp export --model msmlp_tiny --format onnx --output msmlp_tiny.onnx
     msmlp export --model msmlp_tiny --checkpoint last.ckpt --format exported-program
     msmlp export --model msmlp_tiny --features-only --out-indices 1 2 3 --format onnx --img-size 512 512
     msmlp export --checkpoint runs/det/version_0/checkpoints/last.ckpt --format openmmlab --output det.pth
 
-ONNX and exported programs take any batch, height and width (>= 64) unless ``--static``;
+ONNX and exported programs take any batch, height and width (>= 64) unless ``--static``
+(MS-Swin's: any batch at the export size, for which its attention windows are built);
 TorchScript takes any size. Every file is checked after it is written: it is loaded again
 and run (ONNX with onnxruntime) at the export size and, when dynamic, at a second odd size,
 against the eager model. Detection and segmentation models export their backbone this way
@@ -20,16 +21,20 @@ import os
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, extract_state_dict, infer_arch, load_state, local_checkpoint, read_checkpoint
+from .checkpoint import (CheckpointError, extract_state_dict, infer_arch, load_state, local_checkpoint,
+                         read_checkpoint, swin_key)
 from .model import MIX_SIZES, VARIANT_ARCHS, MSMLP
+from .msswin import DEFAULT_PATTERN, MSSwin
+from .msswin import VARIANT_ARCHS as MSSWIN_ARCHS
 
 __all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'describe', 'export', 'check_export', 'main']
 
+MODELS = (*VARIANT_ARCHS, *MSSWIN_ARCHS)
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 'safetensors': '.safetensors'}
 OPENMMLAB = 'openmmlab'  # a det/seg run's whole model, for the OpenMMLab tools (not a backbone format)
 # Below 64 pixels the last stage is 1x1, a case the exported program's shape guards leave out.
@@ -52,7 +57,7 @@ class DenseOutputs(nn.Module):
 
 
 def _head_classes(state: Dict[str, torch.Tensor]) -> Optional[int]:
-    head = state.get('head.weight')
+    head = state.get('head.weight', state.get('head.fc.weight'))  # MS-MLP's, timm Swin's
     return None if head is None else head.shape[0]
 
 
@@ -78,9 +83,40 @@ def _variant_of(arch: Dict) -> Optional[str]:
         arch['embed_dim'], tuple(arch['depths'])) == (variant['embed_dim'], variant['depths'])), None)
 
 
-def backbone(model: nn.Module) -> MSMLP:
-    """The ``MSMLP`` inside what :func:`build_model` returns."""
+def backbone(model: nn.Module) -> Union[MSMLP, MSSwin]:
+    """The ``MSMLP`` or ``MSSwin`` inside what :func:`build_model` returns."""
     return model.model if isinstance(model, DenseOutputs) else model
+
+
+def _fixed_size(model: nn.Module) -> bool:
+    """MS-Swin builds its attention windows and masks for one input size when exported."""
+    return isinstance(backbone(model), MSSwin)
+
+
+def default_img_size(model: nn.Module) -> Tuple[int, int]:
+    """The example input size: an MS-Swin's ``img_size``, else 224x224."""
+    net = backbone(model)
+    return tuple(net.patch_embed.img_size) if isinstance(net, MSSwin) and net.patch_embed.img_size else (224, 224)
+
+
+def _architecture(name: str, checkpoint: Dict, state: Dict[str, torch.Tensor], source: str) -> Tuple[str, Dict]:
+    """The registered model and its timm arguments for the weights of ``source``: MS-MLP's read
+    from the weights (:func:`infer_arch`); an MS-Swin classifier run's from its stored
+    hyperparameters; other MS-Swin weights are ``name``'s registered architecture (loaded strictly,
+    so a file of another one is refused)."""
+    if swin_key(state) is None:
+        arch = infer_arch(state, source)
+        return _variant_of(arch) or (name if name in VARIANT_ARCHS else 'msmlp_tiny'), arch
+    hparams = checkpoint.get('hyper_parameters') if isinstance(checkpoint, dict) else None
+    if isinstance(hparams, dict) and hparams.get('model') in MSSWIN_ARCHS:
+        arch = {k: hparams[k] for k in ('embed_dim', 'depths') if hparams.get(k) is not None}
+        arch.update({k: v for k, v in (hparams.get('model_args') or {}).items()
+                     if k not in ('num_classes', 'out_indices', 'pretrained')})
+        return hparams['model'], arch
+    if name not in MSSWIN_ARCHS:
+        raise CheckpointError(f'{source} holds MS-Swin or Swin weights ({swin_key(state)}): give their '
+                              f"architecture, --model {' or '.join(MSSWIN_ARCHS)}")
+    return name, {}
 
 
 def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool = False,
@@ -88,16 +124,20 @@ def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool
     """The eval-mode model to export: the classifier (with ``num_classes`` outputs, else as many as
     the checkpoint's head, else 1000; 0, and a checkpoint without head, give the pooled features)
     or, ``features_only``, the backbone with its output norms. With a checkpoint the architecture
-    is the checkpoint's (:func:`msmlp.checkpoint.infer_arch`), built as the variant it is, if
-    any, else as ``name`` with the checkpoint's width and depths."""
-    import timm
-    from . import model as _registered  # noqa: F401  (registers the msmlp models with timm)
-    if name not in VARIANT_ARCHS:
-        raise ValueError(f"--model must be one of {', '.join(VARIANT_ARCHS)}, got {name!r}")
+    is the checkpoint's (:func:`_architecture`): an MS-MLP's read from its weights, built as the
+    variant it is, if any, else with the checkpoint's width and depths; an MS-Swin's from the run
+    that trained it, else ``name``'s."""
+    import timm  # the models are registered with it by this module's imports of .model and .msswin
+    if name not in MODELS:
+        raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {name!r}")
     checkpoint = local_checkpoint(checkpoint) if checkpoint else None  # a URL is downloaded once
-    state = extract_state_dict(read_checkpoint(checkpoint), source=checkpoint) if checkpoint else {}
-    arch = infer_arch(state, checkpoint) if checkpoint else {}
-    name = (_variant_of(arch) or name) if arch else name
+    arch: Dict = {}
+    if checkpoint:
+        raw = read_checkpoint(checkpoint)
+        state = extract_state_dict(raw, source=checkpoint)
+        name, arch = _architecture(name, raw, state, checkpoint)
+    else:
+        state = {}
     if features_only:
         model = timm.create_model(name, num_classes=0, out_indices=tuple(out_indices), **arch)
     else:
@@ -106,9 +146,30 @@ def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool
         with warnings.catch_warnings():
             # a backbone has no head, a classifier no output norms, --num-classes 0 neither
             warnings.filterwarnings('ignore', message='.*(classifier head|output norms)')
-            load_state(model, state, checkpoint)
+            try:
+                load_state(model, state, checkpoint)
+            except CheckpointError as err:
+                if isinstance(model, MSSwin) and not arch:  # built as --model's registered architecture
+                    raise CheckpointError(f'{err}; MS-Swin weights outside a msmlp fit --task cls checkpoint '
+                                          f'are built as --model {name}\'s registered architecture') from None
+                raise
     model.eval()
     return DenseOutputs(model).eval() if features_only else model
+
+
+def _swin_details(net: MSSwin, name: str) -> List[str]:
+    """How an MS-Swin differs from its registered variant, in words."""
+    variant = MSSWIN_ARCHS.get(name, {})
+    depths = tuple(len(stage.blocks) for stage in net.layers)
+    details = []
+    if (net.dims[0], depths) != (variant.get('embed_dim'), variant.get('depths')):
+        details += [f'embed_dim {net.dims[0]}', f'depths {",".join(map(str, depths))}']
+    if net._ref_window_sizes[0] != (variant.get('window_size'),) * 2:
+        details.append(f'window {"x".join(map(str, net._ref_window_sizes[0]))}')
+    patterns = [','.join(p) for p in net.block_pattern]
+    if set(patterns) != {','.join(DEFAULT_PATTERN)}:
+        details.append('blocks ' + (patterns[0] if len(set(patterns)) == 1 else ' | '.join(patterns)))
+    return details
 
 
 def describe(model: nn.Module) -> str:
@@ -116,6 +177,10 @@ def describe(model: nn.Module) -> str:
     classifier (3 classes)"."""
     net = backbone(model)
     name = getattr(net, 'pretrained_cfg', {}).get('architecture', type(net).__name__)
+    if isinstance(net, MSSwin):
+        details = _swin_details(net, name)
+        name += f' ({", ".join(details)})' if details else ''
+        return _describe_role(model, net, name)
     arch = dict(embed_dim=net.dims[0], depths=net.depths, in_chans=net.patch_embed.proj.in_channels,
                 mix_sizes=tuple(s.blocks[0].mix_size if len(s.blocks) else MIX_SIZES[i]
                                 for i, s in enumerate(net.layers)))
@@ -126,6 +191,10 @@ def describe(model: nn.Module) -> str:
         if arch['in_chans'] != 3:
             details.append(f'{arch["in_chans"]} input channels')
         name += f' ({", ".join(details)})'
+    return _describe_role(model, net, name)
+
+
+def _describe_role(model: nn.Module, net: nn.Module, name: str) -> str:
     if isinstance(model, DenseOutputs):
         return f'{name} backbone (stages {", ".join(map(str, net.out_indices))})'
     if not net.num_classes:
@@ -133,8 +202,10 @@ def describe(model: nn.Module) -> str:
     return f'{name} classifier ({net.num_classes} classes)'
 
 
-def _dynamic_shapes() -> dict:
+def _dynamic_shapes(model: nn.Module) -> dict:
     from torch.export import Dim
+    if _fixed_size(model):
+        return {'x': {0: Dim('batch', min=1)}}
     return {'x': {0: Dim('batch', min=1), 2: Dim('height', min=MIN_DYNAMIC_SIZE),
                   3: Dim('width', min=MIN_DYNAMIC_SIZE)}}
 
@@ -151,13 +222,14 @@ def export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, int] = 
     the ``MSMLP``'s own state dict (a backbone's without the :class:`DenseOutputs` wrapper)."""
     if fmt not in FORMATS:
         raise ValueError(f'--format must be one of {", ".join(FORMATS)}, got {fmt!r}')
-    if not static and fmt in ('onnx', 'exported-program') and min(img_size) < MIN_DYNAMIC_SIZE:
+    if not static and fmt in ('onnx', 'exported-program') and min(img_size) < MIN_DYNAMIC_SIZE \
+            and not _fixed_size(model):
         raise ValueError(f'--img-size {img_size[0]} {img_size[1]}: a dynamic export needs sizes >= '
                          f'{MIN_DYNAMIC_SIZE}; add --static to export this size only')
     from safetensors import SafetensorError
     _check_writable(output)
     example = (_images(model, 1 if static else 2, *img_size),)  # torch.export fixes a batch of 1
-    dynamic = None if static else _dynamic_shapes()
+    dynamic = None if static else _dynamic_shapes(model)
     try:
         with torch.no_grad():
             _write(model, fmt, output, example, dynamic, opset)
@@ -230,10 +302,14 @@ def _loaded(fmt: str, output: str) -> Callable[[torch.Tensor], List[torch.Tensor
     return run
 
 
-def check_sizes(img_size: Tuple[int, int], static: bool, fmt: str) -> List[Tuple[int, int, int]]:
-    """(batch, height, width) to check: the export size and, when dynamic, an odd other one."""
+def check_sizes(img_size: Tuple[int, int], static: bool, fmt: str, fixed_size: bool = False
+                ) -> List[Tuple[int, int, int]]:
+    """(batch, height, width) to check: the export size and, when dynamic, an odd other one
+    (``fixed_size``: another batch at the export size, except for TorchScript)."""
     sizes = [(1, *img_size)]
-    if not static or fmt == 'torchscript':
+    if fixed_size and fmt != 'torchscript':
+        sizes += [] if static else [(2, *img_size)]
+    elif not static or fmt == 'torchscript':
         sizes.append((2, 383, 511) if tuple(img_size) != (383, 511) else (2, 416, 576))
     return sizes
 
@@ -249,7 +325,7 @@ def check_export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, i
             raise RuntimeError(f'{output}: the saved weights differ from the model')
         return 0.0
     worst, run = 0.0, _loaded(fmt, output)
-    for batch, height, width in check_sizes(img_size, static, fmt):
+    for batch, height, width in check_sizes(img_size, static, fmt, _fixed_size(model)):
         x = _images(model, batch, height, width)
         with torch.no_grad():
             expected = model(x)
@@ -330,7 +406,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     'program or safetensors weights, or a det/seg run for the OpenMMLab tools; the file is '
                     'loaded again and checked against the model.')
     parser.add_argument('--model', default='msmlp_tiny',
-                        help="msmlp_tiny, msmlp_small or msmlp_base; with --checkpoint, the checkpoint's architecture")
+                        help=f"{', '.join(MODELS)}; with --checkpoint, the checkpoint's architecture (that of "
+                             "MS-Swin weights not from a msmlp fit run is --model's)")
     parser.add_argument('--checkpoint', metavar='FILE',
                         help='weights: a released, Lightning (cls/det/seg), mmengine, timm or safetensors file, '
                              'or its URL (downloaded once)')
@@ -344,8 +421,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--num-classes', type=int,
                         help="classifier outputs (default: the checkpoint head's, else 1000); "
                              '0: no classifier, the pooled features')
-    parser.add_argument('--img-size', type=int, nargs=2, default=[224, 224], metavar=('H', 'W'),
-                        help='the example input (with --static, the only size the file takes)')
+    parser.add_argument('--img-size', type=int, nargs=2, metavar=('H', 'W'),
+                        help="the example input (default: an MS-Swin's img_size, else 224 224); with --static, "
+                             "and for MS-Swin's ONNX and programs, the only size the file takes")
     parser.add_argument('--static', action='store_true', help='a fixed batch of 1 at --img-size (ONNX, program)')
     parser.add_argument('--opset', type=int, help="ONNX opset (default: torch's)")
     parser.add_argument('--no-check', action='store_true', help='do not load and check the written file')
@@ -353,22 +431,37 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.output is None and args.format == OPENMMLAB:
         stem = os.path.splitext(os.path.basename(args.checkpoint or 'model'))[0]
         args.output = stem + '-openmmlab.pth'
-    elif args.output is None:
-        args.output = args.model + ('-features' if args.features_only else '') + FORMATS[args.format]
     return args
+
+
+def default_output(model: nn.Module, fmt: str) -> str:
+    """MODEL[-features].SUFFIX, after the architecture that was built."""
+    name = getattr(backbone(model), 'pretrained_cfg', {}).get('architecture', 'model')
+    return name + ('-features' if isinstance(model, DenseOutputs) else '') + FORMATS[fmt]
+
+
+def _input_shapes(model: nn.Module, fmt: str, img_size: Tuple[int, int], static: bool) -> str:
+    """The inputs the written file takes, in words."""
+    channels = backbone(model).patch_embed.proj.in_channels
+    if fmt in ('torchscript', 'safetensors'):
+        return 'any size' if fmt == 'torchscript' else 'weights'
+    if static:
+        return f'1x{channels}x{img_size[0]}x{img_size[1]}'
+    if _fixed_size(model):
+        return f'dynamic batch at {channels}x{img_size[0]}x{img_size[1]}: MS-Swin\'s windows are built for one size'
+    return f'dynamic batch, height and width (>= {MIN_DYNAMIC_SIZE})'
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    img_size = tuple(args.img_size)
     try:
         if args.format == OPENMMLAB:
             return _main_openmmlab(args)
         model = build_model(args.model, args.checkpoint, args.features_only, args.out_indices, args.num_classes)
         channels = backbone(model).patch_embed.proj.in_channels
-        shapes = ('any size' if args.format == 'torchscript' else 'weights' if args.format == 'safetensors'
-                  else f'1x{channels}x{img_size[0]}x{img_size[1]}' if args.static
-                  else f'dynamic batch, height and width (>= {MIN_DYNAMIC_SIZE})')
+        img_size = tuple(args.img_size) if args.img_size else default_img_size(model)
+        args.output = args.output or default_output(model, args.format)
+        shapes = _input_shapes(model, args.format, img_size, args.static)
         source = f' from {args.checkpoint}' if args.checkpoint else ', random weights'
         print(f'msmlp export: {describe(model)}{source} -> {args.output} ({args.format}, {shapes})', flush=True)
         start = time.perf_counter()
@@ -380,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.format == 'safetensors':
                 print('msmlp export: checked: the file holds the model\'s weights exactly')
             else:
-                sizes = check_sizes(img_size, args.static, args.format)
+                sizes = check_sizes(img_size, args.static, args.format, _fixed_size(model))
                 at = ' and '.join(f'{b}x{channels}x{h}x{w}' for b, h, w in sizes)
                 runner = 'onnxruntime' if args.format == 'onnx' else 'the loaded file'
                 print(f'msmlp export: checked: {runner} at {at} matches the eager model '
@@ -392,6 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, ValueError, RuntimeError) as err:
         if os.environ.get('MSMLP_DEBUG'):
             raise
-        print(f'msmlp export: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}', file=sys.stderr)
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        print(f'msmlp export: error: {first}', file=sys.stderr)
         return 1
     return 0

@@ -182,17 +182,23 @@ class MSSwin(SwinTransformer):
             self.out_indices = tuple(i for i in self.out_indices if i < kept) or None
         return take_indices
 
-    def forward_dense(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def forward_dense(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Outputs of the ``out_indices`` stages (NCHW), each through its own LayerNorm."""
-        if self.out_indices is None:
+        indices = self.out_indices
+        if indices is None:
             raise RuntimeError('forward_dense needs out_indices; build the model with out_indices=(0, 1, 2, 3)')
+        take = [i for i in indices]  # a list (TorchScript reads out_indices as a fixed-size tuple)
         x = self.patch_embed(x)
-        outputs = []
-        for i in range(max(self.out_indices) + 1):
-            x = self.layers[i](x)
-            if i in self.out_indices:
-                outputs.append(self.out_norms[str(i)](x).permute(0, 3, 1, 2).contiguous())
-        return tuple(outputs)
+        outputs: List[torch.Tensor] = []
+        for i, stage in enumerate(self.layers):
+            if i <= max(take):
+                x = stage(x)
+                if i in take:
+                    outputs.append(x)
+        normed: List[torch.Tensor] = []
+        for j, norm in enumerate(self.out_norms.values()):  # in out_indices order, sorted as the stages
+            normed.append(norm(outputs[j]).permute(0, 3, 1, 2).contiguous())
+        return normed
 
 
 # ----- checkpoints -----------------------------------------------------------------------------

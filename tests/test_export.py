@@ -157,12 +157,78 @@ def test_backbone_of_the_default_det_run(tmp_path, capsys):
                 assert torch.equal(got, e)
 
 
-def test_ms_swin_checkpoints_are_refused_in_one_line(tmp_path, capsys):
-    swin = timm.create_model('msswin_tiny', embed_dim=48, depths=(1, 1, 2, 1), num_heads=(2, 2, 2, 2), window_size=4)
-    ckpt = lightning_checkpoint(tmp_path / 'swin.ckpt', swin)
-    assert main(['--checkpoint', ckpt]) == 1
-    assert capsys.readouterr().err == (f'msmlp export: error: {ckpt} holds MS-Swin or Swin weights '
-                                       "(layers.0.blocks.0.attn.relative_position_bias_table), not an MS-MLP's\n")
+MINI_SWIN = dict(embed_dim=16, depths=[1, 2, 1, 1], model_args=dict(num_heads=[1, 1, 2, 2], window_size=4,
+                                                                     img_size=32, block_pattern=['ws', 'ms']))
+
+
+def swin_run_checkpoint(path, **hparams):
+    """A ``msmlp fit --task cls`` checkpoint of a small MS-Swin: its weights and the hyperparameters
+    that built it."""
+    hparams = dict(dict(model='msswin_tiny', num_classes=4, **MINI_SWIN), **hparams)
+    trained = timm.create_model('msswin_tiny', num_classes=hparams['num_classes'], embed_dim=hparams['embed_dim'],
+                                depths=hparams['depths'], **hparams['model_args']).eval()
+    torch.save({'state_dict': {f'model.{k}': v for k, v in trained.state_dict().items()},
+                'hyper_parameters': hparams}, path)
+    return str(path), trained
+
+
+def test_an_ms_swin_run_exports_with_its_architecture_and_any_batch_at_its_size(tmp_path, capsys):
+    ckpt, trained = swin_run_checkpoint(tmp_path / 'last.ckpt', model_args=dict(
+        MINI_SWIN['model_args'], block_pattern=[['ws', 'sw'], ['ws', 'ms'], ['ms'], ['sw']]))
+    out = tmp_path / 'swin.onnx'
+    assert main(['--checkpoint', ckpt, '--format', 'onnx', '--output', str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == (f'msmlp export: msswin_tiny (embed_dim 16, depths 1,2,1,1, window 4x4, blocks ws,sw | ws,ms '
+                          f'| ms | sw) classifier (4 classes) from {ckpt} -> {out} (onnx, dynamic batch at 3x32x32: '
+                          "MS-Swin's windows are built for one size)")
+    assert 'onnxruntime at 1x3x32x32 and 2x3x32x32 matches the eager model' in printed[-1]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = trained(x)
+    assert torch.allclose(run_onnx(out, x)[0], expected, rtol=1e-4, atol=1e-5)  # the shifted windows too
+
+
+def test_an_ms_swin_backbone_as_a_program_and_torchscript(tmp_path, capsys):
+    ckpt, trained = swin_run_checkpoint(tmp_path / 'last.ckpt')
+    dense = timm.create_model('msswin_tiny', num_classes=0, out_indices=(1, 2), embed_dim=16, depths=[1, 2, 1, 1],
+                              **MINI_SWIN['model_args']).eval()
+    assert dense.load_state_dict(trained.state_dict(), strict=False).missing_keys == ['out_norms.1.weight',
+                                                                                       'out_norms.1.bias',
+                                                                                       'out_norms.2.weight',
+                                                                                       'out_norms.2.bias']
+    for fmt, suffix in [('exported-program', '.pt2'), ('torchscript', '.pt')]:
+        out = tmp_path / f'backbone{suffix}'
+        assert main(['--checkpoint', ckpt, '--features-only', '--out-indices', '1', '2', '--format', fmt,
+                     '--img-size', '40', '56', '--output', str(out)]) == 0
+        assert 'msswin_tiny (embed_dim 16, depths 1,2,1,1, window 4x4) backbone (stages 1, 2)' in capsys.readouterr().out
+    x = torch.randn(2, 3, 40, 56)
+    model = build_model('msswin_tiny', ckpt, features_only=True, out_indices=(1, 2))
+    with torch.no_grad():
+        expected = dense.load_state_dict(model.model.state_dict()) and dense.forward_dense(x)
+        program = torch.export.load(str(tmp_path / 'backbone.pt2')).module()(x)
+        scripted = torch.jit.load(str(tmp_path / 'backbone.pt'))(torch.randn(1, 3, 50, 70))
+    assert [tuple(o.shape) for o in program] == [(2, 32, 5, 7), (2, 64, 3, 4)]
+    assert all(torch.allclose(p, e, rtol=1e-4, atol=1e-5) for p, e in zip(program, expected, strict=True))
+    assert [tuple(o.shape) for o in scripted] == [(1, 32, 7, 9), (1, 64, 4, 5)]  # TorchScript: any size
+
+
+def test_ms_swin_weights_without_a_run_are_the_named_models(tmp_path, capsys):
+    """A plain MS-Swin state dict does not say its architecture: it is --model's, loaded strictly."""
+    path = tmp_path / 'msswin_small.pth'
+    with torch.device('meta'):
+        shapes = timm.create_model('msswin_small', num_classes=5).state_dict()
+    torch.save({k: torch.zeros(v.shape) for k, v in shapes.items()}, path)
+    assert main(['--checkpoint', str(path)]) == 1
+    assert capsys.readouterr().err == (f'msmlp export: error: {path} holds MS-Swin or Swin weights '
+                                       '(layers.0.blocks.0.attn.relative_position_bias_table): give their '
+                                       'architecture, --model msswin_tiny or msswin_small or msswin_base\n')
+    assert main(['--checkpoint', str(path), '--model', 'msswin_tiny', '--format', 'safetensors',
+                 '--output', str(tmp_path / 'x.safetensors')]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'msmlp export: error: {path} does not fit the model: ') and err.count('\n') == 1
+    assert err.endswith("are built as --model msswin_tiny's registered architecture\n")
+    model = build_model('msswin_small', str(path))
+    assert model.pretrained_cfg['architecture'] == 'msswin_small' and model.num_classes == 5
 
 
 def test_num_classes_zero_exports_the_pooled_features_and_negatives_are_refused(tmp_path, capsys):

@@ -92,6 +92,8 @@ def test_out_indices_select_stages():
 
 
 def test_frozen_stages_take_no_gradient_and_stay_in_eval():
+    # seeded: drop path dropped both samples of layers.2.blocks.0 (no gradient, no update) for 2 seeds in 400
+    torch.manual_seed(0)
     backbone = build(**TINY, frozen_stages=2, drop_path_rate=0.2)
     backbone.train()
     frozen = [backbone.patch_embed, backbone.layers[0], backbone.layers[1], backbone.out_norms['0'],
