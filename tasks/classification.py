@@ -15,6 +15,7 @@ processes, so they do not depend on the process count.
 """
 from __future__ import annotations
 
+import csv
 import os
 import unicodedata
 from pathlib import Path
@@ -381,7 +382,14 @@ class ClassificationTask(BaseTask):
             off when both alphas are 0.
         ema: Keep an exponential moving average of the weights (validated as ``val/top1_ema``).
         ema_decay: Its decay.
+        predict_file: Where ``predict`` writes its CSV of the top-5 classes per image (default
+            ``<default_root_dir>/predictions.csv``).
     """
+
+    # Run-time options, not properties of the trained model: kept out of the checkpoint's
+    # hyper-parameters, which LightningCLI would otherwise apply over the command line when
+    # given --ckpt_path.
+    runtime_args: Tuple[str, ...] = ('predict_file',)
 
     def __init__(
             self,
@@ -409,12 +417,15 @@ class ClassificationTask(BaseTask):
             mixup_mode: str = 'batch',
             ema: bool = False,
             ema_decay: float = 0.9999,
+            predict_file: Optional[str] = None,
     ) -> None:
         if class_names is not None and len(class_names) != num_classes:
             raise InputError(f'class_names has {len(class_names)} names but num_classes={num_classes}')
         _check_optimisation_args(lr=lr, drop_path_rate=drop_path_rate, mixup_prob=mixup_prob,
                                  mixup_switch_prob=mixup_switch_prob, mixup_mode=mixup_mode)
-        super().__init__()
+        super().__init__(ignore=self.runtime_args)
+        self.predict_file = predict_file
+        self._predicted: List[Dict[str, Any]] = []
 
     def configure_models(self) -> None:
         hp = self.hparams
@@ -531,8 +542,9 @@ class ClassificationTask(BaseTask):
         self._evaluate(batch, self.test_metrics, 'test')
 
     def predict_step(self, batch: Tuple[torch.Tensor, List[str]], batch_idx: int) -> List[Dict[str, Any]]:
-        """Top-5 (or all, if fewer) classes per image, printed and returned. On several
-        processes they are printed at the end, by the first, in the order of the images."""
+        """Top-5 (or all, if fewer) classes per image, printed and returned, and written to
+        ``predict_file`` at the end. On several processes they are printed at the end, by the
+        first, in the order of the images."""
         images, paths = batch
         probs = self(images).softmax(dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
@@ -544,22 +556,30 @@ class ClassificationTask(BaseTask):
         if world()[0] == 1:
             for result in results:
                 self._print(_ranking(result['path'], result['top5']))
-        else:
-            self._predicted.extend(results)
+        self._predicted.extend(results)
         return results
+
+    def _predict_file(self) -> Path:
+        return Path(self.predict_file or Path(self.trainer.default_root_dir) / 'predictions.csv')
 
     def on_predict_epoch_start(self) -> None:
         self._predicted: List[Dict[str, Any]] = []
+        check_writable(self._predict_file())  # before predicting, not after
 
     def on_predict_epoch_end(self) -> None:
-        if world()[0] == 1:
-            return
-        dataset = getattr(self.trainer.datamodule, 'datasets', {}).get('predict')
-        order = {path: i for i, (path, _) in enumerate(dataset.samples)} if dataset is not None else {}
-        ranked = gather_in_order([(order[r['path']] if order else r['path'], r) for r in self._predicted])
-        if self.trainer.is_global_zero:
-            for result in ranked:
-                self._print(_ranking(result['path'], result['top5']))
+        ranked = self._predicted
+        if world()[0] > 1:
+            dataset = getattr(self.trainer.datamodule, 'datasets', {}).get('predict')
+            order = {path: i for i, (path, _) in enumerate(dataset.samples)} if dataset is not None else {}
+            ranked = gather_in_order([(order[r['path']] if order else r['path'], r) for r in self._predicted])
+            if self.trainer.is_global_zero:
+                for result in ranked:
+                    self._print(_ranking(result['path'], result['top5']))
+        if self.trainer.is_global_zero and ranked:
+            path = self._predict_file()
+            write_predictions(path, ranked)
+            self._print(f'msmlp: wrote the top-{len(ranked[0]["top5"])} classes of {len(ranked)} images to '
+                        f'{path.resolve()}')
 
     def _print(self, text: str) -> None:
         bar = self.trainer.progress_bar_callback if self._trainer is not None else None
@@ -603,6 +623,29 @@ def _normalisation_hint(folders: Sequence[str], names: Sequence[str]) -> str:
     form = 'NFC' if all(unicodedata.is_normalized('NFC', str(n)) for n in names) else 'NFD'
     return ('; they differ only in how Unicode composes their accents (NFC or NFD; folders copied from macOS are '
             f'NFD): rename the folders to the model\'s form, unicodedata.normalize({form!r}, name)')
+
+
+def check_writable(path: Path) -> None:
+    """Fail in one line when ``path`` cannot be written (its folder is made if missing)."""
+    if path.is_dir():
+        raise InputError(f'model.predict_file={path}: it is a folder; name a .csv file')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f'model.predict_file={path}: cannot make the folder {path.parent} '
+                         f'({err.strerror or err})') from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f'model.predict_file={path}: permission denied')
+
+
+def write_predictions(path: Path, results: Sequence[Dict[str, Any]]) -> None:
+    """One row per image: its path, then each ranked class with its probability."""
+    ranks = range(1, max(len(r['top5']) for r in results) + 1)
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['path', *(column for k in ranks for column in (f'class_{k}', f'prob_{k}'))])
+        for result in results:
+            writer.writerow([result['path'], *(value for name, p in result['top5'] for value in (name, f'{p:.6f}'))])
 
 
 def _ranking(path: str, ranked: Sequence[Tuple[str, float]]) -> str:

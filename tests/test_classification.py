@@ -410,20 +410,40 @@ def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, 
     monkeypatch.chdir(trained['tmp'])
     folder = trained['data'] / 'val' / 'bee'
     path = folder / '0.png' if target == 'image' else folder
-    runs = sorted((trained['tmp'] / 'runs' / 'cls').iterdir())
+    written = trained['tmp'] / 'runs' / 'cls' / 'predictions.csv'
+    runs = [p for p in sorted((trained['tmp'] / 'runs' / 'cls').iterdir()) if p != written]
     status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
                                  f'--data.predict_path={path}')
     assert status == 0 and 'untrained' not in err
     assert 'msmlp: data:' not in out  # predict reads predict_path, not the data it was trained on
-    assert sorted((trained['tmp'] / 'runs' / 'cls').iterdir()) == runs  # no run folder holding only a config
+    assert [p for p in sorted((trained['tmp'] / 'runs' / 'cls').iterdir()) if p != written] == runs  # no run folder
     images = [folder / '0.png'] if target == 'image' else sorted(folder.iterdir())
-    for image in images:
+    with open(written) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['path', 'class_1', 'prob_1', 'class_2', 'prob_2', 'class_3', 'prob_3']
+    assert [row[0] for row in rows[1:]] == [str(image) for image in images]  # every image, in order
+    assert f'msmlp: wrote the top-3 classes of {len(images)} images to {written}' in out
+    for image, row in zip(images, rows[1:]):
         block = out[out.index(str(image)):].splitlines()[1:4]
         ranked = [re.fullmatch(r'\s+(\d)\. ([0-9.]+)  (\w+)', line).groups() for line in block]
         assert [r[0] for r in ranked] == ['1', '2', '3']  # 3 classes: top-3
         assert sorted(r[2] for r in ranked) == ['ant', 'bee', 'cat']
         probabilities = [float(r[1]) for r in ranked]
         assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1, abs=2e-4)
+        assert row[1::2] == [r[2] for r in ranked]  # the file holds what was printed
+        assert [float(p) for p in row[2::2]] == pytest.approx(probabilities, abs=5e-5)
+
+
+def test_predict_file_is_where_predictions_go_and_one_that_cannot_be_written_is_one_line(trained, capsys,
+                                                                                        monkeypatch, tmp_path):
+    monkeypatch.chdir(trained['tmp'])
+    image = trained['data'] / 'val' / 'bee' / '0.png'
+    args = ['predict', '--task', 'cls', f'--ckpt_path={trained["best"]}', f'--data.predict_path={image}']
+    status, out, _ = msmlp_run(capsys, *args, f'--model.predict_file={tmp_path / "new" / "bees.csv"}')
+    assert status == 0 and (tmp_path / 'new' / 'bees.csv').read_text().splitlines()[1].startswith(f'{image},')
+    status, out, err = msmlp_run(capsys, *args, f'--model.predict_file={tmp_path}')
+    assert status == 1 and err == f'msmlp: error: model.predict_file={tmp_path}: it is a folder; name a .csv file\n'
+    assert str(image) not in out  # refused before predicting
 
 
 @pytest.mark.parametrize('subcommand', ['validate', 'predict'])

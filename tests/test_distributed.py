@@ -91,6 +91,8 @@ def test_predict_and_test_on_two_processes(env, tmp_path):
     done = msmlp(tmp_path, env, 'predict', '--task', 'cls', checkpoint, f'--data.predict_path={images}', *TWO)
     printed = [line for line in done.stdout.splitlines() if line.endswith('.png')]
     assert printed == sorted(str(p) for p in images.iterdir())
+    rows = (tmp_path / 'runs/cls/predictions.csv').read_text().splitlines()[1:]  # written once, by the first
+    assert [row.split(',')[0] for row in rows] == printed and done.stdout.count('msmlp: wrote the top-') == 1
     tested = msmlp(tmp_path, env, 'test', '--task', 'cls', checkpoint, *TWO)
     assert tested.stdout.count('Test metric') == 1 and 'test/top1' in tested.stdout
 
