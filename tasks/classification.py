@@ -578,8 +578,8 @@ class ClassificationTask(BaseTask):
         if self.trainer.is_global_zero and ranked:
             path = self._predict_file()
             write_predictions(path, ranked)
-            self._print(f'msmlp: wrote the top-{len(ranked[0]["top5"])} classes of {len(ranked)} images to '
-                        f'{path.resolve()}')
+            images = f'{len(ranked)} image' + ('s' if len(ranked) > 1 else '')
+            self._print(f'msmlp: wrote the top-{len(ranked[0]["top5"])} classes of {images} to {path.resolve()}')
 
     def _print(self, text: str) -> None:
         bar = self.trainer.progress_bar_callback if self._trainer is not None else None

@@ -353,7 +353,8 @@ class OpenMMLabTask(BaseTask):
         # each process drew its share of the images
         written = int(self.trainer.strategy.reduce(torch.tensor(self._predictions_written), reduce_op='sum'))
         if self.trainer.is_global_zero:
-            print(f'[msmlp] wrote {written} prediction images to {self._predict_dir().resolve()}', flush=True)
+            images = f'{written} prediction image' + ('s' if written != 1 else '')
+            print(f'[msmlp] wrote {images} to {self._predict_dir().resolve()}', flush=True)
 
     # ----- metrics -----------------------------------------------------------------------
     def update_metrics(self, metrics, outputs: list, batch: dict) -> None:

@@ -422,7 +422,7 @@ def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, 
         rows = list(csv.reader(f))
     assert rows[0] == ['path', 'class_1', 'prob_1', 'class_2', 'prob_2', 'class_3', 'prob_3']
     assert [row[0] for row in rows[1:]] == [str(image) for image in images]  # every image, in order
-    assert f'msmlp: wrote the top-3 classes of {len(images)} images to {written}' in out
+    assert f'msmlp: wrote the top-3 classes of {len(images)} image{"s" * (len(images) > 1)} to {written}' in out
     for image, row in zip(images, rows[1:]):
         block = out[out.index(str(image)):].splitlines()[1:4]
         ranked = [re.fullmatch(r'\s+(\d)\. ([0-9.]+)  (\w+)', line).groups() for line in block]
