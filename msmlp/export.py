@@ -32,7 +32,7 @@ from .model import MIX_SIZES, VARIANT_ARCHS, MSMLP
 from .msswin import DEFAULT_PATTERN, MSSwin
 from .msswin import VARIANT_ARCHS as MSSWIN_ARCHS
 
-__all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'describe', 'export', 'check_export', 'main']
+__all__ = ['FORMATS', 'DenseOutputs', 'build_model', 'describe', 'export', 'check_export', 'check_writable', 'main']
 
 MODELS = (*VARIANT_ARCHS, *MSSWIN_ARCHS)
 FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 'safetensors': '.safetensors'}
@@ -227,7 +227,7 @@ def export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, int] = 
         raise ValueError(f'--img-size {img_size[0]} {img_size[1]}: a dynamic export needs sizes >= '
                          f'{MIN_DYNAMIC_SIZE}; add --static to export this size only')
     from safetensors import SafetensorError
-    _check_writable(output)
+    check_writable(output)
     example = (_images(model, 1 if static else 2, *img_size),)  # torch.export fixes a batch of 1
     dynamic = None if static else _dynamic_shapes(model)
     try:
@@ -238,7 +238,7 @@ def export(model: nn.Module, fmt: str, output: str, img_size: Tuple[int, int] = 
         raise OutputError(f'cannot write {output}: {reason}') from None
 
 
-def _check_writable(output: str) -> None:
+def check_writable(output: str) -> None:
     """Fail before the (slow) export when ``output`` cannot be written."""
     if os.path.isdir(output):
         raise OutputError(f'cannot write {output}: it is a folder; name a file')
@@ -360,7 +360,7 @@ def export_openmmlab(source: str, output: str) -> str:
     config_path = os.path.splitext(output)[0] + '.py'
     if os.path.abspath(config_path) == os.path.abspath(output):
         raise OutputError(f'cannot write {output}: name a .pth file (the config goes beside it as {config_path})')
-    _check_writable(output)
+    check_writable(output)
     torch.save(checkpoint, output)
     with open(config_path, 'w') as f:
         f.write(config)

@@ -39,6 +39,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import msmlp  # registers the msmlp_* models with timm
 from msmlp.checkpoint import listed
+from msmlp.export import OutputError, check_writable
 from tasks.base import BaseTask, InputError
 from tasks.embedded import ensure_dataset
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, worker_args, world
@@ -563,8 +564,11 @@ class ClassificationTask(BaseTask):
         return Path(self.predict_file or Path(self.trainer.default_root_dir) / 'predictions.csv')
 
     def on_predict_epoch_start(self) -> None:
-        self._predicted: List[Dict[str, Any]] = []
-        check_writable(self._predict_file())  # before predicting, not after
+        self._predicted = []
+        try:
+            check_writable(str(self._predict_file()))  # before predicting, not after
+        except OutputError as err:
+            raise InputError(f'model.predict_file: {err}') from None
 
     def on_predict_epoch_end(self) -> None:
         ranked = self._predicted
@@ -623,19 +627,6 @@ def _normalisation_hint(folders: Sequence[str], names: Sequence[str]) -> str:
     form = 'NFC' if all(unicodedata.is_normalized('NFC', str(n)) for n in names) else 'NFD'
     return ('; they differ only in how Unicode composes their accents (NFC or NFD; folders copied from macOS are '
             f'NFD): rename the folders to the model\'s form, unicodedata.normalize({form!r}, name)')
-
-
-def check_writable(path: Path) -> None:
-    """Fail in one line when ``path`` cannot be written (its folder is made if missing)."""
-    if path.is_dir():
-        raise InputError(f'model.predict_file={path}: it is a folder; name a .csv file')
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f'model.predict_file={path}: cannot make the folder {path.parent} '
-                         f'({err.strerror or err})') from None
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f'model.predict_file={path}: permission denied')
 
 
 def write_predictions(path: Path, results: Sequence[Dict[str, Any]]) -> None:
