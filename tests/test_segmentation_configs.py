@@ -19,7 +19,8 @@ CONFIGS = REPO / 'configs' / 'mmseg'
 PAPER = {size: f'msmlp-{size}_upernet_8xb2-160k_ade20k-512x512.py' for size in 'tsb'}
 MINI = 'msmlp-mini_upernet_ade20k-scenes-128x128.py'
 MSSWIN = 'msswin-t_upernet_8xb2-160k_ade20k-512x512.py'
-ALL = list(PAPER.values()) + [MSSWIN, MINI]
+MSSWIN_MINI = 'msswin-mini_upernet_ade20k-scenes-128x128.py'
+ALL = list(PAPER.values()) + [MSSWIN, MINI, MSSWIN_MINI]
 WIDTHS = {'t': 96, 's': 96, 'b': 128}
 DROP_PATH = {'t': 0.4, 's': 0.3, 'b': 0.4}  # ConvNeXt's UperNet ADE20K values
 
@@ -113,16 +114,17 @@ def test_stage_channels_and_logit_shape_at_odd_sizes(size):
     assert logits.shape == (1, 150, 18, 23)
 
 
-def test_optimizer_has_no_decay_on_norms_biases_and_layer_scale():
+def weight_decays(name: str) -> dict:
+    """Each parameter's weight decay in the optimizer the config builds."""
     from mmengine.optim import build_optim_wrapper
-    cfg = Config.fromfile(str(CONFIGS / MINI))
-    model = build(MINI)
-    groups = build_optim_wrapper(model, cfg.optim_wrapper).optimizer.param_groups
-    decay = {}
+    model = build(name)
+    groups = build_optim_wrapper(model, Config.fromfile(str(CONFIGS / name)).optim_wrapper).optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
-    for group in groups:
-        for p in group['params']:
-            decay[names[id(p)]] = group['weight_decay']
+    return {names[id(p)]: group['weight_decay'] for group in groups for p in group['params']}
+
+
+def test_optimizer_has_no_decay_on_norms_biases_and_layer_scale():
+    decay = weight_decays(MINI)
     assert decay['backbone.layers.0.blocks.0.gamma'] == 0
     assert decay['backbone.layers.0.blocks.0.norm.weight'] == 0
     assert decay['backbone.out_norms.0.weight'] == 0
@@ -130,6 +132,20 @@ def test_optimizer_has_no_decay_on_norms_biases_and_layer_scale():
     assert decay['backbone.layers.0.blocks.0.pwconv1.bias'] == 0
     assert decay['backbone.layers.0.blocks.0.pwconv1.weight'] == 0.05
     assert decay['decode_head.fpn_bottleneck.conv.weight'] == 0.05
+
+
+def test_the_msswin_mini_config_is_the_mini_recipe_with_an_msswin_backbone():
+    """Its heads, data and schedule are the MS-MLP mini config's; no weight decay on the relative
+    position tables either (as the paper-scale MS-Swin config)."""
+    mini, swin = Config.fromfile(str(CONFIGS / MINI)), Config.fromfile(str(CONFIGS / MSSWIN_MINI))
+    assert swin.model.backbone.type == 'MSSwin' and tuple(swin.model.backbone.block_pattern) == ('ws', 'ms')
+    assert (swin.model.decode_head, swin.model.auxiliary_head) == (mini.model.decode_head, mini.model.auxiliary_head)
+    for key in ('train_dataloader', 'param_scheduler', 'train_cfg'):
+        assert swin[key] == mini[key], key
+    decay = weight_decays(MSSWIN_MINI)
+    assert decay['backbone.layers.0.blocks.0.attn.relative_position_bias_table'] == 0
+    assert decay['backbone.layers.0.blocks.1.gamma'] == 0 and decay['backbone.layers.0.blocks.0.norm1.weight'] == 0
+    assert decay['backbone.layers.0.blocks.0.attn.qkv.weight'] == 0.05
 
 
 def runner_config(name: str, root: Path, work_dir: Path) -> Config:
