@@ -208,10 +208,10 @@ class MSMLPCLI(LightningCLI):
 def describe_run(task: str, model, datamodule) -> str:
     """``task cls: msmlp_tiny (embed_dim 40, depths 1,1,2,1; 1.6M parameters) on <data>``: what
     runs on which data, with the width and depths that override the variant's."""
+    from msmlp.export import arch_words
     hparams = getattr(model, 'hparams', {})
     what = hparams.get('model') or hparams.get('config') or type(model).__name__
-    overrides = [f'embed_dim {hparams["embed_dim"]}'] if hparams.get('embed_dim') else []
-    overrides += [f'depths {",".join(map(str, hparams["depths"]))}'] if hparams.get('depths') else []
+    overrides = arch_words(hparams.get('embed_dim'), hparams.get('depths'))
     averaged = getattr(model, 'ema', None)  # the classifier's weight average is a copy, not more parameters
     copies = sum(p.numel() for p in averaged.parameters()) if averaged is not None else 0
     size = (sum(p.numel() for p in model.parameters()) - copies) / 1e6

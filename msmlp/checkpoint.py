@@ -30,7 +30,7 @@ from torch import nn
 from .model import MIX_SIZES, checkpoint_filter_fn
 
 __all__ = ['CheckpointError', 'ReleasedConfig', 'read_checkpoint', 'extract_state_dict', 'load_pretrained', 'load_state',
-           'download_weights', 'local_checkpoint', 'listed', 'infer_arch']
+           'download_weights', 'local_checkpoint', 'listed', 'infer_arch', 'run_model_args']
 
 PathLike = Union[str, os.PathLike]
 
@@ -338,6 +338,14 @@ def infer_arch(state: Mapping[str, torch.Tensor], source: str = 'checkpoint') ->
     depths = tuple(1 + max((j for i, j in blocks if i == stage), default=-1) for stage in range(max(stages) + 1))
     return dict(in_chans=stem.shape[1], embed_dim=stem.shape[0], depths=depths,
                 mix_sizes=tuple(_stage_mix_sizes(state, stage) for stage in range(len(depths))))
+
+
+def run_model_args(hparams: Mapping[str, Any]) -> Dict[str, Any]:
+    """The ``timm.create_model`` arguments beyond the model name that the hyperparameters of a
+    ``msmlp fit --task cls`` run hold: ``embed_dim`` and ``depths`` when set, then ``model_args``."""
+    args = {k: hparams[k] for k in ('embed_dim', 'depths') if hparams.get(k) is not None}
+    args.update(hparams.get('model_args') or {})
+    return args
 
 
 def swin_key(state: Mapping[str, torch.Tensor]) -> Optional[str]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (CheckpointError, extract_state_dict, infer_arch, load_state, local_checkpoint,
-                         read_checkpoint, swin_key)
+                         read_checkpoint, run_model_args, swin_key)
 from .model import MIX_SIZES, VARIANT_ARCHS, MSMLP
 from .msswin import DEFAULT_PATTERN, MSSwin
 from .msswin import VARIANT_ARCHS as MSSWIN_ARCHS
@@ -104,17 +104,17 @@ def _architecture(name: str, checkpoint: Dict, state: Dict[str, torch.Tensor], s
     from the weights (:func:`infer_arch`); an MS-Swin classifier run's from its stored
     hyperparameters; other MS-Swin weights are ``name``'s registered architecture (loaded strictly,
     so a file of another one is refused)."""
-    if swin_key(state) is None:
+    swin = swin_key(state)
+    if swin is None:
         arch = infer_arch(state, source)
         return _variant_of(arch) or (name if name in VARIANT_ARCHS else 'msmlp_tiny'), arch
     hparams = checkpoint.get('hyper_parameters') if isinstance(checkpoint, dict) else None
     if isinstance(hparams, dict) and hparams.get('model') in MSSWIN_ARCHS:
-        arch = {k: hparams[k] for k in ('embed_dim', 'depths') if hparams.get(k) is not None}
-        arch.update({k: v for k, v in (hparams.get('model_args') or {}).items()
-                     if k not in ('num_classes', 'out_indices', 'pretrained')})
+        arch = {k: v for k, v in run_model_args(hparams).items()
+                if k not in ('num_classes', 'out_indices', 'pretrained')}  # build_model sets these
         return hparams['model'], arch
     if name not in MSSWIN_ARCHS:
-        raise CheckpointError(f'{source} holds MS-Swin or Swin weights ({swin_key(state)}): give their '
+        raise CheckpointError(f'{source} holds MS-Swin or Swin weights ({swin}): give their '
                               f"architecture, --model {' or '.join(MSSWIN_ARCHS)}")
     return name, {}
 
@@ -157,13 +157,19 @@ def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool
     return DenseOutputs(model).eval() if features_only else model
 
 
+def arch_words(embed_dim: Optional[int], depths: Optional[Sequence[int]]) -> List[str]:
+    """``['embed_dim 40', 'depths 1,1,2,1']``, each only when given."""
+    words = [f'embed_dim {embed_dim}'] if embed_dim else []
+    return words + ([f'depths {",".join(map(str, depths))}'] if depths else [])
+
+
 def _swin_details(net: MSSwin, name: str) -> List[str]:
     """How an MS-Swin differs from its registered variant, in words."""
     variant = MSSWIN_ARCHS.get(name, {})
     depths = tuple(len(stage.blocks) for stage in net.layers)
     details = []
     if (net.dims[0], depths) != (variant.get('embed_dim'), variant.get('depths')):
-        details += [f'embed_dim {net.dims[0]}', f'depths {",".join(map(str, depths))}']
+        details += arch_words(net.dims[0], depths)
     if net._ref_window_sizes[0] != (variant.get('window_size'),) * 2:
         details.append(f'window {"x".join(map(str, net._ref_window_sizes[0]))}')
     patterns = [','.join(p) for p in net.block_pattern]
@@ -185,7 +191,7 @@ def describe(model: nn.Module) -> str:
                 mix_sizes=tuple(s.blocks[0].mix_size if len(s.blocks) else MIX_SIZES[i]
                                 for i, s in enumerate(net.layers)))
     if _variant_of(arch) != name:
-        details = [f'embed_dim {arch["embed_dim"]}', f'depths {",".join(map(str, arch["depths"]))}']
+        details = arch_words(arch['embed_dim'], arch['depths'])
         if arch['mix_sizes'] != MIX_SIZES:
             details.append('mix sizes ' + ' '.join(','.join(map(str, m)) for m in arch['mix_sizes']))
         if arch['in_chans'] != 3:

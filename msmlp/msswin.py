@@ -188,10 +188,11 @@ class MSSwin(SwinTransformer):
         if indices is None:
             raise RuntimeError('forward_dense needs out_indices; build the model with out_indices=(0, 1, 2, 3)')
         take = [i for i in indices]  # a list (TorchScript reads out_indices as a fixed-size tuple)
+        last = max(take)
         x = self.patch_embed(x)
         outputs: List[torch.Tensor] = []
         for i, stage in enumerate(self.layers):
-            if i <= max(take):
+            if i <= last:
                 x = stage(x)
                 if i in take:
                     outputs.append(x)

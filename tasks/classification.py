@@ -38,7 +38,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import msmlp  # registers the msmlp_* models with timm
-from msmlp.checkpoint import listed
+from msmlp.checkpoint import listed, run_model_args
 from msmlp.export import OutputError, check_writable
 from tasks.base import BaseTask, InputError
 from tasks.embedded import ensure_dataset
@@ -430,10 +430,8 @@ class ClassificationTask(BaseTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        arch = {k: hp[k] for k in ('embed_dim', 'depths') if hp.get(k) is not None}
-        arch.update(hp.get('model_args') or {})
         self.model = timm.create_model(hp.model, num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate,
-                                       **arch)
+                                       **run_model_args(hp))
         if hp.pretrained:
             load = msmlp.load_swin_checkpoint if isinstance(self.model, msmlp.MSSwin) else msmlp.load_pretrained
             load(self.model, msmlp.checkpoint.local_checkpoint(hp.pretrained))
