@@ -593,13 +593,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'msmlp: error: {reason}', file=sys.stderr)
         return 1
     except SIGTERMException:
-        if first_process():
-            print('msmlp: stopped by SIGTERM; the same command with --ckpt_path last resumes from the last '
-                  'checkpoint', file=sys.stderr, flush=True)
-        return 128 + signal.SIGTERM  # as a shell reports a process ended by the signal
+        return stopped_by('SIGTERM', argv)
+    except KeyboardInterrupt:  # Ctrl-C before or after the trainer's own handling
+        return stopped_by('Ctrl-C', argv)
     except SystemExit as exit_:
+        if isinstance(exit_.__context__, KeyboardInterrupt):  # Lightning's shutdown after Ctrl-C exits with 1
+            return stopped_by('Ctrl-C', argv)
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     return 0
+
+
+def stopped_by(cause: str, argv: Sequence[str]) -> int:
+    """Say that a signal stopped the run, and for ``fit`` how to resume it; return the shell's
+    status for the signal (130 for Ctrl-C, 143 for SIGTERM), so that ``msmlp fit ... && msmlp
+    test ...`` stops there."""
+    if first_process():
+        resume = ('; the same command with --ckpt_path last resumes from the last checkpoint'
+                  if argv[:1] == ['fit'] else '')
+        print(f'msmlp: stopped by {cause}{resume}', file=sys.stderr, flush=True)
+    return 128 + (signal.SIGINT if cause == 'Ctrl-C' else signal.SIGTERM)
 
 
 if __name__ == '__main__':

@@ -500,6 +500,29 @@ def test_a_run_stopped_by_sigterm_fails_and_says_how_to_resume(in_tmp, capsys, m
     assert 'run finished' not in out
 
 
+@pytest.mark.parametrize('subcommand', ['fit', 'validate'])
+def test_a_run_stopped_by_ctrl_c_fails_and_says_how_to_resume(subcommand, in_tmp, capsys, monkeypatch):
+    """Ctrl-C: Lightning shuts down and exits with 1; msmlp says what stopped it, how to resume
+    a fit, and exits with the shell's 130."""
+    def interrupted_at_the_second_batch(*args):
+        if args[-1] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ClassificationTask, 'on_train_batch_end', interrupted_at_the_second_batch)
+    monkeypatch.setattr(ClassificationTask, 'on_validation_batch_end', interrupted_at_the_second_batch)
+    data = write_folder(in_tmp / 'folder', per_class=4)
+    args = fit_args(data, '--trainer.max_epochs=2', '--data.init_args.batch_size=2')
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        status, out, err = msmlp_run(capsys, subcommand, *args[1:])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
+    assert status == 128 + signal.SIGINT
+    resume = '; the same command with --ckpt_path last resumes from the last checkpoint\n'
+    assert err.endswith('msmlp: stopped by Ctrl-C' + (resume if subcommand == 'fit' else '\n'))
+    assert 'run finished' not in out
+
+
 def test_embedded_default_fast_dev_run(in_tmp, capsys):
     status, out, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--trainer.fast_dev_run=true')
     assert status == 0, err
