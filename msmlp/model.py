@@ -321,6 +321,8 @@ class MSMLP(nn.Module):
         mix_sizes: Per stage, the depthwise kernel of each channel group.
         shift_dist: Circular shift of each channel group.
         drop_path_rate: Stochastic depth, rising linearly from 0 over all blocks.
+        drop_rate: Dropout before the classifier (timm's ``drop_rate``, its train.py's ``--drop``;
+            the released recipe has none).
         layer_scale_init: Initial layer scale.
         global_pool: ``'avg'``, ``'max'``, ``'avgmax'`` (their mean), or ``''``: no pooling; as in
             timm's ConvNeXt, the norm and the classifier then apply at every position (``forward``
@@ -343,6 +345,7 @@ class MSMLP(nn.Module):
             mix_sizes: Sequence[Sequence[int]] = MIX_SIZES,
             shift_dist: Sequence[int] = SHIFT_DIST,
             drop_path_rate: float = 0.,
+            drop_rate: float = 0.,
             layer_scale_init: float = 1e-6,
             global_pool: str = 'avg',
             out_indices: Optional[Sequence[int]] = None,
@@ -375,6 +378,7 @@ class MSMLP(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'layers.{i}.blocks.{depth - 1}'))
             start += depth
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         self.out_indices = self._check_indices(out_indices) if out_indices is not None else None
@@ -508,9 +512,9 @@ class MSMLP(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool != '':
-            x = self.norm(_pool(x, self.global_pool))
+            x = self.head_drop(self.norm(_pool(x, self.global_pool)))
             return x if pre_logits else self.head(x)
-        x = self.norm(x.permute(0, 2, 3, 1))  # unpooled: norm and classifier at every position
+        x = self.head_drop(self.norm(x.permute(0, 2, 3, 1)))  # unpooled: norm and classifier at every position
         if not pre_logits:
             x = self.head(x)
         return x.permute(0, 3, 1, 2)

@@ -212,6 +212,23 @@ def test_timm_create_model_with_classes_and_drop_path():
     assert model.pretrained_cfg['interpolation'] == 'bicubic'
 
 
+@pytest.mark.parametrize('name, size', [('msmlp_tiny', TINY), ('msswin_tiny', dict(img_size=64, window_size=4))])
+def test_timm_train_script_builds_and_optimizes_the_model(name, size):
+    """timm's train.py passes these keywords on every run (drop_rate=0.0 from --drop's default;
+    create_model drops the None ones), then builds AdamW with layer-wise decay from group_matcher."""
+    import timm.optim
+    model = timm.create_model(name, pretrained=False, in_chans=3, num_classes=5, drop_rate=0.3, drop_path_rate=None,
+                              drop_block_rate=None, global_pool=None, bn_momentum=None, bn_eps=None,
+                              scriptable=False, checkpoint_path='', **size)
+    optimizer = timm.optim.create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    assert len({group['lr_scale'] for group in optimizer.param_groups}) > 4
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # the classifier's dropout
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
 def test_timm_features_only():
     model = timm.create_model('msmlp_tiny', features_only=True, out_indices=(1, 3)).eval()
     assert model.feature_info.channels() == [192, 768]
