@@ -31,7 +31,7 @@ from timm.scheduler import CosineLRScheduler
 
 from tasks.checkpointing import rng_states, set_rng_states
 
-__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config']
+__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config', 'portable_config']
 
 # The shipped configs, installed beside the tasks package as they sit in the repository.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
@@ -58,6 +58,14 @@ def find_config(name: str, task: str = '') -> Path:
             return candidate
     raise InputError(f'config not found: {name} (looked in {Path.cwd()} and in the shipped configs, {CONFIG_DIR})')
 
+
+
+def portable_config(name: str) -> str:
+    """How a run records its config: a shipped one by its name under ``configs/`` (found from
+    any folder and any installation), any other file by its absolute path, so that the run's
+    checkpoint is validated, tested, predicted with or resumed from other folders too."""
+    path = find_config(name).resolve()
+    return str(path.relative_to(CONFIG_DIR)) if path.is_relative_to(CONFIG_DIR) else str(path)
 
 class BaseTask(LightningModule, ABC):
     """LightningModule with ``configure_models`` / ``configure_losses`` / ``configure_metrics``.

@@ -63,7 +63,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from msmlp.checkpoint import listed
-from tasks.base import BaseTask, InputError, find_config
+from tasks.base import BaseTask, InputError, find_config, portable_config
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, worker_args
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'load_config', 'dataset_type', 'dataset_classes', 'leaf_datasets',
@@ -166,6 +166,7 @@ class OpenMMLabTask(BaseTask):
     def configure_models(self) -> None:
         """``self.cfg`` (the merged config) and ``self.model`` (built, weights initialised)."""
         hp = self.hparams
+        hp['config'] = portable_config(hp['config'])  # what the checkpoint records
         self.cfg = load_config(hp['config'], hp.get('cfg_options'))
         if hp.get('pretrained') is not None:
             self.cfg.model.backbone.init_cfg = (dict(type='Pretrained', checkpoint=hp['pretrained'])
@@ -289,12 +290,29 @@ class OpenMMLabTask(BaseTask):
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self._scheduler_state = checkpoint.get('param_schedulers') or None
+        self.warn_if_config_changed(checkpoint.get('openmmlab_config'))
         saved = checkpoint.get('classes')
         if saved:
             if self.classes is not None and tuple(saved) != tuple(self.classes):
                 rank_zero_warn(f'the checkpoint was trained on classes {saved}, the data names {list(self.classes)}; '
                                'drawing uses the checkpoint\'s')
             self.classes = tuple(saved)
+
+    def warn_if_config_changed(self, saved: Optional[str]) -> None:
+        """A warning when the config this run built differs from the one its checkpoint was
+        trained with (the file was edited since, or ``cfg_options`` differ), naming the first
+        line that differs: the run uses the config as it is now."""
+        now = self.cfg.pretty_text
+        if not saved or saved == now:
+            return
+        old_lines, new_lines = saved.splitlines(), now.splitlines()
+        line = next((i for i, (a, b) in enumerate(zip(old_lines, new_lines)) if a != b),
+                    min(len(old_lines), len(new_lines)))
+        before = old_lines[line].strip() if line < len(old_lines) else '(end)'
+        after = new_lines[line].strip() if line < len(new_lines) else '(end)'
+        given = self.hparams['config'] + (' with cfg_options' if self.hparams.get('cfg_options') else '')
+        rank_zero_warn(f'the config ({given}) differs from the one the checkpoint was trained with, first at line '
+                       f'{line + 1} of its text: {before!r} then, {after!r} now; this run uses it as it is now')
 
     # ----- steps -------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

@@ -372,6 +372,34 @@ def test_fit_checkpoint_then_validate_test_and_predict(root, tmp_path, monkeypat
     assert meta['dataset_meta']['classes'] == tuple(shapes.CLASSES)
 
 
+def test_a_run_of_your_own_config_is_used_from_other_folders_and_warns_when_the_file_changed(
+        root, tmp_path, monkeypatch, capsys, recwarn):
+    """The checkpoint records a user's config file by its absolute path (a shipped one by its
+    name), so validate/test/predict/resume work from any folder; a file edited since is said."""
+    from tasks.base import CONFIG_DIR
+    work, elsewhere = tmp_path / 'work', tmp_path / 'elsewhere'
+    work.mkdir(), elsewhere.mkdir()
+    mine = work / 'my_det.py'
+    mine.write_text(f"_base_ = '{CONFIG_DIR / MINI}'\noptim_wrapper = dict(optimizer=dict(lr=0.002))\n")
+    monkeypatch.chdir(work)
+    assert cli.main(['fit', '--task', 'det', '--model.config=my_det.py', f'--data.root={root}',
+                     '--trainer.max_epochs=1', '--trainer.limit_train_batches=1', '--trainer.limit_val_batches=1']) == 0
+    checkpoint = work / 'runs/det/version_0/checkpoints/last.ckpt'
+    assert torch.load(checkpoint, weights_only=True)['hyper_parameters']['config'] == str(mine)
+    assert f'task det: {mine} (' in capsys.readouterr().out
+
+    monkeypatch.chdir(elsewhere)
+    validate = ['validate', '--task', 'det', f'--ckpt_path={checkpoint}', '--trainer.limit_val_batches=1']
+    recwarn.clear()
+    assert cli.main(validate) == 0
+    assert not [w for w in recwarn if 'differs from the one the checkpoint' in str(w.message)]
+    mine.write_text(mine.read_text().replace('lr=0.002', 'lr=0.001'))
+    assert cli.main(validate) == 0
+    changed = [str(w.message) for w in recwarn if 'differs from the one the checkpoint' in str(w.message)]
+    assert len(changed) == 1 and 'lr=0.002' in changed[0] and 'lr=0.001' in changed[0], changed
+    assert DetectionTask(config=f'configs/{MINI}').hparams['config'] == MINI  # shipped: by name, for any clone
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('config, runs', [(None, 'det'), ('mask-rcnn_msswin-mini_fpn_shapes', 'det_msswin_mini')],
                          ids=['default', 'msswin-mini'])
