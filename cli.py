@@ -139,6 +139,12 @@ class MSMLPCLI(LightningCLI):
         self.run_dirs = run_folders(self.pinned_versions)
         self.new_folders += [top for top in map(first_missing_folder, self.run_dirs) if top]
 
+    def instantiate_classes(self) -> None:
+        from tasks.base import weights_from_checkpoint
+        restored = bool(self.config[self.subcommand].get('ckpt_path'))  # 'last' is resolved by now
+        with weights_from_checkpoint() if restored else contextlib.nullcontext():
+            super().instantiate_classes()
+
     def instantiate_trainer(self, **kwargs: Any):
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 

@@ -18,10 +18,12 @@ total batch = the datamodule's ``batch_size`` x devices x gradient accumulation.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,7 +33,8 @@ from timm.scheduler import CosineLRScheduler
 
 from tasks.checkpointing import rng_states, set_rng_states
 
-__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config', 'portable_config']
+__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config', 'portable_config', 'weights_from_checkpoint',
+           'starting_weights_needed']
 
 # The shipped configs, installed beside the tasks package as they sit in the repository.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
@@ -67,6 +70,28 @@ def portable_config(name: str) -> str:
     path = find_config(name).resolve()
     return str(path.relative_to(CONFIG_DIR)) if path.is_relative_to(CONFIG_DIR) else str(path)
 
+
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar('weights_from_checkpoint',
+                                                                                default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Build tasks whose weights a checkpoint replaces (a run given ``--ckpt_path``,
+    ``load_from_checkpoint``): they do not read their starting weights (``pretrained``, a
+    config's ``init_cfg``), which may have moved or be out of reach since the run began."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+def starting_weights_needed() -> bool:
+    """False while :func:`weights_from_checkpoint` is in force."""
+    return not _WEIGHTS_FROM_CHECKPOINT.get()
+
+
 class BaseTask(LightningModule, ABC):
     """LightningModule with ``configure_models`` / ``configure_losses`` / ``configure_metrics``.
 
@@ -84,6 +109,12 @@ class BaseTask(LightningModule, ABC):
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any):  # type: ignore[override]
+        """Lightning's, without reading the starting weights the checkpoint's replace."""
+        with weights_from_checkpoint():
+            return super().load_from_checkpoint(*args, **kwargs)
 
     @abstractmethod
     def configure_models(self) -> None:

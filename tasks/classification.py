@@ -40,7 +40,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 import msmlp  # registers the msmlp_* models with timm
 from msmlp.checkpoint import listed, run_model_args
 from msmlp.export import OutputError, check_writable
-from tasks.base import BaseTask, InputError
+from tasks.base import BaseTask, InputError, starting_weights_needed
 from tasks.embedded import ensure_dataset
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, worker_args, world
 
@@ -432,7 +432,7 @@ class ClassificationTask(BaseTask):
         hp = self.hparams
         self.model = timm.create_model(hp.model, num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate,
                                        **run_model_args(hp))
-        if hp.pretrained:
+        if hp.pretrained and starting_weights_needed():
             load = msmlp.load_swin_checkpoint if isinstance(self.model, msmlp.MSSwin) else msmlp.load_pretrained
             load(self.model, msmlp.checkpoint.local_checkpoint(hp.pretrained))
         self.ema = ModelEmaV3(self.model, decay=hp.ema_decay) if hp.ema else None

@@ -63,7 +63,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from msmlp.checkpoint import listed
-from tasks.base import BaseTask, InputError, find_config, portable_config
+from tasks.base import BaseTask, InputError, find_config, portable_config, starting_weights_needed
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, worker_args
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'load_config', 'dataset_type', 'dataset_classes', 'leaf_datasets',
@@ -172,8 +172,11 @@ class OpenMMLabTask(BaseTask):
             self.cfg.model.backbone.init_cfg = (dict(type='Pretrained', checkpoint=hp['pretrained'])
                                                 if hp['pretrained'] else None)
         registry = _registry(self.cfg, self.scope)
-        self.model = registry.MODELS.build(copy.deepcopy(self.cfg.model))
-        init = self.cfg.model.backbone.get('init_cfg')
+        model_cfg = copy.deepcopy(self.cfg.model)
+        if not starting_weights_needed():
+            model_cfg.backbone.init_cfg = None
+        self.model = registry.MODELS.build(model_cfg)
+        init = model_cfg.backbone.get('init_cfg')
         with _quiet_mmengine():  # mmengine logs the initialisation of every parameter
             self.model.init_weights()
         if init and init.get('type') == 'Pretrained':

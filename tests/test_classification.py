@@ -500,6 +500,26 @@ def test_a_run_stopped_by_sigterm_fails_and_says_how_to_resume(in_tmp, capsys, m
     assert 'run finished' not in out
 
 
+def test_a_run_started_from_pretrained_weights_needs_them_no_more(in_tmp, capsys):
+    """The checkpoint's weights replace the starting ones: validate, a resume and
+    load_from_checkpoint do not read ``--model.pretrained`` (moved or deleted since)."""
+    data = write_folder(in_tmp / 'folder', per_class=4)
+    torch.save(msmlp.MSMLP(num_classes=3, embed_dim=20, depths=(1, 1, 1, 1)).state_dict(), in_tmp / 'init.pth')
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--model.init_args.pretrained=init.pth',
+                                                 '--trainer.max_epochs=1', '--data.init_args.batch_size=2'))
+    assert status == 0, err
+    (in_tmp / 'init.pth').unlink()
+    checkpoint = in_tmp / 'runs/cls/version_0/checkpoints/last.ckpt'
+    status, _, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--ckpt_path={checkpoint}')
+    assert status == 0, err
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--ckpt_path=last', '--trainer.max_epochs=2',
+                                                 '--data.init_args.batch_size=2'))
+    assert status == 0, err
+    assert ClassificationTask.load_from_checkpoint(checkpoint).hparams.pretrained == 'init.pth'  # still recorded
+    with pytest.raises(msmlp.CheckpointError, match='init.pth'):  # a new run does read them
+        ClassificationTask(num_classes=3, embed_dim=20, depths=[1, 1, 1, 1], pretrained='init.pth')
+
+
 @pytest.mark.parametrize('subcommand', ['fit', 'validate'])
 def test_a_run_stopped_by_ctrl_c_fails_and_says_how_to_resume(subcommand, in_tmp, capsys, monkeypatch):
     """Ctrl-C: Lightning shuts down and exits with 1; msmlp says what stopped it, how to resume

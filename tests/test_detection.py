@@ -400,6 +400,19 @@ def test_a_run_of_your_own_config_is_used_from_other_folders_and_warns_when_the_
     assert DetectionTask(config=f'configs/{MINI}').hparams['config'] == MINI  # shipped: by name, for any clone
 
 
+def test_validating_a_run_does_not_read_its_starting_backbone_weights(root, tmp_path, monkeypatch, capsys):
+    """The checkpoint replaces the backbone's init_cfg weights: a file deleted since (or a URL
+    out of reach) does not matter to validate."""
+    from msmlp import MSMLP
+    monkeypatch.chdir(tmp_path)
+    torch.save(MSMLP(num_classes=0, embed_dim=32, depths=(1, 1, 2, 1)).state_dict(), tmp_path / 'backbone.pth')
+    assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--model.pretrained=backbone.pth',
+                     '--trainer.max_epochs=1', '--trainer.limit_train_batches=1', '--trainer.limit_val_batches=1']) == 0
+    (tmp_path / 'backbone.pth').unlink()
+    assert cli.main(['validate', '--task', 'det', '--ckpt_path=last', '--trainer.limit_val_batches=1']) == 0
+    assert 'val: bbox_AP=' in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('config, runs', [(None, 'det'), ('mask-rcnn_msswin-mini_fpn_shapes', 'det_msswin_mini')],
                          ids=['default', 'msswin-mini'])
