@@ -32,6 +32,7 @@ SUBCOMMANDS = ('fit', 'validate', 'test', 'predict')
 USAGE = f"""usage: msmlp {{{','.join(SUBCOMMANDS)}}} [--task {{{','.join(TASKS)}}}] [--config FILE] [--a.b=c ...]
        msmlp benchmark [...]    (speed; msmlp benchmark --help)
        msmlp export [...]       (ONNX, TorchScript, torch.export, safetensors; msmlp export --help)
+       msmlp --version          (this package's version and its libraries')
 
   --task TASK   cls (classification), det (detection) or seg (segmentation); default {DEFAULT_TASK}.
                 Its configs/TASK/default.yaml is the first config; --config files and
@@ -559,6 +560,19 @@ def report_outputs(trainer) -> None:
     print('\n'.join(lines))
 
 
+def versions() -> str:
+    """``msmlp 0.1.0 (torch ..., lightning ..., ...)``: this package's version and those of the
+    libraries it runs on that are installed, for bug reports."""
+    from importlib.metadata import PackageNotFoundError, version
+    found = []
+    for name in ('msmlp', 'torch', 'lightning', 'timm', 'mmengine', 'mmcv', 'mmdet', 'mmsegmentation', 'triton'):
+        try:
+            found.append(f'{name} {version(name)}')
+        except PackageNotFoundError:
+            pass
+    return f'{found[0]} ({", ".join(found[1:])}; Python {sys.version.split()[0]})'
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``msmlp`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -568,6 +582,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ['export']:
         from msmlp.export import main as export_main
         return export_main(argv[1:])
+    if argv[:1] == ['--version']:
+        print(versions())
+        return 0
     if not argv or argv[0] in ('-h', '--help'):
         print(USAGE)
         if not argv:

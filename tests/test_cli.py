@@ -111,6 +111,14 @@ def test_usage_names_the_command(capsys):
     assert 'usage: msmlp [options] fit' in capsys.readouterr().err
 
 
+def test_version_names_the_package_and_its_libraries(capsys):
+    from importlib.metadata import version
+    assert cli.main(['--version']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f'msmlp {version("msmlp")} (torch {version("torch")}, lightning {version("lightning")}, ')
+    assert f'timm {version("timm")}' in out and out.count('\n') == 1
+
+
 def test_benchmark_is_dispatched_with_its_arguments(monkeypatch):
     calls = []
     fake = types.ModuleType('msmlp.benchmark')
