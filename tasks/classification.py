@@ -476,8 +476,8 @@ class ClassificationTask(BaseTask):
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self.trainer is not None else None
         size = getattr(getattr(data, 'hparams', None), 'image_size', None)
-        if size:  # Lightning's model summary counts the model's FLOPs on it
-            self.example_input_array = torch.zeros(1, 3, size, size)
+        if size:  # Lightning's model summary counts the model's FLOPs on it (in bf16 for bf16-true)
+            self.example_input_array = self.trainer.precision_plugin.convert_input(torch.zeros(1, 3, size, size))
         classes = getattr(data, 'classes', None)
         if classes is None:
             return

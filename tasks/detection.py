@@ -500,6 +500,15 @@ class DetectionTask(OpenMMLabTask):
     def configure_metrics(self) -> None:
         self.val_metrics, self.test_metrics = CocoEvaluation(self.iou_types), CocoEvaluation(self.iou_types)
 
+    def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision)
+        if self.trainer.strategy.root_device.type == 'cpu' and not precision.startswith(('32', '64')):
+            # under CPU autocast the decoded boxes stay bfloat16 (CUDA's autocast runs the
+            # decoder's exp in float32, mmdet#9727), and mmcv's CPU NMS reads float32 alone
+            raise InputError(f'trainer.precision={precision}: detection on the CPU runs in 32-true only '
+                             "(mmcv's CPU NMS takes float32 boxes); drop --trainer.precision")
+        super().setup(stage)
+
     def check_classes(self, classes: Sequence[str]) -> None:
         heads = getattr(self.model, 'roi_head', None) or getattr(self.model, 'bbox_head', None)
         counts = {m.num_classes for m in (heads.modules() if heads is not None else ())

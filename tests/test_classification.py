@@ -551,6 +551,14 @@ def test_embedded_default_fast_dev_run(in_tmp, capsys):
     assert re.search(r'Total FLOPs: [1-9][0-9.]* M', out)  # counted on a real input, not 0
 
 
+def test_bf16_true_runs_and_counts_flops_in_bf16(in_tmp, capsys):
+    """Lightning's summary runs the example input as given; under bf16-true the model is bf16."""
+    status, out, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--trainer.fast_dev_run=true',
+                                 '--trainer.precision=bf16-true')
+    assert status == 0, err
+    assert re.search(r'Total FLOPs: [1-9][0-9.]* M', out) and 'val/top1' in out
+
+
 def test_recipe_config_trains_fast_dev_run(in_tmp, capsys):
     """The full recipe machinery (RandAugment, erasing, Mixup/CutMix, soft-target loss,
     clipping, scaled lr) runs end to end."""

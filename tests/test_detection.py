@@ -400,6 +400,14 @@ def test_a_run_of_your_own_config_is_used_from_other_folders_and_warns_when_the_
     assert DetectionTask(config=f'configs/{MINI}').hparams['config'] == MINI  # shipped: by name, for any clone
 
 
+def test_half_precision_on_the_cpu_is_one_line(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--trainer.fast_dev_run=1',
+                     '--trainer.precision=bf16-mixed']) == 1
+    assert capsys.readouterr().err == ('msmlp: error: trainer.precision=bf16-mixed: detection on the CPU runs in '
+                                       "32-true only (mmcv's CPU NMS takes float32 boxes); drop --trainer.precision\n")
+
+
 def test_validating_a_run_does_not_read_its_starting_backbone_weights(root, tmp_path, monkeypatch, capsys):
     """The checkpoint replaces the backbone's init_cfg weights: a file deleted since (or a URL
     out of reach) does not matter to validate."""
