@@ -430,8 +430,16 @@ class ClassificationTask(BaseTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.model = timm.create_model(hp.model, num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate,
-                                       **run_model_args(hp))
+        args = run_model_args(hp)
+        try:
+            self.model = timm.create_model(hp.model, num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate,
+                                           **args)
+        except TypeError as err:  # another timm architecture than the one these arguments are for
+            given = ', '.join(f'{key}={value}' for key, value in args.items())
+            nulls = ' '.join(f'--model.{key} null' for key in args if key in ('embed_dim', 'depths'))
+            hint = (f'; pass {nulls} (the embedded default sets those of a small MS-MLP)' if nulls
+                    else '; remove them from --model.model_args')
+            raise InputError(f'{hp.model} does not take the model arguments {given} ({err}){hint}') from err
         if hp.pretrained and starting_weights_needed():
             load = msmlp.load_swin_checkpoint if isinstance(self.model, msmlp.MSSwin) else msmlp.load_pretrained
             load(self.model, msmlp.checkpoint.local_checkpoint(hp.pretrained))

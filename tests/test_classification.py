@@ -559,6 +559,17 @@ def test_bf16_true_runs_and_counts_flops_in_bf16(in_tmp, capsys):
     assert re.search(r'Total FLOPs: [1-9][0-9.]* M', out) and 'val/top1' in out
 
 
+def test_another_timm_model_without_the_defaults_ms_mlp_arguments(in_tmp, capsys):
+    status, _, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--model.model=resnet18', '--trainer.fast_dev_run=true')
+    assert status == 1
+    assert err.startswith('msmlp: error: resnet18 does not take the model arguments embed_dim=40, depths=[1, 1, 2, 1]')
+    assert err.endswith('; pass --model.embed_dim null --model.depths null (the embedded default sets those of a '
+                        'small MS-MLP)\n')
+    status, out, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--model.model=resnet18', '--model.embed_dim=null',
+                                 '--model.depths=null', '--trainer.fast_dev_run=true')
+    assert status == 0 and 'task cls: resnet18 (11.2M parameters)' in out, err
+
+
 def test_recipe_config_trains_fast_dev_run(in_tmp, capsys):
     """The full recipe machinery (RandAugment, erasing, Mixup/CutMix, soft-target loss,
     clipping, scaled lr) runs end to end."""
