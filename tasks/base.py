@@ -62,7 +62,6 @@ def find_config(name: str, task: str = '') -> Path:
     raise InputError(f'config not found: {name} (looked in {Path.cwd()} and in the shipped configs, {CONFIG_DIR})')
 
 
-
 def portable_config(name: str) -> str:
     """How a run records its config: a shipped one by its name under ``configs/`` (found from
     any folder and any installation), any other file by its absolute path, so that the run's

@@ -435,6 +435,8 @@ class ClassificationTask(BaseTask):
             self.model = timm.create_model(hp.model, num_classes=hp.num_classes, drop_path_rate=hp.drop_path_rate,
                                            **args)
         except TypeError as err:  # another timm architecture than the one these arguments are for
+            if not args:
+                raise
             given = ', '.join(f'{key}={value}' for key, value in args.items())
             nulls = ' '.join(f'--model.{key} null' for key in args if key in ('embed_dim', 'depths'))
             hint = (f'; pass {nulls} (the embedded default sets those of a small MS-MLP)' if nulls
