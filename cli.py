@@ -11,6 +11,9 @@ line, ``msmlp: error: ...`` (``MSMLP_DEBUG=1`` shows its traceback).
 from __future__ import annotations
 
 import contextlib
+import difflib
+import importlib
+import inspect
 import os
 import re
 import shutil
@@ -20,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tasks.base import CONFIG_DIR, find_config
@@ -69,10 +72,26 @@ def resolve_config_args(argv: Sequence[str], task: str) -> List[str]:
             value = arg.split('=', 1)[1] if '=' in arg else next(args, None)
             if value is not None and not any(c in value for c in ':{\n'):
                 value = str(find_config(value, task))
+                check_yaml(value)
             out += ['--config'] + ([value] if value is not None else [])
         else:
             out.append(arg)
     return out
+
+
+def check_yaml(path: str) -> None:
+    """``InputError`` naming the file, line and column where ``path`` is not YAML (jsonargparse
+    would name neither the file nor, for several files, which one)."""
+    import yaml
+
+    from tasks.base import InputError
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, 'problem_mark', None)
+        where = f', line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(err, 'problem', None) or str(err).splitlines()[0]
+        raise InputError(f'{path}{where}: not valid YAML: {problem}') from err
 
 
 def _last_line(err: BaseException) -> str:
@@ -92,6 +111,87 @@ def _rejected_init_args(err: ValueError) -> Optional[str]:
     return reasons[0] if reasons else None
 
 
+def _class_options(class_path: str) -> List[str]:
+    """The ``__init__`` arguments of the class ``class_path`` names (none if it cannot be read)."""
+    module, _, name = class_path.rpartition('.')
+    try:
+        return [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
+                if p not in ('self', 'args', 'kwargs')]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+
+
+def _suggestion(name: str, options: Sequence[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f'; did you mean {prefix}{close[0]}?' if close else ''
+
+
+def _type_words(types: str) -> str:
+    """jsonargparse's ``Subtypes: [...]`` or ``Expected a ...`` text in the words of a flag."""
+    words = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r'\1', types)
+    words = re.sub(r'typing\.Literal\[(.*?)\]', r'\1', words)
+    words = re.sub(r'typing\.(?:List|Sequence)\[(\w+)\]', r'a list of \1', words)
+    return words.replace('NoneType', 'null')
+
+
+def _condensed(text: str, prefix: str) -> Optional[str]:
+    """The one-line reason of a ``Parser key "k": ...`` block (``None`` if it is not one)."""
+    block = re.match(r'\s*Parser key "([^"]+)":\s*\n?(.*)', text, re.S)
+    if block is None:
+        return None
+    flag, body = f'{prefix}.{block.group(1)}' if prefix else f'--{block.group(1)}', block.group(2)
+    class_path = re.search(r"Problem with given class_path '([^']+)':\s*\n(.*)", body, re.S)
+    if class_path:
+        inner = class_path.group(2)
+        option = re.match(r"\s*Option '([^']+)' is not accepted", inner)
+        if option:
+            return (f"{flag}.{option.group(1)}: {class_path.group(1)} takes no option '{option.group(1)}'"
+                    + _suggestion(option.group(1), _class_options(class_path.group(1)), f'{flag}.'))
+        return _condensed(inner, flag)
+    direct = re.match(r'\s*Expected a (.+?)\. Got value: (.*)', body)
+    if direct:
+        return f'{flag}={direct.group(2).strip()}: expected {_type_words(direct.group(1))}'
+    subtypes = re.search(r'^\s*Subtypes: \[(.*)\]$', body, re.M)
+    given = re.findall(r'^\s*Given value: (.*)$', body, re.M)
+    if subtypes and given:
+        expected = _type_words(subtypes.group(1))
+        head, _, last = expected.rpartition(', ')
+        return f'{flag}={given[0]}: expected {head + " or " + last if head else last}'
+    return None
+
+
+def condensed_error(message: str, options: Sequence[str] = (), choices: Sequence[str] = ()) -> str:
+    """jsonargparse's error for an option or value as one line: for a ``--model.*`` or
+    ``--data.*`` flag it reports every union member it tried, over ten lines, the reason in the
+    middle. ``options`` are the parser's flags, for suggestions."""
+    text = message.strip()
+    unknown = re.fullmatch(r'unrecognized arguments: (--[\w.]+)(.*)', text, re.S)
+    if unknown:
+        return text + _suggestion(unknown.group(1), options, '')
+    choice = re.match(r"argument subcommand: invalid choice: '([^']*)'", text)
+    if choice:
+        return text + _suggestion(choice.group(1), SUBCOMMANDS, '')
+    return _condensed(text, '') or text
+
+
+class MSMLPArgumentParser(LightningArgumentParser):
+    """A bad option or value is two lines, the error and where the options are listed, instead
+    of the usage of every option (over 60 lines) with the error at its end."""
+
+    task = DEFAULT_TASK
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        from jsonargparse._common import debug_mode_active
+        if not self.exit_on_error or debug_mode_active():
+            super().error(message, ex)
+        parser = getattr(ex, 'subcommand_parser', None) or self
+        prog = parser.prog.replace(' [options]', '')
+        options = [flag for action in parser._actions for flag in action.option_strings]
+        sys.stderr.write(f'{prog}: error: {condensed_error(message, options)}\n'
+                         f'{prog} --task {self.task} --help lists every option\n')
+        self.exit(2)
+
+
 class MSMLPCLI(LightningCLI):
     """LightningCLI with ``--task``, the ``--checkpoint.*`` callback and the run-folder rules."""
 
@@ -100,6 +200,11 @@ class MSMLPCLI(LightningCLI):
         self.task = task
         self.new_folders = new_folders if new_folders is not None else []  # what this run creates
         super().__init__(*args, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.task = self.task
+        return parser
 
     def add_arguments_to_parser(self, parser) -> None:
         from tasks.checkpointing import RunCheckpoint
@@ -259,6 +364,7 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
         # mmseg's reminder of its loss default on every model built; the released configs keep the default
         warnings.filterwarnings('ignore', message='Default ``avg_non_ignore`` is False')
         MSMLPCLI(BaseTask, LightningDataModule, task=task, new_folders=new_folders, subclass_mode_model=True,
+                 parser_class=MSMLPArgumentParser,
                  subclass_mode_data=True, seed_everything_default=0, args=argv,
                  parser_kwargs={'prog': 'msmlp', **{cmd: {'default_config_files': [str(task_config(task))],
                                                           'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS}},
