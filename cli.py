@@ -181,8 +181,7 @@ class MSMLPArgumentParser(LightningArgumentParser):
     task = DEFAULT_TASK
 
     def error(self, message: str, ex: Optional[Exception] = None):
-        from jsonargparse._common import debug_mode_active
-        if not self.exit_on_error or debug_mode_active():
+        if not self.exit_on_error or os.environ.get('JSONARGPARSE_DEBUG'):  # raise, as jsonargparse does then
             super().error(message, ex)
         parser = getattr(ex, 'subcommand_parser', None) or self
         prog = parser.prog.replace(' [options]', '')
