@@ -74,10 +74,42 @@ __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'load_config', 'dataset_type'
 def load_config(path: str, cfg_options: Optional[Dict[str, Any]] = None):
     """The mmengine ``Config`` of ``path`` with ``cfg_options`` merged (dotted keys)."""
     from mmengine.config import Config
-    cfg = Config.fromfile(str(find_config(path).resolve()))
+    file = find_config(path).resolve()
+    try:
+        cfg = Config.fromfile(str(file))
+    except SyntaxError as err:  # mmengine names neither the file nor, through _base_, which one
+        broken, err = _unparsable(file) or (file, err)
+        raise InputError(f'{broken}: not valid Python: line {err.lineno}: {err.msg}'
+                         + (f' (a _base_ of {file})' if broken != file else '')) from err
+    except FileNotFoundError as err:
+        missing = os.path.normpath(err.filename) if err.filename else '?'
+        raise InputError(f'{file}: {err.strerror}: {missing} (its _base_, or a file it reads)') from err
     if cfg_options:
         cfg.merge_from_dict(dict(cfg_options))
     return cfg
+
+
+def _unparsable(file: Path) -> Optional[Tuple[Path, SyntaxError]]:
+    """The first file of ``file``'s ``_base_`` chain (local bases) that is not Python, and why."""
+    import ast
+    try:
+        tree = ast.parse(file.read_text(), filename=str(file))
+    except SyntaxError as err:
+        return file, err
+    except OSError:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, 'id', None) == '_base_' for t in node.targets):
+            try:
+                bases = ast.literal_eval(node.value)
+            except (ValueError, TypeError):
+                return None
+            for base in [bases] if isinstance(bases, str) else list(bases):
+                if isinstance(base, str) and '::' not in base:
+                    found = _unparsable((file.parent / base).resolve())
+                    if found:
+                        return found
+    return None
 
 
 def _scope(cfg, default: str) -> str:

@@ -400,6 +400,19 @@ def test_a_run_of_your_own_config_is_used_from_other_folders_and_warns_when_the_
     assert DetectionTask(config=f'configs/{MINI}').hparams['config'] == MINI  # shipped: by name, for any clone
 
 
+def test_a_config_that_is_not_python_or_lacks_its_base_is_one_line_naming_the_file(tmp_path):
+    broken, child, orphan = tmp_path / 'broken.py', tmp_path / 'child.py', tmp_path / 'orphan.py'
+    broken.write_text("model = dict(\n")
+    child.write_text("_base_ = './broken.py'\n")
+    orphan.write_text("_base_ = ['./gone.py']\n")
+    with pytest.raises(InputError, match=f"^{broken}: not valid Python: line 1: '\\(' was never closed$"):
+        DetectionTask(config=str(broken))
+    with pytest.raises(InputError, match=f"^{broken}: not valid Python: .* \\(a _base_ of {child}\\)$"):
+        DetectionTask(config=str(child))
+    with pytest.raises(InputError, match=f'^{orphan}: No such file or directory: {tmp_path / "gone.py"} '):
+        DetectionTask(config=str(orphan))
+
+
 def test_half_precision_on_the_cpu_is_one_line(root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--trainer.fast_dev_run=1',
