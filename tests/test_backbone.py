@@ -370,6 +370,21 @@ def test_timm_pretrained_from_released_file():
         assert (model.eval()(data['input']) - data['logits']).abs().max() <= 1e-5
 
 
+def test_timm_train_scripts_pretrained_path_and_checkpoint_path_read_released_weights(tmp_path):
+    """train.py --pretrained-path FILE is pretrained_cfg_overlay=dict(file=FILE, num_classes=-1);
+    checkpoint_path= reads the safetensors copy msmlp export writes (torch.load refuses the yacs pickle)."""
+    from msmlp import export
+    case, released = REFERENCE['square_64'], str(FIXTURES / 'released_layout_square_64.pth')
+    arch = dict(embed_dim=case['config']['embed_dim'], depths=case['config']['depths'])
+    model = timm.create_model('msmlp_tiny', pretrained=True, num_classes=10, **arch,
+                              pretrained_cfg_overlay=dict(file=released, num_classes=-1)).eval()
+    assert (model(case['input']) - case['logits']).abs().max() <= 1e-5
+    copy = tmp_path / 'released.safetensors'
+    assert export.main(['--checkpoint', released, '--format', 'safetensors', '--output', str(copy)]) == 0
+    model = timm.create_model('msmlp_tiny', num_classes=10, **arch, checkpoint_path=str(copy)).eval()
+    assert (model(case['input']) - case['logits']).abs().max() <= 1e-5
+
+
 def test_pretrained_with_one_input_channel_adapts_the_stem():
     model = timm.create_model('msmlp_tiny', pretrained=True, in_chans=1, num_classes=10, embed_dim=24,
                               depths=(1, 1, 2, 1),
