@@ -160,7 +160,7 @@ def _condensed(text: str, prefix: str) -> Optional[str]:
     return None
 
 
-def condensed_error(message: str, options: Sequence[str] = (), choices: Sequence[str] = ()) -> str:
+def condensed_error(message: str, options: Sequence[str] = ()) -> str:
     """jsonargparse's error for an option or value as one line: for a ``--model.*`` or
     ``--data.*`` flag it reports every union member it tried, over ten lines, the reason in the
     middle. ``options`` are the parser's flags, for suggestions."""

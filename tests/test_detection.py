@@ -378,7 +378,8 @@ def test_a_run_of_your_own_config_is_used_from_other_folders_and_warns_when_the_
     name), so validate/test/predict/resume work from any folder; a file edited since is said."""
     from tasks.base import CONFIG_DIR
     work, elsewhere = tmp_path / 'work', tmp_path / 'elsewhere'
-    work.mkdir(), elsewhere.mkdir()
+    work.mkdir()
+    elsewhere.mkdir()
     mine = work / 'my_det.py'
     mine.write_text(f"_base_ = '{CONFIG_DIR / MINI}'\noptim_wrapper = dict(optimizer=dict(lr=0.002))\n")
     monkeypatch.chdir(work)
