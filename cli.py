@@ -234,6 +234,8 @@ class MSMLPCLI(LightningCLI):
         for key, value in given.items():
             if value is not None:
                 self.config[subcommand][key] = value
+        if subcommand:
+            check_architecture_flags(self.config[subcommand], given, self.checkpoint_facts)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
@@ -480,7 +482,38 @@ def check_checkpoint(path: Optional[str]) -> Optional[dict]:
     model = checkpoint.get('hyper_parameters')
     return {'path': str(path), 'logs': dict(logs) if isinstance(logs, dict) else {},
             'data_root': data.get('root') if isinstance(data, dict) else None,
-            'model_class': model.get('_class_path') if isinstance(model, dict) else None}
+            'model_class': model.get('_class_path') if isinstance(model, dict) else None,
+            'hparams': model if isinstance(model, dict) else {}}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, 'items'):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def check_architecture_flags(config, given: dict, facts: Optional[dict]) -> None:
+    """A ``--model.X`` flag that builds another model than the checkpoint's (another
+    ``num_classes``, width, timm model) stops in one line naming the checkpoint's value, not in
+    a page of state-dict size mismatches."""
+    from tasks.base import InputError
+    trained = (facts or {}).get('hparams') or {}
+    class_path = config.get('model', {}).get('class_path')
+    module, _, name = (class_path or '').rpartition('.')
+    task_class = getattr(sys.modules.get(module), name, None)
+    for key in given:
+        arg = key.rsplit('.', 1)[-1]
+        if arg not in getattr(task_class, 'architecture_args', ()) or arg not in trained:
+            continue
+        now, then = _plain(config[key]), _plain(trained[arg])
+        if now == then:
+            continue
+        hint = (f'; to train a {now}-class model from its weights: msmlp fit --model.pretrained {facts["path"]} '
+                f'--model.num_classes {now}' if arg == 'num_classes' else '')
+        raise InputError(f'--model.{arg} {now}: {facts["path"]} holds a model of {arg}={then}, and its weights '
+                         f'fit only that; leave out --model.{arg}{hint}')
 
 
 TASK_MODULES = {'tasks.classification': 'cls', 'tasks.detection': 'det', 'tasks.segmentation': 'seg'}

@@ -323,9 +323,10 @@ class ImageFolderDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train, (processes, _) = self.datasets['train'], world()
         if len(train) < self.batch_size * processes:
+            each = f' on each of {processes} processes' if processes > 1 else ''
             raise InputError(f'{self.root / self.hparams.train_split} has {len(train)} images, fewer than one batch '
-                             f'(batch_size={self.batch_size}' + (f' on each of {processes} processes)' if processes > 1
-                                                                 else ')'))
+                             f'(batch_size={self.batch_size}{each}): set --data.batch_size '
+                             f'{max(1, len(train) // processes)} or less')
         return ResumableLoader(train, batch_size=self.batch_size, seed=int(os.environ.get('PL_GLOBAL_SEED', 0)),
                                drop_last=True, **self._loader_args('train'))
 
@@ -391,6 +392,8 @@ class ClassificationTask(BaseTask):
     # hyper-parameters, which LightningCLI would otherwise apply over the command line when
     # given --ckpt_path.
     runtime_args: Tuple[str, ...] = ('predict_file',)
+    # What shapes the weights: a checkpoint's weights fit only the model its values built.
+    architecture_args: Tuple[str, ...] = ('model', 'num_classes', 'embed_dim', 'depths', 'model_args')
 
     def __init__(
             self,
@@ -502,8 +505,8 @@ class ClassificationTask(BaseTask):
                              + _normalisation_hint(classes, self.class_names))
         if count_differs:
             raise InputError(f'num_classes differs: the model has num_classes={self.hparams.num_classes} but '
-                             f'{where} has {len(classes)} class folders; set --model.init_args.num_classes='
-                             f'{len(classes)} (or use data with {self.hparams.num_classes} classes)')
+                             f'{where} has {len(classes)} class folders; set --model.num_classes {len(classes)} '
+                             f'(or use data with {self.hparams.num_classes} classes)')
         if names_differ:
             raise InputError(f'the class folders of {where} ({listed(classes, limit=10)}) differ from the model\'s '
                              f'class_names ({listed(self.hparams.class_names, limit=10)})'

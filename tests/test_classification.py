@@ -381,14 +381,33 @@ def test_fit_resumes_from_the_last_checkpoint_in_its_run_folder(trained, capsys,
     assert {int(r['epoch']) for r in rows[len(before):]} == {1}
 
 
-def test_model_flags_win_over_checkpoint_hyperparameters(trained, capsys, monkeypatch):
-    # Lightning lays a checkpoint's hyper-parameters over the config; a flag given on the
-    # command line must still be the one used (here it contradicts the checkpoint, so it fails).
+@pytest.mark.parametrize('flag, trained_value, hint', [
+    ('--model.num_classes=5', 'num_classes=3', '; to train a 5-class model from its weights: msmlp fit '
+                                               '--model.pretrained {ckpt} --model.num_classes 5'),
+    ('--model.embed_dim=24', 'embed_dim=20', ''),
+    ('--model.depths=[1,1,2,1]', 'depths=[1, 1, 1, 1]', ''),
+    ('--model.model=resnet18', 'model=msmlp_tiny', '')])
+def test_a_model_flag_contradicting_the_checkpoint_is_one_line(flag, trained_value, hint, trained, capsys,
+                                                                 monkeypatch):
+    # Lightning lays a checkpoint's hyper-parameters over the config; a flag given on the command
+    # line wins, and one that builds another model than the checkpoint's is named with its value
+    # (before: a page of state-dict size mismatches, or "class_names has 3 names but num_classes=5").
     monkeypatch.chdir(trained['tmp'])
     status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--data.init_args.root={trained["data"]}',
-                                 f'--ckpt_path={trained["best"]}', '--model.num_classes=5')
-    assert status != 0
-    assert err == 'msmlp: error: class_names has 3 names but num_classes=5\n'
+                                 f'--ckpt_path={trained["best"]}', flag)
+    name, value = flag[len('--model.'):].split('=')
+    value = value.replace(',', ', ')
+    assert status == 1
+    assert err == (f'msmlp: error: --model.{name} {value}: {trained["best"]} holds a model of {trained_value}, '
+                   f'and its weights fit only that; leave out --model.{name}{hint.format(ckpt=trained["best"])}\n')
+
+
+def test_model_flags_agreeing_with_the_checkpoint_and_other_flags_run(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained['tmp'])
+    status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                                 '--model.num_classes=3', '--model.embed_dim=20', '--model.depths=[1,1,1,1]',
+                                 '--model.drop_path_rate=0.3')
+    assert status == 0, err
 
 
 def test_class_names_differing_only_in_unicode_composition_say_so(tmp_path, capsys, monkeypatch):
@@ -611,7 +630,8 @@ def test_num_classes_differing_from_the_data_is_named(in_tmp, capsys):
     status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true',
                                                  '--model.init_args.num_classes=5'))
     assert status == 1
-    assert 'num_classes=5' in err and '3 class folders' in err and str(data / 'train') in err
+    assert err.strip().endswith(f'msmlp: error: num_classes differs: the model has num_classes=5 but {data / "train"} '
+                                'has 3 class folders; set --model.num_classes 3 (or use data with 5 classes)')
 
 
 def test_class_folders_differing_from_the_checkpoint_are_refused(trained, capsys, monkeypatch, tmp_path):
@@ -754,6 +774,14 @@ def test_class_folder_name_that_is_not_utf8_is_refused_before_training(in_tmp, c
     assert status == 1
     assert err.strip() == (f'msmlp: error: class folder {data / "train"}/caf\\xe9 has a name that is not valid '
                            'UTF-8: class names are stored in checkpoints and configs as text; rename the folder')
+
+
+def test_fewer_training_images_than_one_batch_name_the_batch_size_that_fits(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder', per_class=2)
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--data.batch_size=8', '--trainer.fast_dev_run=true'))
+    assert status == 1
+    assert err.strip().endswith(f'msmlp: error: {data / "train"} has 6 images, fewer than one batch (batch_size=8): '
+                                'set --data.batch_size 6 or less')
 
 
 @pytest.mark.parametrize('task, flag', [
