@@ -476,6 +476,11 @@ class ADE20KDataModule(OpenMMLabDataModule):
             return  # a split file lists the images; the loader reports missing ones
         root = Path(dataset_cfg['data_root'])
         prefix = dataset_cfg.get('data_prefix') or {}
+        img_dir = root / prefix.get('img_path', '')
+        if not img_dir.is_dir() and self.root is None:
+            raise InputError(f'images folder not found: {img_dir}. The embedded dataset holds '
+                             'images/{training,validation} and annotations/{training,validation}: pass --data.root '
+                             'with the dataset this config reads')
         img_suffix = dataset_cfg.get('img_suffix', _dataset_default(dataset_cls, 'img_suffix'))
         seg_suffix = dataset_cfg.get('seg_map_suffix', _dataset_default(dataset_cls, 'seg_map_suffix'))
         count = check_image_label_pairs(root / prefix.get('img_path', ''), root / prefix.get('seg_map_path', ''),

@@ -146,6 +146,16 @@ def test_missing_folders_say_what_the_layout_is(tmp_path):
         datamodule(tmp_path).setup('fit')
 
 
+def test_a_config_of_other_folders_without_data_root_says_to_pass_it(embedded_data):
+    # the user's own config, run without --data.root, reads its folders under the embedded data
+    dm = ADE20KDataModule(root=None, num_workers=0, config='mmseg/msmlp-mini_upernet_ade20k-scenes-128x128.py',
+                          cfg_options={'train_dataloader.dataset.data_prefix.img_path': 'img_dir/train'})
+    with pytest.raises(InputError, match=r'^images folder not found: .*img_dir/train\. The embedded dataset holds '
+                                         r'images/\{training,validation\} .*: pass --data\.root with the dataset this '
+                                         r'config reads$'):
+        dm.setup('fit')
+
+
 def _first_item_error(root, split='train', match=''):
     dm = datamodule(root)
     dm.setup('fit')
