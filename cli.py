@@ -221,6 +221,7 @@ class MSMLPCLI(LightningCLI):
             config['ckpt_path'] = latest_last_checkpoint(config.trainer, self.config.subcommand)
         self.checkpoint_facts = check_checkpoint(config.get('ckpt_path'))
         check_task_class(config, self.checkpoint_facts, self.task)
+        check_optimizer_flags(config, self.task)
         self.resumed = self.checkpoint_facts['logs'] if self.checkpoint_facts is not None else None
         if not any(re.match(r'--data(\.init_args)?\.root(=|$)', str(arg)) for arg in args):
             use_trained_data(config, self.checkpoint_facts, announce=self.config.subcommand != 'predict')
@@ -514,6 +515,23 @@ def check_architecture_flags(config, given: dict, facts: Optional[dict]) -> None
                 f'--model.num_classes {now}' if arg == 'num_classes' else '')
         raise InputError(f'--model.{arg} {now}: {facts["path"]} holds a model of {arg}={then}, and its weights '
                          f'fit only that; leave out --model.{arg}{hint}')
+
+
+def check_optimizer_flags(config, task: str) -> None:
+    """LightningCLI's ``--optimizer`` and ``--lr_scheduler`` replace a cls task's AdamW and
+    cosine schedule; Lightning ignores ``--lr_scheduler`` given alone, and det/seg take both
+    from their OpenMMLab config (Lightning's replacement crashed there). Both are one line."""
+    from tasks.base import InputError
+    optimizer, scheduler = config.get('optimizer'), config.get('lr_scheduler')
+    if task != 'cls' and (optimizer or scheduler):
+        flag = '--optimizer' if optimizer else '--lr_scheduler'
+        raise InputError(f"{flag}: --task {task} takes its optimizer and schedule from its config's optim_wrapper "
+                         "and param_scheduler; change them with --model.cfg_options, e.g. "
+                         "--model.cfg_options '{optim_wrapper.optimizer.lr: 0.0001}'")
+    if scheduler and not optimizer:
+        raise InputError('--lr_scheduler without --optimizer: Lightning would ignore it and run the task\'s AdamW '
+                         'with its warm-up and cosine schedule (--model.lr, --model.warmup_epochs, --model.min_lr); '
+                         'give an --optimizer too')
 
 
 TASK_MODULES = {'tasks.classification': 'cls', 'tasks.detection': 'det', 'tasks.segmentation': 'seg'}

@@ -171,6 +171,8 @@ class BaseTask(LightningModule, ABC):
         return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if not hasattr(scheduler, 'step_update'):  # a torch scheduler given with --lr_scheduler
+            return super().lr_scheduler_step(scheduler, metric)
         # timm schedulers take the number of optimiser steps taken so far.
         scheduler.step_update(num_updates=self.trainer.global_step)
 

@@ -776,6 +776,19 @@ def test_class_folder_name_that_is_not_utf8_is_refused_before_training(in_tmp, c
                            'UTF-8: class names are stored in checkpoints and configs as text; rename the folder')
 
 
+def test_an_optimizer_and_torch_scheduler_from_the_command_line_replace_the_recipe(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder', per_class=4)
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=3', '--optimizer=SGD',
+                                                 '--optimizer.lr=0.1', '--lr_scheduler=StepLR',
+                                                 '--lr_scheduler.step_size=1', '--trainer.log_every_n_steps=1'))
+    assert status == 0, err
+    first_lr = {}
+    for row in read_metrics(in_tmp / 'runs' / 'cls' / 'version_0'):
+        if row.get('lr'):
+            first_lr.setdefault(int(row['epoch']), float(row['lr']))
+    assert first_lr == pytest.approx({0: 0.1, 1: 0.01, 2: 0.001})
+
+
 def test_fewer_training_images_than_one_batch_name_the_batch_size_that_fits(in_tmp, capsys):
     data = write_folder(in_tmp / 'folder', per_class=2)
     status, _, err = msmlp_run(capsys, *fit_args(data, '--data.batch_size=8', '--trainer.fast_dev_run=true'))

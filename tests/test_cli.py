@@ -327,3 +327,19 @@ def test_a_checkpoint_of_another_task_is_one_line(task, trained, tmp_path, capsy
     assert err.startswith(f'msmlp: error: {checkpoint} holds a {trained}, not the tasks.')
     assert err.endswith(f'of --task {task}: use --task {other}')
     assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('task, args, error', [
+    ('cls', ['--lr_scheduler=StepLR', '--lr_scheduler.step_size=3'],
+     "--lr_scheduler without --optimizer: Lightning would ignore it and run the task's AdamW"),
+    ('det', ['--optimizer=SGD', '--optimizer.lr=0.01'],
+     "--optimizer: --task det takes its optimizer and schedule from its config's optim_wrapper and param_scheduler; "
+     "change them with --model.cfg_options"),
+    ('seg', ['--lr_scheduler=StepLR', '--lr_scheduler.step_size=3'],
+     "--lr_scheduler: --task seg takes its optimizer and schedule from its config's optim_wrapper")])
+def test_optimizer_flags_lightning_would_ignore_or_crash_on_are_one_line(task, args, error, capsys, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', task, *args]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f'msmlp: error: {error}')
+    assert not (tmp_path / 'runs').exists()
