@@ -266,6 +266,14 @@ class MSMLPCLI(LightningCLI):
         check_process_count(trainer)
         return trainer
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # --trainer.enable_checkpointing false: Lightning refuses the --checkpoint.* callback
+        # this CLI always adds; the user asked for no checkpoints, so it is left out.
+        if config.get('enable_checkpointing') is False:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def after_instantiate_classes(self) -> None:
         for logger_args in self.pinned_versions:  # the saved config.yaml stays reusable
             logger_args['version'] = None
@@ -276,7 +284,8 @@ class MSMLPCLI(LightningCLI):
     def before_fit(self) -> None:
         if first_process():
             where = 'continue in' if self.run_folder is not None else 'go to'
-            outputs = (f'logs and checkpoints {where} {self.trainer.log_dir}' if not self.trainer.fast_dev_run
+            saved = 'logs and checkpoints' if self.trainer.checkpoint_callback is not None else 'logs (no checkpoints)'
+            outputs = (f'{saved} {where} {self.trainer.log_dir}' if not self.trainer.fast_dev_run
                        else 'fast_dev_run: nothing is logged or saved')
             print(f'msmlp: {describe_run(self.task, self.model, self.datamodule)}; {outputs}', flush=True)
 

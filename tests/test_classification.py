@@ -789,6 +789,17 @@ def test_an_optimizer_and_torch_scheduler_from_the_command_line_replace_the_reci
     assert first_lr == pytest.approx({0: 0.1, 1: 0.01, 2: 0.001})
 
 
+def test_enable_checkpointing_false_trains_without_checkpoints(in_tmp, capsys):
+    # Lightning refused it ("found ModelCheckpoint in callbacks list"): the CLI adds its own
+    data = write_folder(in_tmp / 'folder', per_class=4)
+    status, out, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1',
+                                                   '--trainer.enable_checkpointing=false'))
+    assert status == 0, err
+    assert f'logs (no checkpoints) go to {Path("runs/cls/version_0")}' in out
+    assert (in_tmp / 'runs/cls/version_0/metrics.csv').is_file()
+    assert not list(in_tmp.rglob('*.ckpt'))
+
+
 def test_fewer_training_images_than_one_batch_name_the_batch_size_that_fits(in_tmp, capsys):
     data = write_folder(in_tmp / 'folder', per_class=2)
     status, _, err = msmlp_run(capsys, *fit_args(data, '--data.batch_size=8', '--trainer.fast_dev_run=true'))
