@@ -106,8 +106,10 @@ def _rejected_init_args(err: ValueError) -> Optional[str]:
     text = str(err)
     if 'Does not validate against any of the Union subtypes' not in text:
         return None
-    reasons = [m.group(1) for m in re.finditer(r'^\s+- (.+)$', text, re.MULTILINE)
-               if not m.group(1).startswith('Expected a ')]
+    # each reason is a '- ' line, its continuation lines indented deeper
+    reasons = [' '.join(line.strip() for line in m.group(0).strip().splitlines())[2:]
+               for m in re.finditer(r'^(\s+)- .+$(\n\1\s+(?!- ).+$)*', text, re.MULTILINE)]
+    reasons = [r for r in reasons if not r.startswith('Expected a ')]
     return reasons[0] if reasons else None
 
 

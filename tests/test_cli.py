@@ -343,3 +343,18 @@ def test_optimizer_flags_lightning_would_ignore_or_crash_on_are_one_line(task, a
     assert cli.main(['fit', '--task', task, *args]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f'msmlp: error: {error}')
     assert not (tmp_path / 'runs').exists()
+
+
+def test_a_class_refusing_its_arguments_is_one_line_with_its_reason_on_the_next_line():
+    # jsonargparse's text for --trainer.logger WandbLogger without wandb installed: the reason
+    # was cut at the colon ("msmlp: error: Problem with given class_path '...WandbLogger':")
+    text = ("Does not validate against any of the Union subtypes\n"
+            "Subtypes: [<class 'lightning.pytorch.loggers.logger.Logger'>, <class 'bool'>]\n"
+            "Errors:\n"
+            "  - Problem with given class_path 'lightning.pytorch.loggers.WandbLogger':\n"
+            "      Requirement 'wandb>=0.12.10' not met. HINT: Try running `pip install -U 'wandb>=0.12.10'`\n"
+            "  - Expected a <class 'bool'>\n"
+            "Given value: Namespace(class_path='lightning.pytorch.loggers.WandbLogger')\n")
+    assert cli._rejected_init_args(ValueError(text)) == (
+        "Problem with given class_path 'lightning.pytorch.loggers.WandbLogger': Requirement 'wandb>=0.12.10' not "
+        "met. HINT: Try running `pip install -U 'wandb>=0.12.10'`")
