@@ -221,6 +221,8 @@ class MSMLPCLI(LightningCLI):
         config = self.config[self.config.subcommand]
         if config.get('ckpt_path') == 'last':
             config['ckpt_path'] = latest_last_checkpoint(config.trainer, self.config.subcommand)
+        elif config.get('ckpt_path') == 'best':
+            config['ckpt_path'] = latest_best_checkpoint(config.trainer)
         self.checkpoint_facts = check_checkpoint(config.get('ckpt_path'))
         check_task_class(config, self.checkpoint_facts, self.task)
         check_optimizer_flags(config, self.task)
@@ -589,25 +591,52 @@ def _logger_folder(args) -> Path:
     return Path(args['save_dir']) / (args.get('name') or '')
 
 
+def _newest_run_checkpoints(trainer_config) -> Tuple[Optional[Path], str]:
+    """The ``checkpoints`` folder of the newest run (``version_N``) of this config's loggers
+    that wrote a ``last.ckpt`` (None if none did), and the loggers' folders, for messages."""
+    found = []
+    for folder in {_logger_folder(args) for args in _logger_args(trainer_config)}:
+        for run in folder.glob('version_*'):
+            if re.fullmatch(r'version_\d+', run.name) and (run / 'checkpoints' / 'last.ckpt').is_file():
+                found.append((int(run.name[len('version_'):]), run / 'checkpoints'))
+    where = ', '.join(sorted({str(_logger_folder(args)) for args in _logger_args(trainer_config)}))
+    return (max(found)[1] if found else None), where or "the loggers' folders"
+
+
 def latest_last_checkpoint(trainer_config, subcommand: str) -> Optional[str]:
     """``--ckpt_path last``: the ``last.ckpt`` of the newest run folder of this config's loggers
     (``<save_dir>/<name>/version_N/checkpoints/last.ckpt``). ``fit`` without one starts a new
     run (so one command both starts and resumes a job); other subcommands need one."""
     from tasks.base import InputError
-    found = []
-    for folder in {_logger_folder(args) for args in _logger_args(trainer_config)}:
-        for run in folder.glob('version_*'):
-            if re.fullmatch(r'version_\d+', run.name) and (run / 'checkpoints' / 'last.ckpt').is_file():
-                found.append((int(run.name[len('version_'):]), run / 'checkpoints' / 'last.ckpt'))
-    if found:
-        return str(max(found)[1])
-    where = ', '.join(sorted({str(_logger_folder(args)) for args in _logger_args(trainer_config)}))
-    where = where or "the loggers' folders"
+    folder, where = _newest_run_checkpoints(trainer_config)
+    if folder is not None:
+        return str(folder / 'last.ckpt')
     if subcommand != 'fit':
         raise InputError(f'--ckpt_path last: no run under {where} has checkpoints/last.ckpt')
     if first_process():
         print(f'msmlp: --ckpt_path last: no run under {where} has a last.ckpt yet; starting a new run', flush=True)
     return None
+
+
+def latest_best_checkpoint(trainer_config) -> str:
+    """``--ckpt_path best``: the best checkpoint by ``checkpoint.monitor`` of the newest run
+    folder (as for ``last``). Lightning's own ``best`` means the checkpoint callback of the same
+    process, which a new command does not have."""
+    from msmlp import read_checkpoint
+    from tasks.base import InputError
+    folder, where = _newest_run_checkpoints(trainer_config)
+    if folder is None:
+        raise InputError(f'--ckpt_path best: no run under {where} has checkpoints/last.ckpt')
+    kept = [path for path in folder.glob('*.ckpt') if not path.name.startswith('last')]
+    if len(kept) == 1:
+        return str(kept[0])
+    states = (read_checkpoint(folder / 'last.ckpt').get('callbacks') or {}).values() if kept else ()
+    recorded = [Path(state['best_model_path']).name for state in states
+                if isinstance(state, dict) and state.get('best_model_path')]
+    if recorded and (folder / recorded[0]).is_file():
+        return str(folder / recorded[0])
+    raise InputError(f'--ckpt_path best: {folder} holds no best checkpoint yet (one is kept at each validation); '
+                     f'--ckpt_path last takes {folder / "last.ckpt"}')
 
 
 def resumed_run_folder(ckpt_path: Optional[str], trainer_config) -> Optional[Path]:

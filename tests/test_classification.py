@@ -381,6 +381,16 @@ def test_fit_resumes_from_the_last_checkpoint_in_its_run_folder(trained, capsys,
     assert {int(r['epoch']) for r in rows[len(before):]} == {1}
 
 
+def test_ckpt_path_best_validates_the_newest_runs_best_checkpoint(trained, capsys, monkeypatch):
+    # Lightning's own "best" (the same process's checkpoint callback) was a ValueError traceback here
+    monkeypatch.chdir(trained['tmp'])
+    read, check = [], cli.check_checkpoint
+    monkeypatch.setattr(cli, 'check_checkpoint', lambda path: read.append(path) or check(path))
+    status, _, err = msmlp_run(capsys, 'validate', '--task', 'cls', '--ckpt_path=best')
+    assert status == 0, err
+    assert read == [str(Path('runs/cls/version_0/checkpoints') / trained['best'].name)]
+
+
 @pytest.mark.parametrize('flag, trained_value, hint', [
     ('--model.num_classes=5', 'num_classes=3', '; to train a 5-class model from its weights: msmlp fit '
                                                '--model.pretrained {ckpt} --model.num_classes 5'),

@@ -254,6 +254,24 @@ def test_ckpt_path_last_is_the_newest_runs_last_checkpoint(tmp_path, capsys):
     assert cli.latest_last_checkpoint(trainer, 'fit') == str(tmp_path / 'cls/version_10/checkpoints/last.ckpt')
 
 
+def test_ckpt_path_best_is_the_newest_runs_best_checkpoint(tmp_path):
+    import torch
+    from tasks.base import InputError
+    trainer = loggers_config(tmp_path)
+    with pytest.raises(InputError, match=r'^--ckpt_path best: no run under .* has checkpoints/last.ckpt$'):
+        cli.latest_best_checkpoint(trainer)
+    make_run(tmp_path, 0, files=('last.ckpt', 'best-epoch000.ckpt'))
+    assert cli.latest_best_checkpoint(trainer) == str(tmp_path / 'cls/version_0/checkpoints/best-epoch000.ckpt')
+    folder = make_run(tmp_path, 1, files=('last.ckpt', 'last-v1.ckpt'))  # has not validated yet
+    with pytest.raises(InputError, match=f'^--ckpt_path best: {folder} holds no best checkpoint yet'):
+        cli.latest_best_checkpoint(trainer)
+    # several kept (--checkpoint.save_top_k 3): the one its last.ckpt records, wherever the run was started
+    folder = make_run(tmp_path, 2, files=('best-epoch000.ckpt', 'best-epoch001.ckpt', 'best-epoch002.ckpt'))
+    torch.save({'callbacks': {"RunCheckpoint{'monitor': 'val/top1'}": {
+        'best_model_path': 'elsewhere/runs/cls/version_2/checkpoints/best-epoch001.ckpt'}}}, folder / 'last.ckpt')
+    assert cli.latest_best_checkpoint(trainer) == str(folder / 'best-epoch001.ckpt')
+
+
 def test_a_resumed_last_checkpoint_continues_its_run_folder(tmp_path):
     trainer = loggers_config(tmp_path)
     checkpoints = make_run(tmp_path, 3, files=('last.ckpt', 'best-epoch001.ckpt'))
