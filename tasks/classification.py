@@ -292,7 +292,14 @@ class ImageFolderDataModule(LightningDataModule):
                                 interpolation=hp.interpolation, mean=tuple(hp.mean), std=tuple(hp.std))
 
     def _split(self, split: str, transform: Any) -> ImageFiles:
-        _, samples = scan_image_folder(self.root / split, self.classes)
+        folder = self.root / split
+        if self.root.is_dir() and not folder.is_dir():
+            flag = next(f'--data.{key}' for key in ('train_split', 'val_split', 'test_split')
+                        if self.hparams[key] == split)
+            present = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith('.'))
+            raise InputError(f'data folder not found: {folder} ({self.root} holds the folders {listed(present)}; '
+                             f'{flag} names another)')
+        _, samples = scan_image_folder(folder, self.classes)
         return ImageFiles(samples, transform)
 
     def setup(self, stage: str) -> None:

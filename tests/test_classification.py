@@ -619,6 +619,16 @@ def test_missing_data_folder_is_named(in_tmp, capsys):
     assert 'Traceback' not in err
 
 
+def test_a_missing_split_names_the_folders_there_and_its_flag(in_tmp, capsys):
+    data = write_folder(in_tmp / 'folder', splits=('train', 'validation'))
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true'))
+    assert status == 1
+    assert err.strip().endswith(f'msmlp: error: data folder not found: {data / "val"} ({data} holds the folders '
+                                'train, validation; --data.val_split names another)')
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true', '--data.val_split=validation'))
+    assert status == 0, err
+
+
 def test_empty_class_folder_is_named(in_tmp, capsys):
     data = write_folder(in_tmp / 'folder')
     (data / 'train' / 'dog').mkdir()
