@@ -16,6 +16,7 @@ processes, so they do not depend on the process count.
 from __future__ import annotations
 
 import csv
+import glob
 import os
 import unicodedata
 from pathlib import Path
@@ -165,9 +166,16 @@ def scan_image_folder(folder: Path, classes: Optional[Sequence[str]] = None
 
 
 def find_images(path: Path) -> List[str]:
-    """One image file, or every image under a folder (sorted)."""
+    """One image file, every image under a folder, or the images a glob matches (``**``
+    included; sorted), as det and seg read theirs."""
     if path.is_file():
         return [str(path)]
+    if not path.is_dir() and any(c in str(path) for c in '*?['):
+        matched = sorted(p for p in glob.glob(str(path), recursive=True)
+                         if _is_image(os.path.basename(p)) and os.path.isfile(p))
+        if not matched:
+            raise InputError(f'predict_path {str(path)!r}: no image files match ({", ".join(IMG_EXTENSIONS)})')
+        return matched
     if not path.is_dir():
         raise InputError(f'predict_path not found: {path}')
     images = _images_under(path)
@@ -199,7 +207,7 @@ class ImageFolderDataModule(LightningDataModule):
         root: Dataset folder; ``None`` for the embedded coloured-shapes dataset (written once
             under ``$MSMLP_DATA``).
         train_split, val_split, test_split: Sub-folders used by fit, validate and test.
-        predict_path: An image or a folder of images for ``predict``.
+        predict_path: An image, a folder of images or a glob for ``predict``.
         batch_size: Per device.
         num_workers: Data loading processes.
         image_size: Training crop and evaluation crop size.
@@ -306,7 +314,7 @@ class ImageFolderDataModule(LightningDataModule):
         hp = self.hparams
         if stage == 'predict':
             if hp.predict_path is None:
-                raise InputError('predict needs --data.predict_path <image or folder>')
+                raise InputError('predict needs --data.predict_path <image, folder or glob>')
             paths = find_images(Path(hp.predict_path).expanduser())
             self.datasets['predict'] = ImageFiles([(p, p) for p in paths], self.eval_transform())
             return

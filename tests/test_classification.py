@@ -434,11 +434,11 @@ def test_class_names_differing_only_in_unicode_composition_say_so(tmp_path, caps
                         "macOS are NFD): rename the folders to the model's form, unicodedata.normalize('NFC', name)\n")
 
 
-@pytest.mark.parametrize('target', ['image', 'folder'])
+@pytest.mark.parametrize('target', ['image', 'folder', 'glob'])
 def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, monkeypatch):
     monkeypatch.chdir(trained['tmp'])
     folder = trained['data'] / 'val' / 'bee'
-    path = folder / '0.png' if target == 'image' else folder
+    path = {'image': folder / '0.png', 'folder': folder, 'glob': trained['data'] / 'val' / '*' / '[01].png'}[target]
     written = trained['tmp'] / 'runs' / 'cls' / 'predictions.csv'
     runs = [p for p in sorted((trained['tmp'] / 'runs' / 'cls').iterdir()) if p != written]
     status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
@@ -446,7 +446,8 @@ def test_predict_prints_top_classes_with_probabilities(target, trained, capsys, 
     assert status == 0 and 'untrained' not in err
     assert 'msmlp: data:' not in out  # predict reads predict_path, not the data it was trained on
     assert [p for p in sorted((trained['tmp'] / 'runs' / 'cls').iterdir()) if p != written] == runs  # no run folder
-    images = [folder / '0.png'] if target == 'image' else sorted(folder.iterdir())
+    images = {'image': [folder / '0.png'], 'folder': sorted(folder.iterdir()),
+              'glob': sorted(trained['data'] / 'val' / c / f'{i}.png' for c in ('ant', 'bee', 'cat') for i in (0, 1))}[target]
     with open(written) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ['path', 'class_1', 'prob_1', 'class_2', 'prob_2', 'class_3', 'prob_3']
@@ -698,6 +699,9 @@ def test_predict_path_missing_or_without_images(trained, capsys, monkeypatch, tm
     status, _, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
                                f'--data.predict_path={tmp_path / "empty"}')
     assert status == 1 and f'no image files under predict_path {tmp_path / "empty"}' in err
+    status, _, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                               f'--data.predict_path={tmp_path / "empty" / "*.png"}')
+    assert status == 1 and f"predict_path '{tmp_path / 'empty' / '*.png'}': no image files match (.jpg, " in err
 
 
 def test_missing_or_broken_checkpoint_is_named(in_tmp, capsys):
