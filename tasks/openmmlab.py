@@ -675,7 +675,7 @@ class OpenMMLabDataModule(LightningDataModule):
         elif os.path.isfile(spec):
             paths = [spec]
         else:
-            paths = sorted(p for p in glob.glob(spec) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            paths = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise InputError(f'predict_images={spec!r}: no images found (a file, a folder or a glob)')
         return paths

@@ -527,6 +527,9 @@ def test_predicting_a_folder_says_what_it_does_not_read(tmp_path):
                                          r'\.jpg/.* files in the folder itself are'):
         paths = CocoDataModule._image_paths(str(tmp_path))
     assert paths == [str(tmp_path / 'a.png'), str(tmp_path / 'b.JPG')]
+    # a glob, ** reaching into folders
+    assert CocoDataModule._image_paths(str(tmp_path / '**' / '*.png')) == [str(tmp_path / 'a.png'),
+                                                                          str(tmp_path / 'sub' / 'd.png')]
 
 
 def test_predicting_an_unreadable_image_names_it(tmp_path):
