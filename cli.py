@@ -223,7 +223,7 @@ class MSMLPCLI(LightningCLI):
             config['ckpt_path'] = latest_last_checkpoint(config.trainer, self.config.subcommand)
         elif config.get('ckpt_path') == 'best':
             config['ckpt_path'] = latest_best_checkpoint(config.trainer)
-        self.checkpoint_facts = check_checkpoint(config.get('ckpt_path'))
+        self.checkpoint_facts = check_checkpoint(config.get('ckpt_path'), self.task)
         check_task_class(config, self.checkpoint_facts, self.task)
         check_optimizer_flags(config, self.task)
         self.resumed = self.checkpoint_facts['logs'] if self.checkpoint_facts is not None else None
@@ -481,7 +481,7 @@ def explicit_model_keys(argv: Sequence[str]) -> List[str]:
     return keys
 
 
-def check_checkpoint(path: Optional[str]) -> Optional[dict]:
+def check_checkpoint(path: Optional[str], task: str = DEFAULT_TASK) -> Optional[dict]:
     """Fail early, naming the file, on a ``--ckpt_path`` that is missing or not a checkpoint
     (Lightning's own keywords such as ``best`` pass through). Returns what the CLI uses of it:
     ``logs``, what it recorded of its run's logs (``tasks.checkpointing.LOG_STATE_KEY``; ``{}``
@@ -489,9 +489,16 @@ def check_checkpoint(path: Optional[str]) -> Optional[dict]:
     if path is None or path in ('last', 'best', 'hpc', 'registry') or '://' in str(path):
         return None
     from msmlp import read_checkpoint
+    from msmlp.checkpoint import listed
+    from tasks.base import InputError
     from tasks.checkpointing import LOG_STATE_KEY
     checkpoint = read_checkpoint(path)  # CheckpointError naming the file; nothing pickled is executed
     checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    if 'state_dict' not in checkpoint or 'pytorch-lightning_version' not in checkpoint:
+        use = ('to start from its weights, or evaluate them, pass it as' if task == 'cls'
+               else 'a backbone\'s weights are read with')
+        raise InputError(f'{path} is not a Lightning checkpoint of a run (it holds {listed(checkpoint, limit=5)}): '
+                         f'{use} --model.pretrained {path}')
     logs, data = checkpoint.get(LOG_STATE_KEY), checkpoint.get('datamodule_hyper_parameters')
     model = checkpoint.get('hyper_parameters')
     return {'path': str(path), 'logs': dict(logs) if isinstance(logs, dict) else {},

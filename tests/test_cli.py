@@ -338,7 +338,8 @@ def test_a_checkpoint_of_another_task_is_one_line(task, trained, tmp_path, capsy
     import torch
     monkeypatch.chdir(tmp_path)
     checkpoint = tmp_path / 'other.ckpt'
-    torch.save({'hyper_parameters': {'_class_path': trained}, 'state_dict': {}}, checkpoint)
+    torch.save({'hyper_parameters': {'_class_path': trained}, 'state_dict': {}, 'pytorch-lightning_version': '2.6.6'},
+               checkpoint)
     assert cli.main(['validate', '--task', task, f'--ckpt_path={checkpoint}']) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     other = cli.TASK_MODULES[trained.rsplit('.', 1)[0]]
@@ -376,3 +377,15 @@ def test_a_class_refusing_its_arguments_is_one_line_with_its_reason_on_the_next_
     assert cli._rejected_init_args(ValueError(text)) == (
         "Problem with given class_path 'lightning.pytorch.loggers.WandbLogger': Requirement 'wandb>=0.12.10' not "
         "met. HINT: Try running `pip install -U 'wandb>=0.12.10'`")
+
+
+@pytest.mark.parametrize('task, use', [('cls', 'to start from its weights, or evaluate them, pass it as'),
+                                       ('seg', "a backbone's weights are read with")])
+def test_a_weights_file_given_as_ckpt_path_says_to_pass_it_as_pretrained(task, use, tmp_path, capsys, monkeypatch):
+    # Lightning's own loading of the released file was a page of torch.load's refusal of its yacs pickle
+    monkeypatch.chdir(tmp_path)
+    released = REPO / 'tests' / 'fixtures' / 'released_layout_square_64.pth'
+    assert cli.main(['validate', '--task', task, f'--ckpt_path={released}']) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f'msmlp: error: {released} is not a Lightning checkpoint of a run (it holds model, optimizer, lr_scheduler, '
+        f'max_accuracy, epoch and 1 more): {use} --model.pretrained {released}')
