@@ -170,6 +170,21 @@ class BaseTask(LightningModule, ABC):
                                       warmup_lr_init=warmup_lr, warmup_prefix=False, t_in_epochs=False)
         return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': 'step'}}
 
+    def _warn_if_schedule_length_changed(self) -> None:
+        """A resumed run keeps its checkpoint's schedule (timm restores its length): say so
+        when this run is longer or shorter (another max_epochs, batch size or process count)."""
+        planned = getattr(self.lr_schedulers(), 't_initial', None)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if planned is None or planned == total:
+            return
+        from lightning.pytorch.utilities import rank_zero_warn
+        effect = (f'steps {planned} to {total} run at its final learning rate (min_lr)' if total > planned
+                  else f'this run stops at step {total}, before the learning rate has decayed to min_lr')
+        rank_zero_warn(f'the checkpoint\'s learning-rate schedule spans {planned} optimizer steps, this run '
+                       f'{total} (another max_epochs, max_steps, batch size or process count); it keeps the '
+                       f'checkpoint\'s, so {effect}. To schedule the new length, start a new run from its weights '
+                       '(--model.pretrained CHECKPOINT)')
+
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         if not hasattr(scheduler, 'step_update'):  # a torch scheduler given with --lr_scheduler
             return super().lr_scheduler_step(scheduler, metric)
@@ -198,6 +213,7 @@ class BaseTask(LightningModule, ABC):
         load_positions = getattr(self.trainer.fit_loop, '_load_combined_loader_states', None)
         if load_positions is not None:
             load_positions()
+        self._warn_if_schedule_length_changed()
         # Restored here, after the sanity check and data set-up, right before the first step.
         states, self._rng_states_to_restore = self._rng_states_to_restore, None
         if not states:

@@ -824,6 +824,30 @@ def test_enable_checkpointing_false_trains_without_checkpoints(in_tmp, capsys):
     assert not list(in_tmp.rglob('*.ckpt'))
 
 
+def test_resuming_with_another_run_length_says_the_schedule_is_the_checkpoints(in_tmp, capsys, recwarn,
+                                                                                monkeypatch):
+    killed = []
+
+    def terminated_mid_run(task, outputs, batch, batch_idx):
+        if task.global_step == 4 and not killed:
+            killed.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    monkeypatch.setattr(ClassificationTask, 'on_train_batch_end', terminated_mid_run)
+    data = write_folder(in_tmp / 'folder', per_class=4)  # 12 images, batch 4: 3 steps an epoch
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=2'))
+    assert status == 128 + signal.SIGTERM and killed
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=2', '--ckpt_path=last'))
+    assert status == 0, err
+    assert not [w for w in recwarn if 'schedule spans' in str(w.message)]  # the same length: nothing to say
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=4', '--ckpt_path=last'))
+    assert status == 0, err
+    said = [str(w.message) for w in recwarn if 'schedule spans' in str(w.message)]
+    assert said == ["the checkpoint's learning-rate schedule spans 6 optimizer steps, this run 12 (another "
+                    "max_epochs, max_steps, batch size or process count); it keeps the checkpoint's, so steps 6 to 12 "
+                    "run at its final learning rate (min_lr). To schedule the new length, start a new run from its "
+                    "weights (--model.pretrained CHECKPOINT)"]
+
+
 def test_fewer_training_images_than_one_batch_name_the_batch_size_that_fits(in_tmp, capsys):
     data = write_folder(in_tmp / 'folder', per_class=2)
     status, _, err = msmlp_run(capsys, *fit_args(data, '--data.batch_size=8', '--trainer.fast_dev_run=true'))
