@@ -302,7 +302,7 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
     mis_shaped = [f'{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model'
                   for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or mis_shaped:
-        raise CheckpointError(_mismatch_message(source, missing, unexpected, mis_shaped))
+        raise CheckpointError(mismatch_message(source, missing, unexpected, mis_shaped))
     target.load_state_dict(state, strict=False)
     return {'dropped': dropped, 'kept_init': kept_init, 'adapted': adapted}
 
@@ -371,7 +371,7 @@ def listed(items: Iterable[Any], limit: int = 8, sep: str = ', ') -> str:
     return sep.join(items[:limit]) + (f' and {len(items) - limit} more' if len(items) > limit else '')
 
 
-def _mismatch_message(path: PathLike, missing: List[str], unexpected: List[str], mis_shaped: List[str]) -> str:
+def mismatch_message(path: PathLike, missing: List[str], unexpected: List[str], mis_shaped: List[str]) -> str:
     """One line: how many keys are missing, unexpected and mis-shaped, and the first few of each."""
     def counted(keys: List[str], one: str, many: str, sep: str = ', ') -> str:
         text = f'{len(keys)} {one if len(keys) == 1 else many}'

@@ -23,7 +23,7 @@ import contextvars
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from lightning.pytorch import LightningModule
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
+from msmlp.checkpoint import mismatch_message
 from tasks.checkpointing import rng_states, set_rng_states
 
 __all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config', 'portable_config', 'weights_from_checkpoint',
@@ -204,6 +205,33 @@ class BaseTask(LightningModule, ABC):
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         self._rng_states_to_restore = checkpoint.get('rng_states')
+        self._checkpoint_hparams = dict(checkpoint.get('hyper_parameters') or {})
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """torch's, but weights that do not fit the model this command built (another config,
+        model or width than the checkpoint's) are one line naming the checkpoint, the first
+        differing keys and the hyper-parameters that differ, not a page of keys."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            if not str(err).startswith('Error(s) in loading state_dict'):
+                raise
+            raise InputError(self._misfit_message(state_dict, err)) from err
+
+    def _misfit_message(self, state_dict: Mapping[str, Any], err: RuntimeError) -> str:
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        mis_shaped = [f'{k}: {list(state_dict[k].shape)} in the file, {list(own[k].shape)} in the model'
+                      for k in state_dict if k in own and hasattr(state_dict[k], 'shape')
+                      and state_dict[k].shape != own[k].shape]
+        path = self.checkpoint_path or 'the checkpoint'
+        if not (missing or unexpected or mis_shaped):
+            return f'{path} does not fit the model: {str(err).splitlines()[1].strip()}'
+        trained = getattr(self, '_checkpoint_hparams', {})
+        differ = [f"the checkpoint's {k} is {trained[k]!r}, this command's {self.hparams[k]!r}" for k in trained
+                  if k in self.hparams and not k.startswith('_') and trained[k] != self.hparams[k]]
+        return mismatch_message(path, missing, unexpected, mis_shaped) + ''.join(f'; {d}' for d in differ[:3])
 
     def on_train_start(self) -> None:
         # Lightning 2.6 restores a resumable loader's position only if the training data is set

@@ -543,3 +543,19 @@ def test_predicting_an_unreadable_image_names_it(tmp_path):
     assert len(images) == 2 and images[1]['inputs'].shape[0] == 3  # good.png, sorted after broken.png
     with pytest.raises(InputError, match=rf'^cannot read {broken}: '):
         images[0]
+
+
+def test_a_checkpoint_that_does_not_fit_the_commands_model_is_one_line(root, tmp_path, monkeypatch, capsys):
+    # before: torch's page of 138 missing and 116 unexpected keys
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--trainer.max_epochs=1',
+                     '--trainer.limit_train_batches=1', '--trainer.limit_val_batches=1']) == 0
+    capsys.readouterr()
+    checkpoint = Path('runs/det/version_0/checkpoints/last.ckpt')
+    other = 'mmdet/mask-rcnn_msswin-mini_fpn_shapes.py'
+    assert cli.main(['validate', '--task', 'det', '--ckpt_path=last', f'--model.config={other}']) == 1
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.count('\n') == 1
+    assert err.startswith(f'msmlp: error: {checkpoint} does not fit the model: 138 missing keys '
+                          '(model.backbone.layers.0.blocks.0.norm1.weight, ')
+    assert err.endswith(f"0 shape mismatches; the checkpoint's config is '{MINI}', this command's '{other}'\n")
