@@ -385,7 +385,7 @@ def test_ckpt_path_best_validates_the_newest_runs_best_checkpoint(trained, capsy
     # Lightning's own "best" (the same process's checkpoint callback) was a ValueError traceback here
     monkeypatch.chdir(trained['tmp'])
     read, check = [], cli.check_checkpoint
-    monkeypatch.setattr(cli, 'check_checkpoint', lambda path: read.append(path) or check(path))
+    monkeypatch.setattr(cli, 'check_checkpoint', lambda path, task: read.append(path) or check(path, task))
     status, _, err = msmlp_run(capsys, 'validate', '--task', 'cls', '--ckpt_path=best')
     assert status == 0, err
     assert read == [str(Path('runs/cls/version_0/checkpoints') / trained['best'].name)]
