@@ -34,8 +34,8 @@ from timm.scheduler import CosineLRScheduler
 from msmlp.checkpoint import mismatch_message
 from tasks.checkpointing import rng_states, set_rng_states
 
-__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config', 'portable_config', 'weights_from_checkpoint',
-           'starting_weights_needed']
+__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config', 'nested_data_root', 'portable_config',
+           'weights_from_checkpoint', 'starting_weights_needed']
 
 # The shipped configs, installed beside the tasks package as they sit in the repository.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
@@ -46,6 +46,16 @@ class InputError(ValueError):
 
     The ``msmlp`` CLI prints these as one-line errors instead of tracebacks.
     """
+
+
+def nested_data_root(root: Path, relative: str) -> Optional[Path]:
+    """The one folder directly inside ``root`` that holds ``relative``: the data root of an
+    archive unpacked into a folder of its own, when ``--data.root`` names the folder above it."""
+    if not root.is_dir():
+        return None
+    found = [child for child in sorted(root.iterdir())
+             if child.is_dir() and not child.name.startswith('.') and (child / relative).exists()]
+    return found[0] if len(found) == 1 else None
 
 
 def find_config(name: str, task: str = '') -> Path:

@@ -41,7 +41,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 import msmlp  # registers the msmlp_* models with timm
 from msmlp.checkpoint import listed, run_model_args
 from msmlp.export import OutputError, check_writable
-from tasks.base import BaseTask, InputError, starting_weights_needed
+from tasks.base import BaseTask, InputError, nested_data_root, starting_weights_needed
 from tasks.embedded import ensure_dataset
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, worker_args, world
 
@@ -299,15 +299,22 @@ class ImageFolderDataModule(LightningDataModule):
         return create_transform(hp.image_size, is_training=False, crop_pct=hp.crop_pct,
                                 interpolation=hp.interpolation, mean=tuple(hp.mean), std=tuple(hp.std))
 
-    def _split(self, split: str, transform: Any) -> ImageFiles:
+    def _split_folder(self, split: str) -> Path:
+        """``root/split``; if missing under an existing root, an ``InputError`` that names what
+        the root holds (a missing root is named by ``class_folders``)."""
         folder = self.root / split
-        if self.root.is_dir() and not folder.is_dir():
-            flag = next(f'--data.{key}' for key in ('train_split', 'val_split', 'test_split')
-                        if self.hparams[key] == split)
-            present = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith('.'))
-            raise InputError(f'data folder not found: {folder} ({self.root} holds the folders {listed(present)}; '
-                             f'{flag} names another)')
-        _, samples = scan_image_folder(folder, self.classes)
+        if folder.is_dir() or not self.root.is_dir():
+            return folder
+        nested = nested_data_root(self.root, split)
+        if nested is not None:
+            raise InputError(f'data folder not found: {folder}; {nested} holds {split}/: --data.root {nested}?')
+        flag = next(f'--data.{key}' for key in ('train_split', 'val_split', 'test_split') if self.hparams[key] == split)
+        present = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith('.'))
+        raise InputError(f'data folder not found: {folder} ({self.root} holds the folders {listed(present)}; '
+                         f'{flag} names another)')
+
+    def _split(self, split: str, transform: Any) -> ImageFiles:
+        _, samples = scan_image_folder(self._split_folder(split), self.classes)
         return ImageFiles(samples, transform)
 
     def setup(self, stage: str) -> None:
@@ -321,7 +328,7 @@ class ImageFolderDataModule(LightningDataModule):
         root = self.root
         own_split = hp.test_split if stage == 'test' else hp.val_split
         train = root / hp.train_split
-        self.class_folder = train if stage == 'fit' or train.is_dir() else root / own_split
+        self.class_folder = self._split_folder(hp.train_split if stage == 'fit' or train.is_dir() else own_split)
         self.classes = class_folders(self.class_folder)
         if stage == 'fit':
             self.datasets['train'] = self._split(hp.train_split, self.train_transform())

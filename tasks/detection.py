@@ -47,7 +47,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from msmlp.checkpoint import listed
-from tasks.base import InputError
+from tasks.base import InputError, nested_data_root
 from tasks.loading import broadcast, gather_in_order, world
 from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask, dataset_classes, loads_annotations
 
@@ -581,6 +581,10 @@ class CocoDataModule(OpenMMLabDataModule):
             raise InputError(f'annotation file not found: {ann_file}. The embedded dataset holds '
                              'annotations/instances_{train,val}.json: pass --data.root with the dataset this '
                              'config reads')
+        nested = nested_data_root(Path(root), dataset_cfg['ann_file']) if not os.path.isfile(ann_file) else None
+        if nested is not None:
+            raise InputError(f'annotation file not found: {ann_file}; {nested} holds {dataset_cfg["ann_file"]}: '
+                             f'--data.root {nested}?')
         self.masks[split] = _loads_masks(dataset_cfg.get('pipeline'))
         check_coco(ann_file, img_dir, dataset_classes(self.cfg, self.scope, dataset_cfg),
                    needs_masks=self.masks[split], training=split == 'train')

@@ -620,6 +620,14 @@ def test_missing_data_folder_is_named(in_tmp, capsys):
     assert 'Traceback' not in err
 
 
+def test_a_data_root_one_level_above_the_dataset_names_the_folder_inside(in_tmp, capsys):
+    inner = write_folder(in_tmp / 'downloads' / 'pets')
+    status, _, err = msmlp_run(capsys, *fit_args(in_tmp / 'downloads', '--trainer.fast_dev_run=true'))
+    assert status == 1
+    assert err.strip().endswith(f'msmlp: error: data folder not found: {in_tmp / "downloads" / "train"}; {inner} '
+                                f'holds train/: --data.root {inner}?')
+
+
 def test_a_missing_split_names_the_folders_there_and_its_flag(in_tmp, capsys):
     data = write_folder(in_tmp / 'folder', splits=('train', 'validation'))
     status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.fast_dev_run=true'))

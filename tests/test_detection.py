@@ -559,3 +559,12 @@ def test_a_checkpoint_that_does_not_fit_the_commands_model_is_one_line(root, tmp
     assert err.startswith(f'msmlp: error: {checkpoint} does not fit the model: 138 missing keys '
                           '(model.backbone.layers.0.blocks.0.norm1.weight, ')
     assert err.endswith(f"0 shape mismatches; the checkpoint's config is '{MINI}', this command's '{other}'\n")
+
+
+def test_a_data_root_one_level_above_the_dataset_names_the_folder_inside(tmp_path):
+    inner = write_shapes(tmp_path / 'downloads' / 'coco', train=2, val=1)
+    datamodule = CocoDataModule(root=str(tmp_path / 'downloads'), config=MINI)
+    with pytest.raises(InputError, match=f'^annotation file not found: {tmp_path}/downloads/annotations/'
+                                         f'instances_train.json; {inner} holds annotations/instances_train.json: '
+                                         f'--data.root {inner}\\?$'):
+        datamodule.setup('fit')

@@ -146,6 +146,13 @@ def test_missing_folders_say_what_the_layout_is(tmp_path):
         datamodule(tmp_path).setup('fit')
 
 
+def test_a_data_root_one_level_above_the_dataset_names_the_folder_inside(small_root):
+    above = small_root.parent
+    with pytest.raises(InputError, match=f'^images folder not found: {above}/images/training; {small_root} holds '
+                                         f'images/training: --data.root {small_root}\\?$'):
+        datamodule(above).setup('fit')
+
+
 def test_a_config_of_other_folders_without_data_root_says_to_pass_it(embedded_data):
     # the user's own config, run without --data.root, reads its folders under the embedded data
     dm = ADE20KDataModule(root=None, num_workers=0, config='mmseg/msmlp-mini_upernet_ade20k-scenes-128x128.py',
