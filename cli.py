@@ -219,6 +219,7 @@ class MSMLPCLI(LightningCLI):
         super().parse_arguments(parser, args)
         self.explicit_model_keys = explicit_model_keys(args)
         config = self.config[self.config.subcommand]
+        follow_default_root_dir(config.trainer, args)
         if config.get('ckpt_path') == 'last':
             config['ckpt_path'] = latest_last_checkpoint(config.trainer, self.config.subcommand)
         elif config.get('ckpt_path') == 'best':
@@ -592,6 +593,19 @@ def _logger_args(trainer_config) -> list:
         return []
     found = [logger.get('init_args') for logger in loggers if hasattr(logger, 'get')]
     return [args for args in found if args is not None and args.get('save_dir') is not None]
+
+
+def follow_default_root_dir(trainer_config, argv: Sequence[str]) -> None:
+    """``--trainer.default_root_dir D`` on the command line puts the run folders in D
+    (``D/version_N``), where Lightning users look for every output: the configs' loggers name
+    ``runs/<task>`` themselves, which would otherwise win. Logger flags given too are kept."""
+    flags = [str(arg) for arg in argv]
+    if (not any(re.match(r'--trainer\.default_root_dir(=|$)', arg) for arg in flags)
+            or any(arg.startswith('--trainer.logger') for arg in flags)):
+        return
+    root = Path(trainer_config['default_root_dir'])
+    for args in _logger_args(trainer_config):
+        args['save_dir'], args['name'] = str(root.parent), root.name
 
 
 def _logger_folder(args) -> Path:

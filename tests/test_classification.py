@@ -856,6 +856,20 @@ def test_resuming_with_another_run_length_says_the_schedule_is_the_checkpoints(i
                     "weights (--model.pretrained CHECKPOINT)"]
 
 
+def test_default_root_dir_on_the_command_line_holds_the_runs(in_tmp, capsys):
+    # before: the configs' loggers kept writing logs and checkpoints to runs/cls/version_N
+    data = write_folder(in_tmp / 'folder', per_class=4)
+    status, out, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--trainer.default_root_dir=exp/one'))
+    assert status == 0, err
+    assert f'logs and checkpoints go to {Path("exp/one/version_0")}' in out
+    assert (in_tmp / 'exp/one/version_0/metrics.csv').is_file() and not (in_tmp / 'runs').exists()
+    assert next((in_tmp / 'exp/one/version_0/checkpoints').glob('best-*.ckpt'))
+    status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', '--trainer.default_root_dir=exp/one',
+                                 '--ckpt_path=last')
+    assert status == 0, err
+    assert f'metrics go to {Path("exp/one/version_1")}' in out
+
+
 def test_fewer_training_images_than_one_batch_name_the_batch_size_that_fits(in_tmp, capsys):
     data = write_folder(in_tmp / 'folder', per_class=2)
     status, _, err = msmlp_run(capsys, *fit_args(data, '--data.batch_size=8', '--trainer.fast_dev_run=true'))
