@@ -484,7 +484,7 @@ def explicit_model_keys(argv: Sequence[str]) -> List[str]:
 
 def check_checkpoint(path: Optional[str], task: str = DEFAULT_TASK) -> Optional[dict]:
     """Fail early, naming the file, on a ``--ckpt_path`` that is missing or not a checkpoint
-    (Lightning's own keywords such as ``best`` pass through). Returns what the CLI uses of it:
+    (Lightning's other keywords, ``hpc`` and ``registry``, pass through). Returns what the CLI uses of it:
     ``logs``, what it recorded of its run's logs (``tasks.checkpointing.LOG_STATE_KEY``; ``{}``
     if nothing), and ``data_root``, the data it was trained on; None without a file to read."""
     if path is None or path in ('last', 'best', 'hpc', 'registry') or '://' in str(path):
@@ -508,11 +508,12 @@ def check_checkpoint(path: Optional[str], task: str = DEFAULT_TASK) -> Optional[
             'hparams': model if isinstance(model, dict) else {}}
 
 
-def _plain(value: Any) -> Any:
+def _comparable(value: Any) -> Any:
+    """A config value as plain lists and dicts (jsonargparse gives tuples and namespaces)."""
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_comparable(v) for v in value]
     if hasattr(value, 'items'):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _comparable(v) for k, v in value.items()}
     return value
 
 
@@ -529,7 +530,7 @@ def check_architecture_flags(config, given: dict, facts: Optional[dict]) -> None
         arg = key.rsplit('.', 1)[-1]
         if arg not in getattr(task_class, 'architecture_args', ()) or arg not in trained:
             continue
-        now, then = _plain(config[key]), _plain(trained[arg])
+        now, then = _comparable(config[key]), _comparable(trained[arg])
         if now == then:
             continue
         hint = (f'; to train a {now}-class model from its weights: msmlp fit --model.pretrained {facts["path"]} '
@@ -602,6 +603,8 @@ def follow_default_root_dir(trainer_config, argv: Sequence[str]) -> None:
     flags = [str(arg) for arg in argv]
     if (not any(re.match(r'--trainer\.default_root_dir(=|$)', arg) for arg in flags)
             or any(arg.startswith('--trainer.logger') for arg in flags)):
+        return
+    if trainer_config.get('default_root_dir') is None:
         return
     root = Path(trainer_config['default_root_dir'])
     for args in _logger_args(trainer_config):

@@ -236,8 +236,9 @@ class BaseTask(LightningModule, ABC):
                       for k in state_dict if k in own and hasattr(state_dict[k], 'shape')
                       and state_dict[k].shape != own[k].shape]
         path = self.checkpoint_path or 'the checkpoint'
-        if not (missing or unexpected or mis_shaped):
-            return f'{path} does not fit the model: {str(err).splitlines()[1].strip()}'
+        if not (missing or unexpected or mis_shaped):  # keys a load hook renames: torch's first reason
+            lines = str(err).splitlines()
+            return f'{path} does not fit the model: {lines[min(1, len(lines) - 1)].strip()}'
         trained = getattr(self, '_checkpoint_hparams', {})
         differ = [f"the checkpoint's {k} is {trained[k]!r}, this command's {self.hparams[k]!r}" for k in trained
                   if k in self.hparams and not k.startswith('_') and trained[k] != self.hparams[k]]

@@ -487,10 +487,9 @@ class ADE20KDataModule(OpenMMLabDataModule):
                              f'--data.root {nested}?')
         img_suffix = dataset_cfg.get('img_suffix', _dataset_default(dataset_cls, 'img_suffix'))
         seg_suffix = dataset_cfg.get('seg_map_suffix', _dataset_default(dataset_cls, 'seg_map_suffix'))
-        count = check_image_label_pairs(root / prefix.get('img_path', ''), root / prefix.get('seg_map_path', ''),
-                                        img_suffix, seg_suffix)
+        count = check_image_label_pairs(img_dir, root / prefix.get('seg_map_path', ''), img_suffix, seg_suffix)
         if count == 0:
-            raise InputError(f'no {img_suffix} images in {root / prefix.get("img_path", "")}')
+            raise InputError(f'no {img_suffix} images in {img_dir}')
 
     def predict_pipeline(self) -> list:
         if self._tta():
