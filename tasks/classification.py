@@ -185,8 +185,7 @@ def find_images(path: Path) -> List[str]:
 
 
 class ImageFiles(Dataset):
-    """Image files with targets; ``(image tensor, target)`` per item. A target of a
-    string (predict: the file's path) is passed through."""
+    """Image files with targets; ``(image tensor, target)`` per item."""
 
     def __init__(self, samples: Sequence[Tuple[str, Any]], transform: Any) -> None:
         self.samples = list(samples)
@@ -198,6 +197,22 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, Any]:
         path, target = self.samples[index]
         return self.transform(load_rgb(path)), target
+
+
+class PredictFiles(ImageFiles):
+    """Images to predict; ``(image tensor, path, reason)`` per item. An unreadable image is a
+    blank one with the reason it cannot be read, so that predicting a large folder does not
+    stop at it and lose the other predictions (the run still fails at the end, naming it)."""
+
+    def __init__(self, paths: Sequence[str], transform: Any) -> None:
+        super().__init__([(p, p) for p in paths], transform)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, str, str]:
+        path = self.samples[index][0]
+        try:
+            return self.transform(load_rgb(path)), path, ''
+        except InputError as err:
+            return self.transform(Image.new('RGB', (1, 1))), path, str(err)
 
 
 class ImageFolderDataModule(LightningDataModule):
@@ -323,7 +338,7 @@ class ImageFolderDataModule(LightningDataModule):
             if hp.predict_path is None:
                 raise InputError('predict needs --data.predict_path <image, folder or glob>')
             paths = find_images(Path(hp.predict_path).expanduser())
-            self.datasets['predict'] = ImageFiles([(p, p) for p in paths], self.eval_transform())
+            self.datasets['predict'] = PredictFiles(paths, self.eval_transform())
             return
         root = self.root
         own_split = hp.test_split if stage == 'test' else hp.val_split
@@ -575,21 +590,24 @@ class ClassificationTask(BaseTask):
     def test_step(self, batch: Tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, 'test')
 
-    def predict_step(self, batch: Tuple[torch.Tensor, List[str]], batch_idx: int) -> List[Dict[str, Any]]:
+    def predict_step(self, batch: Tuple[torch.Tensor, ...], batch_idx: int) -> List[Dict[str, Any]]:
         """Top-5 (or all, if fewer) classes per image, printed and returned, and written to
         ``predict_file`` at the end. On several processes they are printed at the end, by the
-        first, in the order of the images."""
-        images, paths = batch
+        first, in the order of the images. ``batch`` is ``(images, paths)``, or
+        ``(images, paths, reasons)`` from :class:`PredictFiles` (an image with a reason is
+        unreadable: reported, not predicted)."""
+        images, paths, *unread = batch  # (images, paths) from a loader of one's own
+        unread = unread[0] if unread else [''] * len(paths)
         probs = self(images).softmax(dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
         names = self.class_names
         results = []
-        for path, values, indices in zip(paths, top.values.tolist(), top.indices.tolist()):
+        for path, reason, values, indices in zip(paths, unread, top.values.tolist(), top.indices.tolist()):
             ranked = [(names[i], p) for i, p in zip(indices, values)]
-            results.append({'path': path, 'top5': ranked})
+            results.append({'path': path, 'error': reason} if reason else {'path': path, 'top5': ranked})
         if world()[0] == 1:
             for result in results:
-                self._print(_ranking(result['path'], result['top5']))
+                self._print(_ranking(result))
         self._predicted.extend(results)
         return results
 
@@ -611,12 +629,18 @@ class ClassificationTask(BaseTask):
             ranked = gather_in_order([(order[r['path']] if order else r['path'], r) for r in self._predicted])
             if self.trainer.is_global_zero:
                 for result in ranked:
-                    self._print(_ranking(result['path'], result['top5']))
+                    self._print(_ranking(result))
+        unread = [r['error'] for r in ranked if 'error' in r]
+        ranked = [r for r in ranked if 'error' not in r]
+        path = self._predict_file()
         if self.trainer.is_global_zero and ranked:
-            path = self._predict_file()
             write_predictions(path, ranked)
             images = f'{len(ranked)} image' + ('s' if len(ranked) > 1 else '')
             self._print(f'msmlp: wrote the top-{len(ranked[0]["top5"])} classes of {images} to {path.resolve()}')
+        if unread:  # every process has them all
+            where = f'have no row in {path.resolve()}' if ranked else f'{path.resolve()} was not written'
+            raise InputError(f'{len(unread)} of {len(unread) + len(ranked)} images could not be read and {where}; '
+                             f'the first: {unread[0]}')
 
     def _print(self, text: str) -> None:
         bar = self.trainer.progress_bar_callback if self._trainer is not None else None
@@ -672,5 +696,8 @@ def write_predictions(path: Path, results: Sequence[Dict[str, Any]]) -> None:
             writer.writerow([result['path'], *(value for name, p in result['top5'] for value in (name, f'{p:.6f}'))])
 
 
-def _ranking(path: str, ranked: Sequence[Tuple[str, float]]) -> str:
-    return '\n'.join([path] + [f'  {rank}. {p:.4f}  {name}' for rank, (name, p) in enumerate(ranked, 1)])
+def _ranking(result: Dict[str, Any]) -> str:
+    if 'error' in result:
+        return f"{result['path']}\n  not predicted: {result['error']}"
+    return '\n'.join([result['path']] + [f'  {rank}. {p:.4f}  {name}'
+                                          for rank, (name, p) in enumerate(result['top5'], 1)])

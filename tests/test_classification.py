@@ -3,6 +3,7 @@ checkpoints, predict, and bad input; all through the real ``msmlp`` CLI where it
 import csv
 import math
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -484,6 +485,26 @@ def test_running_untrained_weights_is_said(subcommand, trained, capsys, monkeypa
                                '--model.num_classes=3', *SMALL_MODEL)
     assert status == 0
     assert f'msmlp: warning: no --ckpt_path: {subcommand} runs untrained weights' in err
+
+
+def test_predict_goes_past_an_unreadable_image_writes_the_others_and_fails_naming_it(trained, capsys, monkeypatch,
+                                                                                       tmp_path):
+    # before: the first unreadable image stopped predict, and no prediction was written
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for name in ('a.png', 'c.png'):
+        shutil.copy(trained['data'] / 'val' / 'bee' / '0.png', folder / name)
+    (folder / 'b.png').write_bytes((folder / 'a.png').read_bytes()[:80])
+    written = tmp_path / 'predictions.csv'
+    status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                                 f'--data.predict_path={folder}', f'--model.predict_file={written}')
+    assert status == 1
+    with open(written) as f:
+        assert [row[0] for row in csv.reader(f)][1:] == [str(folder / 'a.png'), str(folder / 'c.png')]
+    assert f'{folder / "b.png"}\n  not predicted: cannot read image {folder / "b.png"}: ' in out
+    assert err.startswith(f'msmlp: error: 1 of 3 images could not be read and have no row in {written}; the first: '
+                          f'cannot read image {folder / "b.png"}: ') and err.count('\n') == 1
 
 
 def test_predict_shows_at_most_five_classes(in_tmp, capsys):
