@@ -34,7 +34,7 @@ from timm.scheduler import CosineLRScheduler
 from msmlp.checkpoint import mismatch_message
 from tasks.checkpointing import rng_states, set_rng_states
 
-__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config', 'nested_data_root', 'portable_config',
+__all__ = ['BaseTask', 'InputError', 'CONFIG_DIR', 'find_config', 'nested_root_hint', 'portable_config',
            'weights_from_checkpoint', 'starting_weights_needed']
 
 # The shipped configs, installed beside the tasks package as they sit in the repository.
@@ -48,14 +48,15 @@ class InputError(ValueError):
     """
 
 
-def nested_data_root(root: Path, relative: str) -> Optional[Path]:
-    """The one folder directly inside ``root`` that holds ``relative``: the data root of an
-    archive unpacked into a folder of its own, when ``--data.root`` names the folder above it."""
+def nested_root_hint(root: Path, relative: str) -> str:
+    """``'; D holds RELATIVE: --data.root D?'`` when exactly one folder D directly inside
+    ``root`` holds ``relative`` (an archive unpacked into a folder of its own, with
+    ``--data.root`` naming the folder above it); else ``''``."""
     if not root.is_dir():
-        return None
+        return ''
     found = [child for child in sorted(root.iterdir())
              if child.is_dir() and not child.name.startswith('.') and (child / relative).exists()]
-    return found[0] if len(found) == 1 else None
+    return f'; {found[0]} holds {relative}: --data.root {found[0]}?' if len(found) == 1 else ''
 
 
 def find_config(name: str, task: str = '') -> Path:

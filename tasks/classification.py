@@ -41,7 +41,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 import msmlp  # registers the msmlp_* models with timm
 from msmlp.checkpoint import listed, run_model_args
 from msmlp.export import OutputError, check_writable
-from tasks.base import BaseTask, InputError, nested_data_root, starting_weights_needed
+from tasks.base import BaseTask, InputError, nested_root_hint, starting_weights_needed
 from tasks.embedded import ensure_dataset
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, worker_args, world
 
@@ -320,9 +320,9 @@ class ImageFolderDataModule(LightningDataModule):
         folder = self.root / split
         if folder.is_dir() or not self.root.is_dir():
             return folder
-        nested = nested_data_root(self.root, split)
-        if nested is not None:
-            raise InputError(f'data folder not found: {folder}; {nested} holds {split}/: --data.root {nested}?')
+        hint = nested_root_hint(self.root, f'{split}/')
+        if hint:
+            raise InputError(f'data folder not found: {folder}{hint}')
         flag = next(f'--data.{key}' for key in ('train_split', 'val_split', 'test_split') if self.hparams[key] == split)
         present = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith('.'))
         raise InputError(f'data folder not found: {folder} ({self.root} holds the folders {listed(present)}; '

@@ -47,7 +47,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from msmlp.checkpoint import listed
-from tasks.base import InputError, nested_data_root
+from tasks.base import InputError
 from tasks.loading import broadcast, gather_in_order, world
 from tasks.openmmlab import OpenMMLabDataModule, OpenMMLabTask, dataset_classes, loads_annotations
 
@@ -560,6 +560,7 @@ class CocoDataModule(OpenMMLabDataModule):
     """
 
     scope = 'mmdet'
+    embedded_layout = 'annotations/instances_{train,val}.json'
 
     def __init__(self, root: Optional[str] = None, batch_size: Optional[int] = None,
                  num_workers: Optional[int] = None, predict_images: Optional[str] = None,
@@ -577,14 +578,8 @@ class CocoDataModule(OpenMMLabDataModule):
         root = dataset_cfg['data_root']
         ann_file = _join(root, dataset_cfg['ann_file'])
         img_dir = _join(root, (dataset_cfg.get('data_prefix') or {}).get('img', ''))
-        if not os.path.isfile(ann_file) and self.root is None:
-            raise InputError(f'annotation file not found: {ann_file}. The embedded dataset holds '
-                             'annotations/instances_{train,val}.json: pass --data.root with the dataset this '
-                             'config reads')
-        nested = nested_data_root(Path(root), dataset_cfg['ann_file']) if not os.path.isfile(ann_file) else None
-        if nested is not None:
-            raise InputError(f'annotation file not found: {ann_file}; {nested} holds {dataset_cfg["ann_file"]}: '
-                             f'--data.root {nested}?')
+        if not os.path.isfile(ann_file):
+            self.explain_missing('annotation file', ann_file, root, dataset_cfg['ann_file'])
         self.masks[split] = _loads_masks(dataset_cfg.get('pipeline'))
         check_coco(ann_file, img_dir, dataset_classes(self.cfg, self.scope, dataset_cfg),
                    needs_masks=self.masks[split], training=split == 'train')

@@ -63,7 +63,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from msmlp.checkpoint import listed
-from tasks.base import BaseTask, InputError, find_config, portable_config, starting_weights_needed
+from tasks.base import BaseTask, InputError, find_config, nested_root_hint, portable_config, starting_weights_needed
 from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, worker_args
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'load_config', 'dataset_type', 'dataset_classes', 'leaf_datasets',
@@ -577,7 +577,21 @@ class OpenMMLabDataModule(LightningDataModule):
         self.classes: Optional[Sequence[str]] = None
         self._cfg = None
 
+    def explain_missing(self, what: str, path: str, root: str, relative: str) -> None:
+        """For ``path`` (``relative`` under ``root``), a file or folder the config reads that is
+        missing: with no ``--data.root``, an ``InputError`` naming what the embedded dataset
+        holds instead; with one, an ``InputError`` naming the folder inside it that holds
+        ``relative``, if one does. Otherwise it returns, and the split's own checks name it."""
+        if self.root is None:
+            raise InputError(f'{what} not found: {path}. The embedded dataset holds {self.embedded_layout}: '
+                             'pass --data.root with the dataset this config reads')
+        hint = nested_root_hint(Path(root), relative)
+        if hint:
+            raise InputError(f'{what} not found: {path}{hint}')
+
     # ----- hooks for subclasses ------------------------------------------------------------
+    embedded_layout = ''  # what the embedded dataset holds, in words, for messages
+
     def embedded_root(self) -> Path:
         """Write (once) and return the embedded default dataset."""
         raise NotImplementedError(f'{type(self).__name__} has no embedded dataset: pass root=')

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from msmlp.checkpoint import listed
-from tasks.base import InputError, nested_data_root
+from tasks.base import InputError
 from tasks.embedded import ensure_dataset
 from tasks.openmmlab import (IMAGE_SUFFIXES, OpenMMLabDataModule, OpenMMLabTask, dataset_classes, dataset_type,
                              leaf_datasets, loads_annotations, without_annotations)
@@ -451,6 +451,7 @@ class ADE20KDataModule(OpenMMLabDataModule):
     """
 
     scope = 'mmseg'
+    embedded_layout = 'images/{training,validation} and annotations/{training,validation}'
 
     def embedded_root(self) -> Path:
         return ensure_dataset('ade20k')
@@ -477,14 +478,8 @@ class ADE20KDataModule(OpenMMLabDataModule):
         root = Path(dataset_cfg['data_root'])
         prefix = dataset_cfg.get('data_prefix') or {}
         img_dir = root / prefix.get('img_path', '')
-        if not img_dir.is_dir() and self.root is None:
-            raise InputError(f'images folder not found: {img_dir}. The embedded dataset holds '
-                             'images/{training,validation} and annotations/{training,validation}: pass --data.root '
-                             'with the dataset this config reads')
-        nested = nested_data_root(root, prefix.get('img_path', '')) if not img_dir.is_dir() else None
-        if nested is not None:
-            raise InputError(f'images folder not found: {img_dir}; {nested} holds {prefix.get("img_path", "")}: '
-                             f'--data.root {nested}?')
+        if not img_dir.is_dir():
+            self.explain_missing('images folder', str(img_dir), str(root), prefix.get('img_path', ''))
         img_suffix = dataset_cfg.get('img_suffix', _dataset_default(dataset_cls, 'img_suffix'))
         seg_suffix = dataset_cfg.get('seg_map_suffix', _dataset_default(dataset_cls, 'seg_map_suffix'))
         count = check_image_label_pairs(img_dir, root / prefix.get('seg_map_path', ''), img_suffix, seg_suffix)
