@@ -113,13 +113,20 @@ def _rejected_init_args(err: ValueError) -> Optional[str]:
     return reasons[0] if reasons else None
 
 
+def _class_at(class_path: Optional[str]) -> Optional[type]:
+    """The class ``class_path`` names (None if it cannot be imported)."""
+    module, _, name = (class_path or '').rpartition('.')
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
 def _class_options(class_path: str) -> List[str]:
     """The ``__init__`` arguments of the class ``class_path`` names (none if it cannot be read)."""
-    module, _, name = class_path.rpartition('.')
     try:
-        return [p for p in inspect.signature(getattr(importlib.import_module(module), name)).parameters
-                if p not in ('self', 'args', 'kwargs')]
-    except (ImportError, AttributeError, TypeError, ValueError):
+        return [p for p in inspect.signature(_class_at(class_path)).parameters if p not in ('self', 'args', 'kwargs')]
+    except (TypeError, ValueError):
         return []
 
 
@@ -228,7 +235,7 @@ class MSMLPCLI(LightningCLI):
         check_task_class(config, self.checkpoint_facts, self.task)
         check_optimizer_flags(config, self.task)
         self.resumed = self.checkpoint_facts['logs'] if self.checkpoint_facts is not None else None
-        if not any(re.match(r'--data(\.init_args)?\.root(=|$)', str(arg)) for arg in args):
+        if not flag_given(args, 'data.root'):
             use_trained_data(config, self.checkpoint_facts, announce=self.config.subcommand != 'predict')
 
     def _parse_ckpt_path(self) -> None:
@@ -472,6 +479,15 @@ def check_process_count(trainer) -> None:
                      f'{nodes} --trainer.strategy ddp')
 
 
+def flag_given(argv: Sequence[str], key: str, any_suffix: bool = False) -> bool:
+    """Whether ``--KEY`` (``--group.init_args.name`` too) is on the command line; with
+    ``any_suffix``, also any ``--KEY.*`` below it."""
+    group, _, name = key.rpartition('.')
+    end = r'' if any_suffix else r'(=|$)'
+    pattern = re.compile(rf'--{re.escape(group)}(\.init_args)?\.{re.escape(name)}{end}')
+    return any(pattern.match(str(arg)) for arg in argv)
+
+
 def explicit_model_keys(argv: Sequence[str]) -> List[str]:
     """Config keys of the ``--model.X`` flags in ``argv`` (``model.init_args.X``)."""
     keys = []
@@ -487,7 +503,7 @@ def check_checkpoint(path: Optional[str], task: str = DEFAULT_TASK) -> Optional[
     (Lightning's other keywords, ``hpc`` and ``registry``, pass through). Returns what the CLI uses of it:
     ``logs``, what it recorded of its run's logs (``tasks.checkpointing.LOG_STATE_KEY``; ``{}``
     if nothing), and ``data_root``, the data it was trained on; None without a file to read."""
-    if path is None or path in ('last', 'best', 'hpc', 'registry') or '://' in str(path):
+    if path is None or path in ('hpc', 'registry') or '://' in str(path):
         return None
     from msmlp import read_checkpoint
     from msmlp.checkpoint import listed
@@ -523,9 +539,7 @@ def check_architecture_flags(config, given: dict, facts: Optional[dict]) -> None
     a page of state-dict size mismatches."""
     from tasks.base import InputError
     trained = (facts or {}).get('hparams') or {}
-    class_path = config.get('model', {}).get('class_path')
-    module, _, name = (class_path or '').rpartition('.')
-    task_class = getattr(sys.modules.get(module), name, None)
+    task_class = _class_at(config.get('model', {}).get('class_path'))
     for key in given:
         arg = key.rsplit('.', 1)[-1]
         if arg not in getattr(task_class, 'architecture_args', ()) or arg not in trained:
@@ -600,11 +614,8 @@ def follow_default_root_dir(trainer_config, argv: Sequence[str]) -> None:
     """``--trainer.default_root_dir D`` on the command line puts the run folders in D
     (``D/version_N``), where Lightning users look for every output: the configs' loggers name
     ``runs/<task>`` themselves, which would otherwise win. Logger flags given too are kept."""
-    flags = [str(arg) for arg in argv]
-    if (not any(re.match(r'--trainer\.default_root_dir(=|$)', arg) for arg in flags)
-            or any(arg.startswith('--trainer.logger') for arg in flags)):
-        return
-    if trainer_config.get('default_root_dir') is None:
+    if (not flag_given(argv, 'trainer.default_root_dir') or flag_given(argv, 'trainer.logger', any_suffix=True)
+            or trainer_config.get('default_root_dir') is None):
         return
     root = Path(trainer_config['default_root_dir'])
     for args in _logger_args(trainer_config):
