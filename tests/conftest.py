@@ -3,6 +3,26 @@ import os
 import sys
 
 import pytest
+import torch.jit._builtins
+
+
+def _keep_ops_entered_in_torchscripts_builtin_table():
+    """TorchScript knows a builtin op by ``id()``. When an op gains an overload (torch.compile's
+    imports redefine ``quantized_decomposed::quantize_per_tensor``), torch replaces the op
+    object it entered and frees the old one, whose id stays in the table (``_refresh_packet`` in
+    torch/_ops.py). The next object at that address, a Conv2d's padding list for one, is then a
+    builtin to ``torch.jit.script``: "builtin cannot be used as a value", at random, in a test
+    that scripts a model after a compiled one in the same worker. Kept alive, no id is reused."""
+    register, kept = torch.jit._builtins._register_builtin, []
+
+    def register_and_keep(fn, op):
+        kept.append(fn)
+        register(fn, op)
+
+    torch.jit._builtins._register_builtin = register_and_keep
+
+
+_keep_ops_entered_in_torchscripts_builtin_table()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -176,6 +176,22 @@ def test_fx_then_torchscript(name):
     assert out.shape == (1, 1000) and torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_an_op_redefined_in_the_process_leaves_no_id_for_torchscript_to_mistake():
+    """What tests/conftest.py guards: an overload added to an op (torch.compile's imports do it)
+    must not free the op object whose id TorchScript's builtin table holds, or a later object at
+    that address is a builtin to torch.jit.script (so test_fx_then_torchscript failed at random)."""
+    library = torch.library.Library('msmlp_id_probe', 'FRAGMENT')
+    try:
+        library.define('probe(Tensor x) -> Tensor')
+        entered = id(torch.ops.msmlp_id_probe.probe._op)
+        library.define('probe.other(Tensor x, int n) -> Tensor')  # torch enters a new op object
+        later = [torch._C._jit_get_operation('aten::relu')[0] for _ in range(1000)]
+        mistaken = [torch.jit._builtins._find_builtin(op) for op in later if id(op) == entered]
+        assert mistaken == []
+    finally:
+        library._destroy()
+
+
 def test_feature_extractor_at_block_outputs_forward_and_backward():
     """torchvision's create_feature_extractor at the blocks' outputs, as a detector would use it."""
     model = timm.create_model('msmlp_tiny').train()
