@@ -626,15 +626,18 @@ def _logger_folder(args) -> Path:
     return Path(args['save_dir']) / (args.get('name') or '')
 
 
+def _runs_with_last(folder: Path) -> List[Tuple[int, Path]]:
+    """``(N, checkpoints folder)`` of each ``version_N`` run in ``folder`` that wrote a ``last.ckpt``."""
+    return [(int(run.name[len('version_'):]), run / 'checkpoints') for run in folder.glob('version_*')
+            if re.fullmatch(r'version_\d+', run.name) and (run / 'checkpoints' / 'last.ckpt').is_file()]
+
+
 def _newest_run_checkpoints(trainer_config) -> Tuple[Optional[Path], str]:
     """The ``checkpoints`` folder of the newest run (``version_N``) of this config's loggers
     that wrote a ``last.ckpt`` (None if none did), and the loggers' folders, for messages."""
-    found = []
-    for folder in {_logger_folder(args) for args in _logger_args(trainer_config)}:
-        for run in folder.glob('version_*'):
-            if re.fullmatch(r'version_\d+', run.name) and (run / 'checkpoints' / 'last.ckpt').is_file():
-                found.append((int(run.name[len('version_'):]), run / 'checkpoints'))
-    where = ', '.join(sorted({str(_logger_folder(args)) for args in _logger_args(trainer_config)}))
+    folders = {_logger_folder(args) for args in _logger_args(trainer_config)}
+    found = [run for folder in folders for run in _runs_with_last(folder)]
+    where = ', '.join(sorted(str(folder) for folder in folders))
     return (max(found)[1] if found else None), where or "the loggers' folders"
 
 
@@ -657,11 +660,19 @@ def latest_best_checkpoint(trainer_config) -> str:
     """``--ckpt_path best``: the best checkpoint by ``checkpoint.monitor`` of the newest run
     folder (as for ``last``). Lightning's own ``best`` means the checkpoint callback of the same
     process, which a new command does not have."""
-    from msmlp import read_checkpoint
     from tasks.base import InputError
     folder, where = _newest_run_checkpoints(trainer_config)
     if folder is None:
         raise InputError(f'--ckpt_path best: no run under {where} has checkpoints/last.ckpt')
+    return best_checkpoint_in(folder, '--ckpt_path')
+
+
+def best_checkpoint_in(folder: Path, flag: str) -> str:
+    """The best checkpoint of a run's ``checkpoints`` folder: the one kept there, or of several
+    (``--checkpoint.save_top_k 3``) the one its ``last.ckpt`` records; ``flag`` names the option
+    that asked, in the message if it has none yet."""
+    from msmlp import read_checkpoint
+    from tasks.base import InputError
     kept = [path for path in folder.glob('*.ckpt') if not path.name.startswith('last')]
     if len(kept) == 1:
         return str(kept[0])
@@ -670,8 +681,51 @@ def latest_best_checkpoint(trainer_config) -> str:
                 if isinstance(state, dict) and state.get('best_model_path')]
     if recorded and (folder / recorded[0]).is_file():
         return str(folder / recorded[0])
-    raise InputError(f'--ckpt_path best: {folder} holds no best checkpoint yet (one is kept at each validation); '
-                     f'--ckpt_path last takes {folder / "last.ckpt"}')
+    raise InputError(f'{flag} best: {folder} holds no best checkpoint yet (one is kept at each validation); '
+                     f'{flag} last takes {folder / "last.ckpt"}')
+
+
+def shipped_run_folders(tasks: Sequence[str]) -> List[Path]:
+    """The folders the shipped configs of ``tasks`` log their runs to (``runs/cls``, ...)."""
+    import yaml
+    folders = set()
+    for config in sorted(path for task in tasks for path in (CONFIG_DIR / task).glob('*.yaml')):
+        trainer = (yaml.safe_load(config.read_text()) or {}).get('trainer') or {}
+        folders |= {_logger_folder(args) for args in _logger_args(trainer)}
+    return sorted(folders)
+
+
+def export_checkpoint(keyword: str, openmmlab: bool) -> str:
+    """``msmlp export --checkpoint last|best``: the ``last.ckpt`` (or best checkpoint) of the run
+    that wrote a ``last.ckpt`` most recently among the shipped configs' run folders (det's and
+    seg's for ``--format openmmlab``). Several tasks log apart, so their newest is by time."""
+    from tasks.base import InputError
+    folders = shipped_run_folders(('det', 'seg') if openmmlab else TASKS)
+    runs = [checkpoints for folder in folders for _, checkpoints in _runs_with_last(folder)]
+    if not runs:
+        where = ', '.join(str(folder) for folder in folders)
+        raise InputError(f'--checkpoint {keyword}: no run under {where} has checkpoints/last.ckpt '
+                         '(a run logged elsewhere: pass its file)')
+    newest = max(runs, key=lambda checkpoints: (checkpoints / 'last.ckpt').stat().st_mtime)
+    return str(newest / 'last.ckpt') if keyword == 'last' else best_checkpoint_in(newest, '--checkpoint')
+
+
+def resolve_export_checkpoint(argv: Sequence[str]) -> List[str]:
+    """``argv`` of ``msmlp export`` with ``--checkpoint last|best`` made a path (a file of
+    that name here is taken as given)."""
+    out, args = [], iter(argv)
+    openmmlab = '--format=openmmlab' in argv or any(
+        flag == '--format' and value == 'openmmlab' for flag, value in zip(argv, argv[1:]))
+    for arg in args:
+        flag, _, value = arg.partition('=')
+        if flag != '--checkpoint':
+            out.append(arg)
+            continue
+        value = value if '=' in arg else next(args, None)
+        if value in ('last', 'best') and not Path(value).exists():
+            value = export_checkpoint(value, openmmlab)
+        out += [flag] + ([value] if value is not None else [])
+    return out
 
 
 def resumed_run_folder(ckpt_path: Optional[str], trainer_config) -> Optional[Path]:
@@ -812,7 +866,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return benchmark_main(argv[1:]) or 0
     if argv[:1] == ['export']:
         from msmlp.export import main as export_main
-        return export_main(argv[1:])
+        from tasks.base import InputError
+        try:
+            argv = resolve_export_checkpoint(argv[1:])
+        except InputError as err:
+            print(f'msmlp export: error: {err}', file=sys.stderr)
+            return 1
+        return export_main(argv)
     if argv[:1] == ['--version']:
         print(versions())
         return 0

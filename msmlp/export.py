@@ -416,7 +416,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "MS-Swin weights not from a msmlp fit run is --model's)")
     parser.add_argument('--checkpoint', metavar='FILE',
                         help='weights: a released, Lightning (cls/det/seg), mmengine, timm or safetensors file, '
-                             'or its URL (downloaded once)')
+                             'or its URL (downloaded once); last or best: that of the newest msmlp fit run')
     parser.add_argument('--format', default='onnx', choices=[*FORMATS, OPENMMLAB],
                         help='openmmlab: a det/seg run (--checkpoint) as the .pth and .py config that '
                              "mmdet's and mmseg's tools and APIs read")

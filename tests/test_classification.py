@@ -392,6 +392,15 @@ def test_ckpt_path_best_validates_the_newest_runs_best_checkpoint(trained, capsy
     assert read == [str(Path('runs/cls/version_0/checkpoints') / trained['best'].name)]
 
 
+def test_export_checkpoint_best_exports_the_newest_runs_best(trained, capsys, monkeypatch):
+    monkeypatch.chdir(trained['tmp'])
+    status, out, err = msmlp_run(capsys, 'export', '--checkpoint', 'best', '--format', 'safetensors',
+                                 '--output', 'best.safetensors')
+    assert status == 0, err
+    best = Path('runs/cls/version_0/checkpoints') / trained['best'].name
+    assert out.splitlines()[0].endswith(f'classifier (3 classes) from {best} -> best.safetensors (safetensors, weights)')
+
+
 @pytest.mark.parametrize('flag, trained_value, hint', [
     ('--model.num_classes=5', 'num_classes=3', '; to train a 5-class model from its weights: msmlp fit '
                                                '--model.pretrained {ckpt} --model.num_classes 5'),

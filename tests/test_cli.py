@@ -272,6 +272,31 @@ def test_ckpt_path_best_is_the_newest_runs_best_checkpoint(tmp_path):
     assert cli.latest_best_checkpoint(trainer) == str(folder / 'best-epoch001.ckpt')
 
 
+def test_export_checkpoint_last_or_best_is_the_newest_runs_of_any_task(tmp_path, monkeypatch, capsys):
+    from tasks.base import InputError
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['export', '--checkpoint', 'last']) == 1
+    assert capsys.readouterr().err.startswith('msmlp export: error: --checkpoint last: no run under runs/cls, ')
+    make_run(tmp_path / 'runs', 4, files=('last.ckpt', 'best-epoch002.ckpt'))
+    det_run = tmp_path / 'runs' / 'det' / 'version_0' / 'checkpoints'
+    det_run.mkdir(parents=True)
+    (det_run / 'last.ckpt').write_bytes(b'')
+    os.utime(det_run / 'last.ckpt', (1, 1))  # written before the cls run's
+    keep = ['--format', 'onnx', '--output', 'model.onnx']
+    assert cli.resolve_export_checkpoint(['--checkpoint', 'last', *keep]) == [
+        '--checkpoint', str(Path('runs/cls/version_4/checkpoints/last.ckpt')), *keep]
+    assert cli.resolve_export_checkpoint(['--checkpoint=best']) == [
+        '--checkpoint', str(Path('runs/cls/version_4/checkpoints/best-epoch002.ckpt'))]
+    # a det/seg run for the OpenMMLab tools: the newest of those
+    assert cli.resolve_export_checkpoint(['--format', 'openmmlab', '--checkpoint', 'last']) == [
+        '--format', 'openmmlab', '--checkpoint', str(Path('runs/det/version_0/checkpoints/last.ckpt'))]
+    with pytest.raises(InputError, match=r'^--checkpoint best: runs/det/version_0/checkpoints holds no best '
+                                         r'checkpoint yet .*; --checkpoint last takes '):
+        cli.resolve_export_checkpoint(['--format=openmmlab', '--checkpoint', 'best'])
+    (tmp_path / 'last').write_bytes(b'')  # a file of that name is taken as given
+    assert cli.resolve_export_checkpoint(['--checkpoint', 'last']) == ['--checkpoint', 'last']
+
+
 def test_a_resumed_last_checkpoint_continues_its_run_folder(tmp_path):
     trainer = loggers_config(tmp_path)
     checkpoints = make_run(tmp_path, 3, files=('last.ckpt', 'best-epoch001.ckpt'))
