@@ -64,7 +64,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from msmlp.checkpoint import listed
 from tasks.base import BaseTask, InputError, find_config, nested_root_hint, portable_config, starting_weights_needed
-from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, worker_args
+from tasks.loading import (ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order,
+                           worker_args)
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'load_config', 'dataset_type', 'dataset_classes', 'leaf_datasets',
            'loads_annotations', 'without_annotations', 'prediction_name']
@@ -386,6 +387,11 @@ class OpenMMLabTask(BaseTask):
         return outputs
 
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        for index, reason in batch.get(UNREADABLE, ()):
+            self._unread.append((index, reason))
+            self._print(f'[msmlp] not predicted: {reason}')
+        if not len(batch['inputs']):
+            return []
         outputs = self.forward_test(self._model_batch(batch))
         out_dir = self._predict_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -400,7 +406,7 @@ class OpenMMLabTask(BaseTask):
         return Path(self.trainer.default_root_dir) / 'predictions'
 
     def on_predict_start(self) -> None:
-        self._predictions_written = 0
+        self._predictions_written, self._unread = 0, []
 
     def on_predict_end(self) -> None:
         # each process drew its share of the images
@@ -408,6 +414,14 @@ class OpenMMLabTask(BaseTask):
         if self.trainer.is_global_zero:
             images = f'{written} prediction image' + ('s' if written != 1 else '')
             print(f'[msmlp] wrote {images} to {self._predict_dir().resolve()}', flush=True)
+        unread = gather_in_order(self._unread)  # every process gets them all, and fails alike
+        if unread:
+            raise InputError(f'{len(unread)} of {len(unread) + written} images could not be read and have no '
+                             f'prediction in {self._predict_dir().resolve()}; the first: {unread[0]}')
+
+    def _print(self, text: str) -> None:
+        bar = self.trainer.progress_bar_callback
+        bar.print(text) if bar is not None else print(text, flush=True)
 
     # ----- metrics -----------------------------------------------------------------------
     def update_metrics(self, metrics, outputs: list, batch: dict) -> None:
@@ -480,6 +494,31 @@ class _ReadErrors(Dataset):
         if name == 'dataset':
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+UNREADABLE = 'unreadable'
+
+
+class _SkipUnreadable(_ReadErrors):
+    """For predict: an unreadable image is an item ``{UNREADABLE: (index, reason)}``, which
+    ``collate_predict`` sets beside the batch, so that predicting a large folder does not stop
+    at it (the run still fails at the end, naming it)."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except InputError as err:
+            return {UNREADABLE: (index, str(err))}
+
+
+def collate_predict(items: Sequence[dict]) -> dict:
+    """mmengine's ``pseudo_collate`` of the readable items, the unreadable ones' ``(index, reason)``
+    under ``UNREADABLE``."""
+    from mmengine.dataset import pseudo_collate
+    readable = [item for item in items if UNREADABLE not in item]
+    batch = pseudo_collate(readable) if readable else {'inputs': []}
+    batch[UNREADABLE] = [item[UNREADABLE] for item in items if UNREADABLE in item]
+    return batch
 
 
 class _Items(Dataset):
@@ -673,7 +712,7 @@ class OpenMMLabDataModule(LightningDataModule):
             val = self.datasets['val']
             paths = [val.get_data_info(i)['img_path'] for i in range(len(val))]
         _check_distinct_prediction_names(paths)
-        return _ReadErrors(_Items(paths, Compose(self.predict_pipeline())))
+        return _SkipUnreadable(_Items(paths, Compose(self.predict_pipeline())))
 
     @staticmethod
     def _image_paths(spec: str) -> List[str]:
@@ -701,7 +740,8 @@ class OpenMMLabDataModule(LightningDataModule):
         loader_cfg = self.cfg.get(f'{config_split}_dataloader') or self.cfg.get('val_dataloader')
         batch_size = self.batch_size if split == 'train' and self.batch_size else loader_cfg.get('batch_size', 1)
         workers = self.num_workers if self.num_workers is not None else loader_cfg.get('num_workers', 0)
-        return dict(batch_size=batch_size, collate_fn=pseudo_collate, **worker_args(workers, self.datasets[split]))
+        collate = collate_predict if split == 'predict' else pseudo_collate
+        return dict(batch_size=batch_size, collate_fn=collate, **worker_args(workers, self.datasets[split]))
 
     def train_dataloader(self) -> DataLoader:
         args = self._loader_args('train')

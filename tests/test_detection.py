@@ -16,6 +16,7 @@ from tasks.base import InputError  # noqa: E402
 from tasks.detection import (CocoDataModule, CocoTargets, DetectionTask, check_coco, coco_map_metric,  # noqa: E402
                              coco_map_names, predictions)
 from tasks.embedded import coco as shapes  # noqa: E402
+from tasks.openmmlab import collate_predict  # noqa: E402
 
 MINI = 'mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py'
 
@@ -532,7 +533,7 @@ def test_predicting_a_folder_says_what_it_does_not_read(tmp_path):
                                                                           str(tmp_path / 'sub' / 'd.png')]
 
 
-def test_predicting_an_unreadable_image_names_it(tmp_path):
+def test_predicting_an_unreadable_image_names_it_beside_the_batch(tmp_path):
     good, broken = tmp_path / 'good.png', tmp_path / 'broken.png'
     from PIL import Image
     Image.new('RGB', (40, 30), 'red').save(good)
@@ -541,8 +542,13 @@ def test_predicting_an_unreadable_image_names_it(tmp_path):
     data.setup('predict')
     images = data.datasets['predict']
     assert len(images) == 2 and images[1]['inputs'].shape[0] == 3  # good.png, sorted after broken.png
-    with pytest.raises(InputError, match=rf'^cannot read {broken}: '):
-        images[0]
+    # predict goes past it: the batch carries it beside the readable images, which are collated as before
+    index, reason = images[0]['unreadable']
+    assert index == 0 and reason.startswith(f'cannot read {broken}: ')
+    batch = collate_predict([images[0], images[1]])
+    assert len(batch['inputs']) == 1 and batch['data_samples'][0].img_path == str(good)
+    assert batch['unreadable'] == [(0, reason)]
+    assert collate_predict([images[0]]) == {'inputs': [], 'unreadable': [(0, reason)]}
 
 
 def test_a_checkpoint_that_does_not_fit_the_commands_model_is_one_line(root, tmp_path, monkeypatch, capsys):

@@ -381,6 +381,26 @@ def test_predict_reads_rgba_and_grayscale_files(embedded_data, tmp_path, capsys,
     assert sorted(p.name for p in (tmp_path / 'out').glob('*.png')) == ['grey.png', 'rgba.png']
 
 
+def test_predict_goes_past_an_unreadable_image_then_fails_naming_it(embedded_data, tmp_path, capsys, monkeypatch):
+    # before: the first unreadable image stopped predict, and the images after it were not predicted
+    monkeypatch.chdir(tmp_path)
+    sources = sorted((embedded_data / scenes.DIRNAME / 'images' / 'validation').glob('*.jpg'))[:2]
+    inputs = tmp_path / 'inputs'
+    inputs.mkdir()
+    for name, source in zip(('a.jpg', 'c.jpg'), sources):
+        Image.open(source).save(inputs / name)
+    (inputs / 'b.jpg').write_bytes((inputs / 'a.jpg').read_bytes()[:200])
+    code, out = run_cli(['predict', '--task', 'seg', f'--data.predict_images={inputs}',
+                         f'--model.predict_dir={tmp_path / "out"}'], capsys)
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / 'out').glob('*.png')) == ['a.png', 'c.png']
+    assert f'[msmlp] not predicted: cannot read {inputs / "b.jpg"}: ' in out
+    assert f'wrote 2 prediction images to {tmp_path / "out"}' in out
+    assert out.strip().splitlines()[-1].startswith(
+        f'msmlp: error: 1 of 3 images could not be read and have no prediction in {tmp_path / "out"}; '
+        f'the first: cannot read {inputs / "b.jpg"}: ')
+
+
 def test_predict_images_that_would_share_an_output_name_are_refused(embedded_data, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     source = next((embedded_data / scenes.DIRNAME / 'images' / 'validation').glob('*.jpg'))
