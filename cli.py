@@ -779,17 +779,21 @@ def first_missing_folder(path: Path) -> Optional[Path]:
 
 
 def remove_unused(folders: Sequence[Path]) -> None:
-    """Remove the folders a failed run created if it saved nothing in them: no checkpoint and
-    no logged row (what is left then is an event file and the config)."""
-    from tasks.checkpointing import csv_data_rows
+    """Remove the folders a failed run created if it saved nothing in them: only what a run
+    writes as it starts (its config, TensorBoard event files, a metrics.csv without rows);
+    a checkpoint, a logged row or a prediction keeps the folder."""
     if not first_process():
         return
     for folder in folders:
-        if not folder.is_dir() or any(folder.rglob('*.ckpt')):
-            continue
-        if any(csv_data_rows(metrics) for metrics in folder.rglob('metrics.csv')):
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_dir() and not any(_is_output(path) for path in folder.rglob('*')):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _is_output(path: Path) -> bool:
+    from tasks.checkpointing import csv_data_rows
+    if not path.is_file() or path.name in ('config.yaml', 'hparams.yaml') or path.name.startswith('events.out.'):
+        return False
+    return path.name != 'metrics.csv' or bool(csv_data_rows(path))
 
 
 def continue_logs(loggers: Sequence, run_folder: Path, log_state: dict) -> None:

@@ -245,6 +245,13 @@ class BaseTask(LightningModule, ABC):
                   if k in self.hparams and not k.startswith('_') and trained[k] != self.hparams[k]]
         return mismatch_message(path, missing, unexpected, mis_shaped) + ''.join(f'; {d}' for d in differ[:3])
 
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Lightning's fit and evaluation loops stop at the batch after a SIGTERM (a batch system's
+        # notice before it kills the job); its predict loop would go on until the job is killed
+        if self.trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+            raise SIGTERMException
+
     def on_train_start(self) -> None:
         # Lightning 2.6 restores a resumable loader's position only if the training data is set
         # up after the checkpoint is read; configure_optimizers (estimated_stepping_batches)

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import timm
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
@@ -467,6 +467,7 @@ class ClassificationTask(BaseTask):
         super().__init__(ignore=self.runtime_args)
         self.predict_file = predict_file
         self._predicted: List[Dict[str, Any]] = []
+        self._rows: Optional[PredictionRows] = None  # predict_file, from the start of predict
 
     def configure_models(self) -> None:
         hp = self.hparams
@@ -592,8 +593,8 @@ class ClassificationTask(BaseTask):
 
     def predict_step(self, batch: Tuple[torch.Tensor, ...], batch_idx: int) -> List[Dict[str, Any]]:
         """Top-5 (or all, if fewer) classes per image, printed and returned, and written to
-        ``predict_file`` at the end. On several processes they are printed at the end, by the
-        first, in the order of the images. ``batch`` is ``(images, paths)``, or
+        ``predict_file`` as they come (a stop keeps the rows made). On several processes they
+        are printed and written at the end, by the first, in the order of the images. ``batch`` is ``(images, paths)``, or
         ``(images, paths, reasons)`` from :class:`PredictFiles` (an image with a reason is
         unreadable: reported, not predicted)."""
         images, paths, *unread = batch  # (images, paths) from a loader of one's own
@@ -608,6 +609,8 @@ class ClassificationTask(BaseTask):
         if world()[0] == 1:
             for result in results:
                 self._print(_ranking(result))
+            if self._rows is not None:
+                self._rows.write(results)
         self._predicted.extend(results)
         return results
 
@@ -615,11 +618,14 @@ class ClassificationTask(BaseTask):
         return Path(self.predict_file or Path(self.trainer.default_root_dir) / 'predictions.csv')
 
     def on_predict_epoch_start(self) -> None:
-        self._predicted = []
+        self._predicted, self._rows = [], PredictionRows(self._predict_file())
         try:
             check_writable(str(self._predict_file()))  # before predicting, not after
         except OutputError as err:
             raise InputError(f'model.predict_file: {err}') from None
+
+    def configure_callbacks(self) -> List[Callback]:
+        return [_PredictionsKeptOnStop()]
 
     def on_predict_epoch_end(self) -> None:
         ranked = self._predicted
@@ -633,8 +639,10 @@ class ClassificationTask(BaseTask):
         unread = [r['error'] for r in ranked if 'error' in r]
         ranked = [r for r in ranked if 'error' not in r]
         path = self._predict_file()
+        if world()[0] > 1 and self.trainer.is_global_zero:
+            self._rows.write(ranked)
+        self._rows.close()
         if self.trainer.is_global_zero and ranked:
-            write_predictions(path, ranked)
             images = f'{len(ranked)} image' + ('s' if len(ranked) > 1 else '')
             self._print(f'msmlp: wrote the top-{len(ranked[0]["top5"])} classes of {images} to {path.resolve()}')
         if unread:  # every process has them all
@@ -686,14 +694,46 @@ def _normalisation_hint(folders: Sequence[str], names: Sequence[str]) -> str:
             f'NFD): rename the folders to the model\'s form, unicodedata.normalize({form!r}, name)')
 
 
-def write_predictions(path: Path, results: Sequence[Dict[str, Any]]) -> None:
-    """One row per image: its path, then each ranked class with its probability."""
-    ranks = range(1, max(len(r['top5']) for r in results) + 1)
-    with open(path, 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(['path', *(column for k in ranks for column in (f'class_{k}', f'prob_{k}'))])
+class PredictionRows:
+    """``predict_file``, written as results come: one row per image, its path, then each ranked
+    class with its probability (the file is made at the first predicted image)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.count, self._file, self._writer = path, 0, None, None
+
+    def write(self, results: Sequence[Dict[str, Any]]) -> None:
         for result in results:
-            writer.writerow([result['path'], *(value for name, p in result['top5'] for value in (name, f'{p:.6f}'))])
+            if 'top5' not in result:  # unreadable: no row
+                continue
+            if self._file is None:
+                self._file = open(self.path, 'w', newline='')
+                self._writer = csv.writer(self._file)
+                ranks = range(1, len(result['top5']) + 1)
+                self._writer.writerow(['path', *(column for k in ranks for column in (f'class_{k}', f'prob_{k}'))])
+            self._writer.writerow([result['path'], *(v for name, p in result['top5'] for v in (name, f'{p:.6f}'))])
+            self.count += 1
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class _PredictionsKeptOnStop(Callback):
+    """Say where the rows of a predict stopped early (Ctrl-C, SIGTERM, an error) are."""
+
+    def on_exception(self, trainer, task: ClassificationTask, exception: BaseException) -> None:
+        rows = getattr(task, '_rows', None)
+        if trainer.state.fn != 'predict' or rows is None:
+            return
+        rows.close()
+        if world()[0] > 1:
+            kept = 'none were written (on several processes they are written at the end)'
+        else:
+            kept = f'the rows of the {rows.count} images predicted before it are in {rows.path.resolve()}'
+        if trainer.is_global_zero:
+            task._print(f'msmlp: predict stopped: {kept}')
 
 
 def _ranking(result: Dict[str, Any]) -> str:

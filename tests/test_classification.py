@@ -19,7 +19,7 @@ from PIL import Image
 
 import cli
 import msmlp
-from tasks.base import InputError
+from tasks.base import BaseTask, InputError
 from tasks.classification import ClassificationTask, ImageFolderDataModule, load_rgb, scan_image_folder
 from tasks.embedded import data_root, ensure_dataset
 from tasks.embedded import imagenet as shapes
@@ -505,15 +505,40 @@ def test_predict_goes_past_an_unreadable_image_writes_the_others_and_fails_namin
     for name in ('a.png', 'c.png'):
         shutil.copy(trained['data'] / 'val' / 'bee' / '0.png', folder / name)
     (folder / 'b.png').write_bytes((folder / 'a.png').read_bytes()[:80])
-    written = tmp_path / 'predictions.csv'
-    status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
-                                 f'--data.predict_path={folder}', f'--model.predict_file={written}')
+    written = tmp_path / 'runs' / 'cls' / 'predictions.csv'  # in a folder this run made (a failed run's
+    status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls',  # folders were removed, this file too)
+                                 f'--ckpt_path={trained["best"]}', f'--data.predict_path={folder}')
     assert status == 1
     with open(written) as f:
         assert [row[0] for row in csv.reader(f)][1:] == [str(folder / 'a.png'), str(folder / 'c.png')]
     assert f'{folder / "b.png"}\n  not predicted: cannot read image {folder / "b.png"}: ' in out
     assert err.startswith(f'msmlp: error: 1 of 3 images could not be read and have no row in {written}; the first: '
                           f'cannot read image {folder / "b.png"}: ') and err.count('\n') == 1
+
+
+def test_predict_stopped_by_sigterm_keeps_the_rows_made(trained, capsys, monkeypatch, tmp_path):
+    # before: Lightning's predict loop went on after a SIGTERM (until a batch system kills the job),
+    # and the rows were written only at the end
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for i in range(6):
+        shutil.copy(trained['data'] / 'val' / 'bee' / '0.png', folder / f'{i}.png')
+
+    def terminated_at_the_second_batch(task, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler only marks it
+        BaseTask.on_predict_batch_end(task, outputs, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(ClassificationTask, 'on_predict_batch_end', terminated_at_the_second_batch)
+    status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                                 f'--data.predict_path={folder}', '--data.init_args.batch_size=2')
+    assert status == 128 + signal.SIGTERM
+    written = tmp_path / 'runs' / 'cls' / 'predictions.csv'
+    with open(written) as f:
+        assert [row[0] for row in csv.reader(f)][1:] == [str(folder / f'{i}.png') for i in range(4)]
+    assert f'msmlp: predict stopped: the rows of the 4 images predicted before it are in {written}' in out
+    assert err.endswith('msmlp: stopped by SIGTERM\n')
 
 
 def test_predict_shows_at_most_five_classes(in_tmp, capsys):

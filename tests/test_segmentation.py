@@ -390,14 +390,14 @@ def test_predict_goes_past_an_unreadable_image_then_fails_naming_it(embedded_dat
     for name, source in zip(('a.jpg', 'c.jpg'), sources):
         Image.open(source).save(inputs / name)
     (inputs / 'b.jpg').write_bytes((inputs / 'a.jpg').read_bytes()[:200])
-    code, out = run_cli(['predict', '--task', 'seg', f'--data.predict_images={inputs}',
-                         f'--model.predict_dir={tmp_path / "out"}'], capsys)
+    code, out = run_cli(['predict', '--task', 'seg', f'--data.predict_images={inputs}'], capsys)
     assert code == 1
-    assert sorted(p.name for p in (tmp_path / 'out').glob('*.png')) == ['a.png', 'c.png']
+    drawn = tmp_path / 'runs' / 'seg' / 'predictions'  # in folders this run made, kept though it failed
+    assert sorted(p.name for p in drawn.glob('*.png')) == ['a.png', 'c.png']
     assert f'[msmlp] not predicted: cannot read {inputs / "b.jpg"}: ' in out
-    assert f'wrote 2 prediction images to {tmp_path / "out"}' in out
+    assert f'wrote 2 prediction images to {drawn}' in out
     assert out.strip().splitlines()[-1].startswith(
-        f'msmlp: error: 1 of 3 images could not be read and have no prediction in {tmp_path / "out"}; '
+        f'msmlp: error: 1 of 3 images could not be read and have no prediction in {drawn}; '
         f'the first: cannot read {inputs / "b.jpg"}: ')
 
 
