@@ -257,6 +257,8 @@ class MSMLPCLI(LightningCLI):
         self.run_folder = resumed_run_folder(config.get('ckpt_path'), config.trainer) if resuming else None
         self.pinned_versions = share_log_version(config.trainer, self.run_folder)
         self.run_dirs = run_folders(self.pinned_versions)
+        # the run folders first: a folder above them that the run made may be kept for its predictions
+        self.new_folders += [folder for folder in self.run_dirs if not folder.exists()]
         self.new_folders += [top for top in map(first_missing_folder, self.run_dirs) if top]
 
     def instantiate_classes(self) -> None:

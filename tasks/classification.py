@@ -699,7 +699,7 @@ class PredictionRows:
     class with its probability (the file is made at the first predicted image)."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self.count, self._file, self._writer = path, 0, None, None
+        self.path, self.count, self.closed, self._file, self._writer = path, 0, False, None, None
 
     def write(self, results: Sequence[Dict[str, Any]]) -> None:
         for result in results:
@@ -718,6 +718,7 @@ class PredictionRows:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        self.closed = True
 
 
 class _PredictionsKeptOnStop(Callback):
@@ -725,7 +726,7 @@ class _PredictionsKeptOnStop(Callback):
 
     def on_exception(self, trainer, task: ClassificationTask, exception: BaseException) -> None:
         rows = getattr(task, '_rows', None)
-        if trainer.state.fn != 'predict' or rows is None:
+        if trainer.state.fn != 'predict' or rows is None or rows.closed:  # closed: predict went to the end
             return
         rows.close()
         if world()[0] > 1:

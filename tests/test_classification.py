@@ -511,7 +511,9 @@ def test_predict_goes_past_an_unreadable_image_writes_the_others_and_fails_namin
     assert status == 1
     with open(written) as f:
         assert [row[0] for row in csv.reader(f)][1:] == [str(folder / 'a.png'), str(folder / 'c.png')]
+    assert [p.name for p in written.parent.iterdir()] == ['predictions.csv']  # not the run folder it logged nothing in
     assert f'{folder / "b.png"}\n  not predicted: cannot read image {folder / "b.png"}: ' in out
+    assert 'predict stopped' not in out  # it went to the end
     assert err.startswith(f'msmlp: error: 1 of 3 images could not be read and have no row in {written}; the first: '
                           f'cannot read image {folder / "b.png"}: ') and err.count('\n') == 1
 

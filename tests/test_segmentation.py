@@ -394,6 +394,7 @@ def test_predict_goes_past_an_unreadable_image_then_fails_naming_it(embedded_dat
     assert code == 1
     drawn = tmp_path / 'runs' / 'seg' / 'predictions'  # in folders this run made, kept though it failed
     assert sorted(p.name for p in drawn.glob('*.png')) == ['a.png', 'c.png']
+    assert [p.name for p in drawn.parent.iterdir()] == ['predictions']  # not the run folder it logged nothing in
     assert f'[msmlp] not predicted: cannot read {inputs / "b.jpg"}: ' in out
     assert f'wrote 2 prediction images to {drawn}' in out
     assert out.strip().splitlines()[-1].startswith(
