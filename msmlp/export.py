@@ -17,6 +17,7 @@ With ``--checkpoint`` the architecture is the checkpoint's (read from its weight
 ``--model`` says.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -153,8 +154,26 @@ def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool
                     raise CheckpointError(f'{err}; MS-Swin weights outside a msmlp fit --task cls checkpoint '
                                           f'are built as --model {name}\'s registered architecture') from None
                 raise
+    names = _class_names(raw) if checkpoint and not features_only else None
+    if names is not None and len(names) == model.num_classes:
+        model.pretrained_cfg = {**model.pretrained_cfg, 'label_names': tuple(names)}  # timm's field
     model.eval()
     return DenseOutputs(model).eval() if features_only else model
+
+
+def _class_names(checkpoint: Dict) -> Optional[List[str]]:
+    """The class names a ``msmlp fit --task cls`` run's checkpoint records (None for others)."""
+    hparams = checkpoint.get('hyper_parameters') if isinstance(checkpoint, dict) else None
+    names = hparams.get('class_names') if isinstance(hparams, dict) else None
+    return [str(name) for name in names] if isinstance(names, (list, tuple)) and names else None
+
+
+def class_names(model: nn.Module) -> Optional[List[str]]:
+    """The classifier's class names (timm's ``pretrained_cfg['label_names']``), in output order."""
+    if isinstance(model, DenseOutputs):
+        return None
+    names = getattr(model, 'pretrained_cfg', {}).get('label_names')
+    return list(names) if names and len(names) == getattr(model, 'num_classes', None) else None
 
 
 def arch_words(embed_dim: Optional[int], depths: Optional[Sequence[int]]) -> List[str]:
@@ -261,23 +280,51 @@ def _images(model: nn.Module, batch: int, height: int, width: int) -> torch.Tens
     return torch.randn(batch, backbone(model).patch_embed.proj.in_channels, height, width)
 
 
+CLASS_NAMES = 'class_names'  # the metadata key (a file 'class_names.json' in TorchScript and programs)
+
+
 def _write(model: nn.Module, fmt: str, output: str, example: tuple, dynamic: Optional[dict],
            opset: Optional[int]) -> None:
+    names = class_names(model)
+    metadata = {CLASS_NAMES: json.dumps(names)} if names else {}
+    files = {f'{CLASS_NAMES}.json': metadata[CLASS_NAMES]} if names else {}
     if fmt == 'safetensors':
         from safetensors.torch import save_file
         state = {k: v.contiguous() for k, v in backbone(model).state_dict().items()}
-        save_file(state, output, metadata={'format': 'pt'})
+        save_file(state, output, metadata={'format': 'pt', **metadata})
     elif fmt == 'torchscript':
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*torch.jit.script.* is deprecated', category=FutureWarning)
-            torch.jit.script(model).save(output)
+            torch.jit.script(model).save(output, _extra_files=files)
     elif fmt == 'exported-program':
-        torch.export.save(torch.export.export(model, example, dynamic_shapes=dynamic), output)
+        torch.export.save(torch.export.export(model, example, dynamic_shapes=dynamic), output, extra_files=files)
     else:
-        _export_onnx(model, example, dynamic, output, opset)
+        _export_onnx(model, example, dynamic, output, opset, metadata)
 
 
-def _export_onnx(model, example, dynamic, output: str, opset: Optional[int]) -> None:
+def written_class_names(fmt: str, output: str) -> Optional[List[str]]:
+    """The class names an exported file records (None if it records none)."""
+    if fmt == 'onnx':
+        import onnxruntime
+        session = onnxruntime.InferenceSession(output, providers=['CPUExecutionProvider'])
+        found = session.get_modelmeta().custom_metadata_map.get(CLASS_NAMES)
+    elif fmt == 'safetensors':
+        from safetensors import safe_open
+        with safe_open(output, 'pt') as f:
+            found = (f.metadata() or {}).get(CLASS_NAMES)
+    else:
+        files = {f'{CLASS_NAMES}.json': ''}
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*torch.jit.load.* is deprecated', category=FutureWarning)
+            if fmt == 'torchscript':
+                torch.jit.load(output, _extra_files=files)
+            else:
+                torch.export.load(output, extra_files=files)
+        found = files[f'{CLASS_NAMES}.json'] or None
+    return json.loads(found) if found else None
+
+
+def _export_onnx(model, example, dynamic, output: str, opset: Optional[int], metadata: Dict[str, str]) -> None:
     try:
         import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
     except ImportError:
@@ -285,6 +332,7 @@ def _export_onnx(model, example, dynamic, output: str, opset: Optional[int]) -> 
     program = torch.onnx.export(
         model, example, dynamo=True, dynamic_shapes=dynamic, opset_version=opset, verbose=False,
         input_names=['images'], output_names=_output_names(model))
+    program.model.metadata_props.update(metadata)
     program.save(output)
 
 
@@ -473,7 +521,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start = time.perf_counter()
         export(model, args.format, args.output, img_size, args.static, args.opset)
         size_mb = os.path.getsize(args.output) / 2 ** 20
-        print(f'msmlp export: wrote {args.output} ({size_mb:.1f} MiB) in {time.perf_counter() - start:.0f} s', flush=True)
+        names = class_names(model)
+        recorded = f", with its {len(names)} class names ('{CLASS_NAMES}')" if names else ''
+        print(f'msmlp export: wrote {args.output} ({size_mb:.1f} MiB) in {time.perf_counter() - start:.0f} s{recorded}',
+              flush=True)
         if not args.no_check:
             worst = check_export(model, args.format, args.output, img_size, args.static)
             if args.format == 'safetensors':

@@ -125,6 +125,25 @@ def test_checkpoint_of_the_default_cls_run_builds_its_architecture(tmp_path, cap
         assert torch.allclose(torch.jit.load(str(out))(x), trained(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('fmt', ['onnx', 'torchscript', 'exported-program', 'safetensors'])
+def test_a_cls_runs_class_names_are_recorded_in_the_file(tmp_path, capsys, fmt):
+    """Without them an exported classifier's outputs are numbers: the run's checkpoint records its
+    class names, and every format carries them (timm's pretrained_cfg['label_names'] in between)."""
+    from msmlp.export import written_class_names
+    trained = timm.create_model('msmlp_tiny', num_classes=3, **SMALL).eval()
+    ckpt = tmp_path / 'last.ckpt'
+    torch.save({'state_dict': {f'model.{k}': v for k, v in trained.state_dict().items()},
+                'hyper_parameters': {'class_names': ['ant', 'bee', 'wasp'], 'num_classes': 3}}, ckpt)
+    out = tmp_path / f'cls.{fmt}'
+    assert main(['--checkpoint', str(ckpt), '--format', fmt, '--output', str(out), '--no-check']) == 0
+    assert "with its 3 class names ('class_names')" in capsys.readouterr().out
+    assert written_class_names(fmt, str(out)) == ['ant', 'bee', 'wasp']
+    # a backbone has no classes; nor do weights that name none
+    assert main(['--checkpoint', str(ckpt), '--format', fmt, '--output', str(out), '--no-check',
+                 '--features-only']) == 0
+    assert written_class_names(fmt, str(out)) is None
+
+
 def test_checkpoint_of_a_variant_is_built_as_that_variant(tmp_path, capsys):
     with torch.device('meta'):
         shapes = timm.create_model('msmlp_small', num_classes=5).state_dict()
