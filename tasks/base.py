@@ -245,6 +245,13 @@ class BaseTask(LightningModule, ABC):
                   if k in self.hparams and not k.startswith('_') and trained[k] != self.hparams[k]]
         return mismatch_message(path, missing, unexpected, mis_shaped) + ''.join(f'; {d}' for d in differ[:3])
 
+    def _print(self, text: str) -> None:
+        bar = self.trainer.progress_bar_callback if self._trainer is not None else None
+        if bar is not None:
+            bar.print(text)  # keeps the progress bar intact
+        else:
+            print(text, flush=True)
+
     def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         # Lightning's fit and evaluation loops stop at the batch after a SIGTERM (a batch system's
         # notice before it kills the job); its predict loop would go on until the job is killed

@@ -594,9 +594,9 @@ class ClassificationTask(BaseTask):
     def predict_step(self, batch: Tuple[torch.Tensor, ...], batch_idx: int) -> List[Dict[str, Any]]:
         """Top-5 (or all, if fewer) classes per image, printed and returned, and written to
         ``predict_file`` as they come (a stop keeps the rows made). On several processes they
-        are printed and written at the end, by the first, in the order of the images. ``batch`` is ``(images, paths)``, or
-        ``(images, paths, reasons)`` from :class:`PredictFiles` (an image with a reason is
-        unreadable: reported, not predicted)."""
+        are printed and written at the end, by the first, in the order of the images. ``batch``
+        is ``(images, paths)``, or ``(images, paths, reasons)`` from :class:`PredictFiles` (an
+        image with a reason is unreadable: reported, not predicted)."""
         images, paths, *unread = batch  # (images, paths) from a loader of one's own
         unread = unread[0] if unread else [''] * len(paths)
         probs = self(images).softmax(dim=-1)
@@ -649,13 +649,6 @@ class ClassificationTask(BaseTask):
             where = f'have no row in {path.resolve()}' if ranked else f'{path.resolve()} was not written'
             raise InputError(f'{len(unread)} of {len(unread) + len(ranked)} images could not be read and {where}; '
                              f'the first: {unread[0]}')
-
-    def _print(self, text: str) -> None:
-        bar = self.trainer.progress_bar_callback if self._trainer is not None else None
-        if bar is not None:
-            bar.print(text)  # keeps the progress bar intact
-        else:
-            print(text)
 
     # ----- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
@@ -731,6 +724,8 @@ class _PredictionsKeptOnStop(Callback):
         rows.close()
         if world()[0] > 1:
             kept = 'none were written (on several processes they are written at the end)'
+        elif rows.count == 0:
+            kept = f'no image was predicted before it; {rows.path.resolve()} was not written'
         else:
             kept = f'the rows of the {rows.count} images predicted before it are in {rows.path.resolve()}'
         if trainer.is_global_zero:

@@ -194,6 +194,7 @@ class OpenMMLabTask(BaseTask):
         self.param_schedulers: List[Any] = []
         self._scheduler_state: Optional[list] = None
         self._predictions_written = 0
+        self._unread: List[Tuple[int, str]] = []  # (index, reason) of the images predict could not read
 
     # ----- building ----------------------------------------------------------------------
     def configure_models(self) -> None:
@@ -418,10 +419,6 @@ class OpenMMLabTask(BaseTask):
         if unread:
             raise InputError(f'{len(unread)} of {len(unread) + written} images could not be read and have no '
                              f'prediction in {self._predict_dir().resolve()}; the first: {unread[0]}')
-
-    def _print(self, text: str) -> None:
-        bar = self.trainer.progress_bar_callback
-        bar.print(text) if bar is not None else print(text, flush=True)
 
     # ----- metrics -----------------------------------------------------------------------
     def update_metrics(self, metrics, outputs: list, batch: dict) -> None:
