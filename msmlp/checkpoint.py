@@ -363,6 +363,14 @@ def _stage_mix_sizes(state: Mapping[str, torch.Tensor], stage: int) -> Tuple[int
     return tuple(kernels) or MIX_SIZES[min(stage, len(MIX_SIZES) - 1)]
 
 
+def imagenet_class_names() -> List[str]:
+    """ImageNet-1K's class names in the output order of the released classifiers (timm's, as its
+    inference script names the classes of any 1000-class model): 'tabby, tabby cat', ..."""
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo('imagenet-1k')
+    return [info.index_to_description(i) for i in range(1000)]
+
+
 def listed(items: Iterable[Any], limit: int = 8, sep: str = ', ') -> str:
     """The first ``limit`` of ``items`` and how many more, for one-line messages."""
     items = [str(item) for item in items]

@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, extract_state_dict, infer_arch, load_state, local_checkpoint,
-                         read_checkpoint, run_model_args, swin_key)
+from .checkpoint import (CheckpointError, extract_state_dict, imagenet_class_names, infer_arch, load_state,
+                         local_checkpoint, read_checkpoint, run_model_args, swin_key)
 from .model import MIX_SIZES, VARIANT_ARCHS, MSMLP
 from .msswin import DEFAULT_PATTERN, MSSwin
 from .msswin import VARIANT_ARCHS as MSSWIN_ARCHS
@@ -155,6 +155,8 @@ def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool
                                           f'are built as --model {name}\'s registered architecture') from None
                 raise
     names = _class_names(raw) if checkpoint and not features_only else None
+    if checkpoint and not features_only and names is None and model.num_classes == 1000:
+        names = imagenet_class_names()  # weights of 1000 unnamed classes: ImageNet-1K's (the released files)
     if names is not None and len(names) == model.num_classes:
         model.pretrained_cfg = {**model.pretrained_cfg, 'label_names': tuple(names)}  # timm's field
     model.eval()

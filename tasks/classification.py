@@ -39,7 +39,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import msmlp  # registers the msmlp_* models with timm
-from msmlp.checkpoint import listed, run_model_args
+from msmlp.checkpoint import imagenet_class_names, listed, run_model_args
 from msmlp.export import OutputError, check_writable
 from tasks.base import BaseTask, InputError, nested_root_hint, starting_weights_needed
 from tasks.embedded import ensure_dataset
@@ -522,7 +522,11 @@ class ClassificationTask(BaseTask):
     @property
     def class_names(self) -> List[str]:
         names = self.hparams.get('class_names')
-        return list(names) if names else [f'class {i}' for i in range(self.hparams.num_classes)]
+        if names:
+            return list(names)
+        if self.hparams.num_classes == 1000 and self.hparams.get('pretrained'):
+            return imagenet_class_names()  # the released weights (no folder named their classes)
+        return [f'class {i}' for i in range(self.hparams.num_classes)]
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self.trainer is not None else None

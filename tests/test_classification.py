@@ -543,6 +543,14 @@ def test_predict_stopped_by_sigterm_keeps_the_rows_made(trained, capsys, monkeyp
     assert err.endswith('msmlp: stopped by SIGTERM\n')
 
 
+def test_predict_with_the_released_weights_names_imagenets_classes(tmp_path):
+    # before: 'class 281' for a tabby cat
+    torch.save(msmlp.MSMLP(num_classes=1000, embed_dim=20, depths=(1, 1, 1, 1)).state_dict(), tmp_path / 'in1k.pth')
+    task = ClassificationTask(num_classes=1000, pretrained=str(tmp_path / 'in1k.pth'), embed_dim=20, depths=[1, 1, 1, 1])
+    assert task.class_names[281] == 'tabby, tabby cat'
+    assert ClassificationTask(num_classes=1000, embed_dim=20, depths=[1, 1, 1, 1]).class_names[281] == 'class 281'
+
+
 def test_predict_shows_at_most_five_classes(in_tmp, capsys):
     task = ClassificationTask(num_classes=7, class_names=list('abcdefg'), embed_dim=20, depths=[1, 1, 1, 1])
     results = task.predict_step((torch.randn(2, 3, 32, 32), ['x.png', 'y.png']), 0)

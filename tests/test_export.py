@@ -125,6 +125,17 @@ def test_checkpoint_of_the_default_cls_run_builds_its_architecture(tmp_path, cap
         assert torch.allclose(torch.jit.load(str(out))(x), trained(x), rtol=1e-4, atol=1e-5)
 
 
+def test_weights_of_1000_unnamed_classes_are_named_as_imagenets(tmp_path):
+    """The released files name no classes; their 1000 are ImageNet-1K's, in timm's order."""
+    from msmlp.export import class_names
+    torch.save(msmlp.MSMLP(num_classes=1000, **SMALL).state_dict(), tmp_path / 'in1k.pth')
+    names = class_names(build_model('msmlp_tiny', str(tmp_path / 'in1k.pth')))
+    assert len(names) == 1000 and names[281] == 'tabby, tabby cat'
+    assert class_names(build_model('msmlp_tiny')) is None  # random weights: no classes to name
+    torch.save(msmlp.MSMLP(num_classes=10, **SMALL).state_dict(), tmp_path / 'ten.pth')
+    assert class_names(build_model('msmlp_tiny', str(tmp_path / 'ten.pth'))) is None
+
+
 @pytest.mark.parametrize('fmt', ['onnx', 'torchscript', 'exported-program', 'safetensors'])
 def test_a_cls_runs_class_names_are_recorded_in_the_file(tmp_path, capsys, fmt):
     """Without them an exported classifier's outputs are numbers: the run's checkpoint records its
