@@ -322,9 +322,8 @@ class MSMLPCLI(LightningCLI):
             self.warn_if_untrained()
 
     def after_predict(self) -> None:
-        # predictions go to stdout or their own folder; the run folder would hold only the config
-        remove_unused(self.run_dirs)
-        remove_unused([folder for folder in self.new_folders if not any(p.is_file() for p in folder.rglob('*'))])
+        # predictions go to stdout or their own file or folder; the run folder would hold only the config
+        remove_unused(self.new_folders)
 
     def warn_if_untrained(self) -> None:
         """One line on stderr when validate, test or predict would run freshly initialised weights:

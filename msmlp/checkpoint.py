@@ -15,6 +15,7 @@ when the download is damaged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import pickle
@@ -363,12 +364,14 @@ def _stage_mix_sizes(state: Mapping[str, torch.Tensor], stage: int) -> Tuple[int
     return tuple(kernels) or MIX_SIZES[min(stage, len(MIX_SIZES) - 1)]
 
 
-def imagenet_class_names() -> List[str]:
+@functools.lru_cache(maxsize=None)
+def imagenet_class_names() -> Tuple[str, ...]:
     """ImageNet-1K's class names in the output order of the released classifiers (timm's, as its
-    inference script names the classes of any 1000-class model): 'tabby, tabby cat', ..."""
+    inference script names the classes of any 1000-class model): 'tabby, tabby cat', ... (read
+    from timm's files once: cls predict asks for them every batch)"""
     from timm.data import ImageNetInfo
     info = ImageNetInfo('imagenet-1k')
-    return [info.index_to_description(i) for i in range(1000)]
+    return tuple(info.index_to_description(i) for i in range(1000))
 
 
 def listed(items: Iterable[Any], limit: int = 8, sep: str = ', ') -> str:

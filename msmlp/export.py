@@ -154,11 +154,11 @@ def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool
                     raise CheckpointError(f'{err}; MS-Swin weights outside a msmlp fit --task cls checkpoint '
                                           f'are built as --model {name}\'s registered architecture') from None
                 raise
-    names = _class_names(raw) if checkpoint and not features_only else None
-    if checkpoint and not features_only and names is None and model.num_classes == 1000:
-        names = imagenet_class_names()  # weights of 1000 unnamed classes: ImageNet-1K's (the released files)
-    if names is not None and len(names) == model.num_classes:
-        model.pretrained_cfg = {**model.pretrained_cfg, 'label_names': tuple(names)}  # timm's field
+    if checkpoint and not features_only:
+        # weights of 1000 unnamed classes are ImageNet-1K's (the released files)
+        names = _class_names(raw) or (imagenet_class_names() if model.num_classes == 1000 else None)
+        if names is not None and len(names) == model.num_classes:
+            model.pretrained_cfg = {**model.pretrained_cfg, 'label_names': tuple(names)}  # timm's field
     model.eval()
     return DenseOutputs(model).eval() if features_only else model
 

@@ -525,7 +525,7 @@ class ClassificationTask(BaseTask):
         if names:
             return list(names)
         if self.hparams.num_classes == 1000 and self.hparams.get('pretrained'):
-            return imagenet_class_names()  # the released weights (no folder named their classes)
+            return list(imagenet_class_names())  # the released weights (no folder named their classes)
         return [f'class {i}' for i in range(self.hparams.num_classes)]
 
     def setup(self, stage: str) -> None:
