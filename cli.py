@@ -711,24 +711,6 @@ def export_checkpoint(keyword: str, openmmlab: bool) -> str:
     return str(newest / 'last.ckpt') if keyword == 'last' else best_checkpoint_in(newest, '--checkpoint')
 
 
-def resolve_export_checkpoint(argv: Sequence[str]) -> List[str]:
-    """``argv`` of ``msmlp export`` with ``--checkpoint last|best`` made a path (a file of
-    that name here is taken as given)."""
-    out, args = [], iter(argv)
-    openmmlab = '--format=openmmlab' in argv or any(
-        flag == '--format' and value == 'openmmlab' for flag, value in zip(argv, argv[1:]))
-    for arg in args:
-        flag, _, value = arg.partition('=')
-        if flag != '--checkpoint':
-            out.append(arg)
-            continue
-        value = value if '=' in arg else next(args, None)
-        if value in ('last', 'best') and not Path(value).exists():
-            value = export_checkpoint(value, openmmlab)
-        out += [flag] + ([value] if value is not None else [])
-    return out
-
-
 def resumed_run_folder(ckpt_path: Optional[str], trainer_config) -> Optional[Path]:
     """The ``<save_dir>/<name>/version_N`` folder of a resumed run's ``last.ckpt``, when this
     run's loggers log to ``<save_dir>/<name>``: the run then continues in that folder. Any other
@@ -871,13 +853,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return benchmark_main(argv[1:]) or 0
     if argv[:1] == ['export']:
         from msmlp.export import main as export_main
-        from tasks.base import InputError
-        try:
-            argv = resolve_export_checkpoint(argv[1:])
-        except InputError as err:
-            print(f'msmlp export: error: {err}', file=sys.stderr)
-            return 1
-        return export_main(argv)
+        return export_main(argv[1:], checkpoint_keyword=export_checkpoint)
     if argv[:1] == ['--version']:
         print(versions())
         return 0

@@ -455,7 +455,14 @@ def _main_openmmlab(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+CheckpointKeyword = Callable[[str, bool], str]
+"""Resolves ``--checkpoint last|best`` (and whether the format is openmmlab) to a file."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None,
+               checkpoint_keyword: Optional[CheckpointKeyword] = None) -> argparse.Namespace:
+    """``checkpoint_keyword`` makes ``--checkpoint last|best`` a file (the CLI passes the rule of
+    its run folders); a file of that name here is taken as given."""
     parser = argparse.ArgumentParser(
         prog='msmlp export',
         description='Export an MS-MLP classifier or dense backbone as ONNX, TorchScript, a torch.export '
@@ -484,6 +491,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--opset', type=int, help="ONNX opset (default: torch's)")
     parser.add_argument('--no-check', action='store_true', help='do not load and check the written file')
     args = parser.parse_args(argv)
+    if checkpoint_keyword and args.checkpoint in ('last', 'best') and not os.path.exists(args.checkpoint):
+        args.checkpoint = checkpoint_keyword(args.checkpoint, args.format == OPENMMLAB)
     if args.output is None and args.format == OPENMMLAB:
         stem = os.path.splitext(os.path.basename(args.checkpoint or 'model'))[0]
         args.output = stem + '-openmmlab.pth'
@@ -508,8 +517,14 @@ def _input_shapes(model: nn.Module, fmt: str, img_size: Tuple[int, int], static:
     return f'dynamic batch, height and width (>= {MIN_DYNAMIC_SIZE})'
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, checkpoint_keyword: Optional[CheckpointKeyword] = None) -> int:
+    try:
+        args = parse_args(argv, checkpoint_keyword)
+    except ValueError as err:  # the keyword's run was not found
+        if os.environ.get('MSMLP_DEBUG'):
+            raise
+        print(f'msmlp export: error: {err}', file=sys.stderr)
+        return 1
     try:
         if args.format == OPENMMLAB:
             return _main_openmmlab(args)

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 import cli
+from msmlp import export
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -282,19 +283,23 @@ def test_export_checkpoint_last_or_best_is_the_newest_runs_of_any_task(tmp_path,
     det_run.mkdir(parents=True)
     (det_run / 'last.ckpt').write_bytes(b'')
     os.utime(det_run / 'last.ckpt', (1, 1))  # written before the cls run's
-    keep = ['--format', 'onnx', '--output', 'model.onnx']
-    assert cli.resolve_export_checkpoint(['--checkpoint', 'last', *keep]) == [
-        '--checkpoint', str(Path('runs/cls/version_4/checkpoints/last.ckpt')), *keep]
-    assert cli.resolve_export_checkpoint(['--checkpoint=best']) == [
-        '--checkpoint', str(Path('runs/cls/version_4/checkpoints/best-epoch002.ckpt'))]
-    # a det/seg run for the OpenMMLab tools: the newest of those
-    assert cli.resolve_export_checkpoint(['--format', 'openmmlab', '--checkpoint', 'last']) == [
-        '--format', 'openmmlab', '--checkpoint', str(Path('runs/det/version_0/checkpoints/last.ckpt'))]
+    def exported(*argv):
+        return export.parse_args(argv, cli.export_checkpoint).checkpoint
+
+    assert exported('--checkpoint', 'last', '--format', 'onnx') == str(Path('runs/cls/version_4/checkpoints/last.ckpt'))
+    assert exported('--checkpoint=best') == str(Path('runs/cls/version_4/checkpoints/best-epoch002.ckpt'))
+    assert exported('--check', 'best') == exported('--checkpoint=best')  # argparse's abbreviation
+    # a det/seg run for the OpenMMLab tools: the newest of those, named after the run's file
+    args = export.parse_args(['--format', 'openmmlab', '--checkpoint', 'last'], cli.export_checkpoint)
+    assert (args.checkpoint, args.output) == (str(Path('runs/det/version_0/checkpoints/last.ckpt')),
+                                              'last-openmmlab.pth')
     with pytest.raises(InputError, match=r'^--checkpoint best: runs/det/version_0/checkpoints holds no best '
                                          r'checkpoint yet .*; --checkpoint last takes '):
-        cli.resolve_export_checkpoint(['--format=openmmlab', '--checkpoint', 'best'])
+        exported('--format=openmmlab', '--checkpoint', 'best')
+    assert cli.main(['export', '--format=openmmlab', '--checkpoint', 'best']) == 1
+    assert capsys.readouterr().err.startswith('msmlp export: error: --checkpoint best: runs/det/version_0/')
     (tmp_path / 'last').write_bytes(b'')  # a file of that name is taken as given
-    assert cli.resolve_export_checkpoint(['--checkpoint', 'last']) == ['--checkpoint', 'last']
+    assert exported('--checkpoint', 'last') == 'last'
 
 
 def test_a_resumed_last_checkpoint_continues_its_run_folder(tmp_path):
