@@ -36,9 +36,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+from unittest import mock
 
 import numpy as np
 import torch
@@ -531,13 +533,22 @@ class DetectionTask(OpenMMLabTask):
     def draw(self, data_sample, out_file: str) -> None:
         import mmcv
         from mmdet.visualization import DetLocalVisualizer
-        if self._visualizer is None:
-            self._visualizer = DetLocalVisualizer(name=f'msmlp-det-{id(self)}')
-        self._visualizer.dataset_meta = dict(classes=tuple(self.classes or ()))
-        image = mmcv.imread(data_sample.img_path, channel_order='rgb')
-        data_sample = data_sample.cpu()
-        self._visualizer.add_datasample(Path(out_file).stem, image, data_sample, draw_gt=False, show=False,
-                                        out_file=out_file, pred_score_thr=self.score_thr)
+        with every_process_draws():
+            if self._visualizer is None:
+                self._visualizer = DetLocalVisualizer(name=f'msmlp-det-{id(self)}')
+            self._visualizer.dataset_meta = dict(classes=tuple(self.classes or ()))
+            image = mmcv.imread(data_sample.img_path, channel_order='rgb')
+            self._visualizer.add_datasample(Path(out_file).stem, image, data_sample.cpu(), draw_gt=False,
+                                            show=False, out_file=out_file, pred_score_thr=self.score_thr)
+
+
+@contextmanager
+def every_process_draws():
+    """mmengine's visualizer draws on the main process only (its methods are ``master_only``,
+    no-ops elsewhere); predict gives each process its own share of the images to draw."""
+    import mmengine.dist.utils
+    with mock.patch.object(mmengine.dist.utils, 'is_main_process', lambda group=None: True):
+        yield
 
 
 # ----- data ----------------------------------------------------------------------------------

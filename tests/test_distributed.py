@@ -84,7 +84,8 @@ def test_fit_on_two_processes_through_the_cli_launcher(task, env, tmp_path):
 
 
 def test_predict_and_test_on_two_processes(env, tmp_path):
-    """cls prints every image's ranking once, in the folder's order; seg writes every image."""
+    """cls prints every image's ranking once, in the folder's order; det and seg draw every image
+    (det's mmengine visualizer drew on the first process only: the second's share was lost)."""
     msmlp(tmp_path, env, 'fit', '--task', 'cls', *SHORT['cls'])
     checkpoint = f'--ckpt_path={tmp_path / "runs/cls/version_0/checkpoints/last.ckpt"}'
     images = Path(env['MSMLP_DATA']) / 'imagenet-shapes-v2' / 'val' / 'cross'
@@ -103,6 +104,12 @@ def test_predict_and_test_on_two_processes(env, tmp_path):
     count = len(list(validation.iterdir()))
     assert f'wrote {count} prediction images' in done.stdout
     assert len(list((tmp_path / 'runs/seg/predictions/labels').iterdir())) == count
+
+    pattern = Path(env['MSMLP_DATA']) / 'coco-shapes-v1' / 'val' / '00001[012].jpg'
+    done = msmlp(tmp_path, env, 'predict', '--task', 'det', *TWO, f'--data.predict_images={pattern}',
+                 f'--model.predict_dir={tmp_path / "drawn"}')  # the config's initial weights
+    assert 'wrote 3 prediction images' in done.stdout
+    assert sorted(p.name for p in (tmp_path / 'drawn').iterdir()) == ['000010.png', '000011.png', '000012.png']
 
 
 def test_learning_rate_scales_with_processes_and_accumulation(env, tmp_path):
