@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tasks.base import CONFIG_DIR, find_config
@@ -200,6 +200,18 @@ class MSMLPArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
+class SaveConfigWhenTrainingStarts(SaveConfigCallback):
+    """Writes a fit's ``config.yaml`` when training starts rather than at set-up, so that a
+    resume failing before its first step (its data, its loaders) leaves the run's file as it was."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != 'fit':
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().setup(trainer, pl_module, 'fit')
+
+
 class MSMLPCLI(LightningCLI):
     """LightningCLI with ``--task``, the ``--checkpoint.*`` callback and the run-folder rules."""
 
@@ -235,8 +247,7 @@ class MSMLPCLI(LightningCLI):
         check_task_class(config, self.checkpoint_facts, self.task)
         check_optimizer_flags(config, self.task)
         self.resumed = self.checkpoint_facts['logs'] if self.checkpoint_facts is not None else None
-        if not flag_given(args, 'data.root'):
-            use_trained_data(config, self.checkpoint_facts, announce=self.config.subcommand != 'predict')
+        use_trained_data(config, self.checkpoint_facts, args, predicting=self.config.subcommand == 'predict')
 
     def _parse_ckpt_path(self) -> None:
         # Lightning lays the checkpoint's hyper-parameters over the whole parsed config;
@@ -392,7 +403,7 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
                  subclass_mode_data=True, seed_everything_default=0, args=argv,
                  parser_kwargs={'prog': 'msmlp', **{cmd: {'default_config_files': [str(task_config(task))],
                                                           'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS}},
-                 save_config_kwargs={'overwrite': True})
+                 save_config_callback=SaveConfigWhenTrainingStarts, save_config_kwargs={'overwrite': True})
 
 
 def quiet_other_processes() -> None:
@@ -503,7 +514,7 @@ def check_checkpoint(path: Optional[str], task: str = DEFAULT_TASK) -> Optional[
     """Fail early, naming the file, on a ``--ckpt_path`` that is missing or not a checkpoint
     (Lightning's other keywords, ``hpc`` and ``registry``, pass through). Returns what the CLI uses of it:
     ``logs``, what it recorded of its run's logs (``tasks.checkpointing.LOG_STATE_KEY``; ``{}``
-    if nothing), and ``data_root``, the data it was trained on; None without a file to read."""
+    if nothing), and ``data``, its data settings; None without a file to read."""
     if path is None or path in ('hpc', 'registry') or '://' in str(path):
         return None
     from msmlp import read_checkpoint
@@ -520,7 +531,7 @@ def check_checkpoint(path: Optional[str], task: str = DEFAULT_TASK) -> Optional[
     logs, data = checkpoint.get(LOG_STATE_KEY), checkpoint.get('datamodule_hyper_parameters')
     model = checkpoint.get('hyper_parameters')
     return {'path': str(path), 'logs': dict(logs) if isinstance(logs, dict) else {},
-            'data_root': data.get('root') if isinstance(data, dict) else None,
+            'data': dict(data) if isinstance(data, dict) else {},
             'model_class': model.get('_class_path') if isinstance(model, dict) else None,
             'hparams': model if isinstance(model, dict) else {}}
 
@@ -588,19 +599,38 @@ def check_task_class(config, facts: Optional[dict], task: str) -> None:
     raise InputError(f"{facts['path']} holds a {trained}, not the {expected} of --task {task}{hint}")
 
 
-def use_trained_data(config, facts: Optional[dict], announce: bool = True) -> None:
-    """With a checkpoint trained on a data folder and no ``--data.root`` on the command line,
-    evaluate (or resume) on that folder instead of the configs' (or the embedded default), and
-    say so (``announce``; predict reads its images from ``predict_path``)."""
+UNRESTORED_DATA_ARGS = ('predict_path', 'predict_images', 'num_workers')  # this command's inputs and machine
+
+
+def use_trained_data(config, facts: Optional[dict], argv: Sequence[str], predicting: bool = False) -> None:
+    """A checkpoint's data settings (its ``datamodule_hyper_parameters``: image size, crop,
+    normalisation, batch size, augmentation, the data folder) replace the config's, unless a
+    ``--data.X`` flag is on the command line: evaluated at another size or resumed with another
+    batch, a run's metrics were silently not its own. Says what it changed (for predict, only
+    what changes its outputs); the predict inputs and ``num_workers`` (results do not depend on
+    it) are this command's."""
     data = config.get('data')
     init_args = data.get('init_args') if hasattr(data, 'get') else None
-    if facts is None or not facts['data_root'] or init_args is None or 'root' not in init_args:
+    trained = (facts or {}).get('data') or {}
+    if init_args is None:
         return
-    if init_args['root'] != facts['data_root']:
-        init_args['root'] = facts['data_root']
-        if announce and first_process():
-            print(f"msmlp: data: {facts['data_root']}, which {facts['path']} was trained on "
-                  '(--data.root chooses other data)', flush=True)
+    changed = []
+    for key, value in trained.items():
+        if (key not in init_args or key in UNRESTORED_DATA_ARGS or flag_given(argv, f'data.{key}')
+                or (key == 'root' and value is None) or _comparable(init_args[key]) == _comparable(value)):
+            continue
+        init_args[key] = value
+        changed.append(key)
+    if not first_process():
+        return
+    if predicting:  # its images are predict_path's, one at a time as far as results go
+        changed = [key for key in changed if key not in ('root', 'batch_size') and not key.endswith('_split')]
+    if 'root' in changed:
+        print(f"msmlp: data: {trained['root']}, which {facts['path']} was trained on "
+              '(--data.root chooses other data)', flush=True)
+    settings = ', '.join(f'{key}={_comparable(trained[key])}' for key in changed if key != 'root')
+    if settings:
+        print(f"msmlp: data: {settings}, as {facts['path']} was trained (a --data.* flag sets one)", flush=True)
 
 
 def _logger_args(trainer_config) -> list:

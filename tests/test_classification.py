@@ -1019,3 +1019,29 @@ def test_a_small_msswin_trains_on_the_embedded_default(tmp_path):
     checkpoint = next((tmp_path / 'runs' / 'cls_msswin_mini' / 'version_0' / 'checkpoints').glob('best-*.ckpt'))
     task = ClassificationTask.load_from_checkpoint(checkpoint, map_location='cpu')
     assert isinstance(task.model, msmlp.MSSwin) and task.hparams.model_args['block_pattern'] == ['ws', 'ms']
+
+
+def test_a_checkpoint_brings_its_data_settings_and_a_failed_resume_keeps_its_config(in_tmp, capsys):
+    """validate/test/predict and a resume take the checkpoint's image size, batch and the rest
+    (before: the config's, silently: evaluated at 32 px a model trained at 40, or resumed at
+    batch 64); a --data flag still wins. A resume that fails before its first step leaves the
+    run's config.yaml as it was (before: rewritten with the failed command's settings)."""
+    data = write_folder(in_tmp / 'folder', per_class=4)
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.image_size=40'))
+    assert status == 0, err
+    run = in_tmp / 'runs' / 'cls' / 'version_0'
+    fitted = [float(r['val/loss']) for r in read_metrics(run) if r['val/loss']][-1]
+    status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', '--ckpt_path=last')
+    assert status == 0, err
+    assert f'msmlp: data: batch_size=4, image_size=40, as {Path("runs/cls/version_0/checkpoints/last.ckpt")} ' \
+           'was trained (a --data.* flag sets one)' in out
+    assert float(re.search(r'val/loss\s*[│|]\s*([0-9.]+)', out).group(1)) == pytest.approx(fitted, rel=1e-6)
+    status, out, err = msmlp_run(capsys, 'validate', '--task', 'cls', '--ckpt_path=last', '--data.image_size=32')
+    assert status == 0 and 'image_size=' not in out
+    assert float(re.search(r'val/loss\s*[│|]\s*([0-9.]+)', out).group(1)) != pytest.approx(fitted, rel=1e-6)
+
+    config = (run / 'config.yaml').read_bytes()
+    status, _, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--ckpt_path=last', '--trainer.max_epochs=2',
+                               '--data.batch_size=100')
+    assert status == 1 and 'fewer than one batch' in err
+    assert (run / 'config.yaml').read_bytes() == config
