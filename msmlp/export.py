@@ -407,7 +407,15 @@ def openmmlab_checkpoint(checkpoint: Dict, source: str) -> Tuple[Dict, str]:
     meta = dict(converted_from=source, epoch=checkpoint.get('epoch'), iter=checkpoint.get('global_step'))
     if checkpoint.get('classes'):
         meta['dataset_meta'] = dict(classes=tuple(checkpoint['classes']))
+        if _config_scope(config) == 'mmseg':  # its visualizer needs a colour per class, as mmseg's runner saves
+            from .mm import class_palette
+            meta['dataset_meta']['palette'] = class_palette(checkpoint['classes']).tolist()
     return dict(meta=meta, state_dict=state), config
+
+
+def _config_scope(config_text: str) -> Optional[str]:
+    from mmengine.config import Config
+    return Config.fromstring(config_text, '.py').get('default_scope')
 
 
 def export_openmmlab(source: str, output: str) -> str:

@@ -270,5 +270,15 @@ def load_from_local(filename: str, map_location: Optional[Union[str, torch.devic
         return _mmengine_load_from_local(filename, map_location)
 
 
+def class_palette(classes: Sequence[str]) -> 'numpy.ndarray':
+    """RGB colour per class (uint8): ADE20K's for its class names, fixed random colours for
+    others; msmlp's segmentation overlays and its exports for mmseg's visualizer use it."""
+    import numpy
+    from mmseg.datasets import ADE20KDataset
+    ade = dict(zip(ADE20KDataset.METAINFO['classes'], ADE20KDataset.METAINFO['palette']))
+    rng = numpy.random.default_rng(42)
+    return numpy.array([ade.get(name, rng.integers(0, 256, 3).tolist()) for name in classes], dtype=numpy.uint8)
+
+
 REGISTERED_IN = _register()
 CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)  # named so its log says 'local'

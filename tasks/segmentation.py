@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from msmlp.checkpoint import listed
+from msmlp.mm import class_palette
 from tasks.base import InputError
 from tasks.embedded import ensure_dataset
 from tasks.openmmlab import (IMAGE_SUFFIXES, OpenMMLabDataModule, OpenMMLabTask, dataset_classes, dataset_type,
@@ -234,14 +235,6 @@ def _insert_label_checks(pipeline: list, check: CheckSegLabels) -> list:
 
 
 # ----- drawing -----------------------------------------------------------------------------
-def class_palette(classes: Sequence[str]) -> np.ndarray:
-    """RGB colour per class: ADE20K's for its class names, fixed random colours for others."""
-    from mmseg.datasets import ADE20KDataset
-    ade = dict(zip(ADE20KDataset.METAINFO['classes'], ADE20KDataset.METAINFO['palette']))
-    rng = np.random.default_rng(42)
-    return np.array([ade.get(name, rng.integers(0, 256, 3).tolist()) for name in classes], dtype=np.uint8)
-
-
 def draw_overlay(image: np.ndarray, labels: np.ndarray, classes: Sequence[str], palette: np.ndarray,
                  alpha: float = 0.5) -> Image.Image:
     """The RGB ``image`` with ``labels`` (class indices, ``IGNORE_INDEX`` left bare) blended in

@@ -4,9 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import msmlp
 from msmlp.export import DenseOutputs, build_model, check_export, export, main
@@ -338,8 +340,9 @@ def test_a_det_or_seg_run_exports_for_the_openmmlab_tools(tmp_path, capsys, scop
     torch.manual_seed(0)
     trained = MODELS.build(cfg.model)
     ckpt = tmp_path / 'last.ckpt'
+    classes = ['a', 'b', 'c'] if scope == 'mmdet' else [f'class {i}' for i in range(cfg.model.decode_head.num_classes)]
     torch.save({'state_dict': {f'model.{k}': v for k, v in trained.state_dict().items()}, 'epoch': 4,
-                'openmmlab_config': cfg.pretty_text, 'classes': ['a', 'b', 'c']}, ckpt)
+                'openmmlab_config': cfg.pretty_text, 'classes': classes}, ckpt)
     out = tmp_path / 'export' / 'run.pth'
     assert main(['--checkpoint', str(ckpt), '--format', 'openmmlab', '--output', str(out)]) == 0
     printed = capsys.readouterr().out
@@ -347,8 +350,16 @@ def test_a_det_or_seg_run_exports_for_the_openmmlab_tools(tmp_path, capsys, scop
     torch.manual_seed(1)
     model = MODELS.build(Config.fromfile(str(tmp_path / 'export' / 'run.py')).model)
     meta = load_checkpoint(model, str(out), map_location='cpu', strict=True)['meta']  # as the tools load it
-    assert meta['dataset_meta']['classes'] == ('a', 'b', 'c') and meta['epoch'] == 4
+    assert meta['dataset_meta']['classes'] == tuple(classes) and meta['epoch'] == 4
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
+    if scope == 'mmseg':  # its inferencer draws with a colour per class (before: 'The length of classes should be equal to palette')
+        from mmseg.apis import MMSegInferencer
+        image = tmp_path / 'image.png'
+        Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(image)
+        MMSegInferencer(model=str(tmp_path / 'export' / 'run.py'), weights=str(out), device='cpu')(
+            str(image), out_dir=str(tmp_path / 'drawn'))
+        assert len(meta['dataset_meta']['palette']) == len(classes)
+        assert [p.name for p in (tmp_path / 'drawn' / 'vis').iterdir()] == ['image.png']
 
 
 def test_openmmlab_export_of_a_classifier_is_one_line(tmp_path, capsys):
