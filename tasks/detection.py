@@ -504,9 +504,9 @@ class DetectionTask(OpenMMLabTask):
 
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision)
-        if self.trainer.strategy.root_device.type == 'cpu' and not precision.startswith(('32', '64')):
+        if self.trainer.strategy.root_device.type == 'cpu' and not precision.startswith('32'):
             # under CPU autocast the decoded boxes stay bfloat16 (CUDA's autocast runs the
-            # decoder's exp in float32, mmdet#9727), and mmcv's CPU NMS reads float32 alone
+            # decoder's exp in float32, mmdet#9727), and mmcv's CPU NMS reads float32 alone (not float64)
             raise InputError(f'trainer.precision={precision}: detection on the CPU runs in 32-true only '
                              "(mmcv's CPU NMS takes float32 boxes); drop --trainer.precision")
         super().setup(stage)

@@ -415,11 +415,13 @@ def test_a_config_that_is_not_python_or_lacks_its_base_is_one_line_naming_the_fi
         DetectionTask(config=str(orphan))
 
 
-def test_half_precision_on_the_cpu_is_one_line(root, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('precision', ['bf16-mixed', '64-true'])
+def test_other_precisions_on_the_cpu_are_one_line(precision, root, tmp_path, monkeypatch, capsys):
+    # 64-true was a traceback: "expected scalar type Float but found Double" in mmcv's nms
     monkeypatch.chdir(tmp_path)
     assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--trainer.fast_dev_run=1',
-                     '--trainer.precision=bf16-mixed']) == 1
-    assert capsys.readouterr().err == ('msmlp: error: trainer.precision=bf16-mixed: detection on the CPU runs in '
+                     f'--trainer.precision={precision}']) == 1
+    assert capsys.readouterr().err == (f'msmlp: error: trainer.precision={precision}: detection on the CPU runs in '
                                        "32-true only (mmcv's CPU NMS takes float32 boxes); drop --trainer.precision\n")
 
 
