@@ -335,6 +335,10 @@ class OpenMMLabTask(BaseTask):
                                'drawing uses the checkpoint\'s')
             self.classes = tuple(saved)
 
+    def config_changes(self) -> List[str]:
+        """The task's options that change its config, in words, for messages about the config."""
+        return ['cfg_options'] if self.hparams.get('cfg_options') else []
+
     def warn_if_config_changed(self, saved: Optional[str]) -> None:
         """A warning when the config this run built differs from the one its checkpoint was
         trained with (the file was edited since, or ``cfg_options`` differ), naming the first
@@ -347,7 +351,8 @@ class OpenMMLabTask(BaseTask):
                     min(len(old_lines), len(new_lines)))
         before = old_lines[line].strip() if line < len(old_lines) else '(end)'
         after = new_lines[line].strip() if line < len(new_lines) else '(end)'
-        given = self.hparams['config'] + (' with cfg_options' if self.hparams.get('cfg_options') else '')
+        changes = self.config_changes()
+        given = self.hparams['config'] + (f' with {" and ".join(changes)}' if changes else '')
         rank_zero_warn(f'the config ({given}) differs from the one the checkpoint was trained with, first at line '
                        f'{line + 1} of its text: {before!r} then, {after!r} now; this run uses it as it is now')
 

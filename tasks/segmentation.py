@@ -21,7 +21,7 @@ import copy
 import inspect
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -288,6 +288,10 @@ class SegmentationTask(OpenMMLabTask):
                  num_threads: Optional[int] = None):
         super().__init__(config=config, cfg_options=cfg_options, pretrained=pretrained, predict_dir=predict_dir,
                          num_threads=num_threads)
+
+    def config_changes(self) -> List[str]:
+        inference = self.hparams.get('inference')
+        return super().config_changes() + ([f'inference={inference}'] if inference is not None else [])
 
     def configure_models(self) -> None:
         super().configure_models()

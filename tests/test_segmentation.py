@@ -296,6 +296,16 @@ def test_whole_and_sliding_window_inference(small_root):
     assert calls == [(150, 260)]
 
 
+def test_a_checkpoint_evaluated_with_another_inference_mode_names_the_option(small_root):
+    """--model.inference changes the config's test_cfg; the warning that the config differs from
+    the checkpoint's names it (before: it read as if the file had been edited since training)."""
+    trained_with = SegmentationTask().cfg.pretty_text
+    with pytest.warns(UserWarning, match=r'^the config \(mmseg/\S+ with inference=slide\) differs from the one '
+                                         r'the checkpoint was trained with, first at line \d+ of its text: '
+                                         r'"test_cfg=dict\(mode=\'whole\'\),"'):
+        SegmentationTask(inference='slide').warn_if_config_changed(trained_with)
+
+
 def test_tta_averages_three_scales_times_two_flips(small_root):
     from lightning.pytorch import Trainer
     task = SegmentationTask(tta=True)
