@@ -856,7 +856,10 @@ def report_outputs(trainer) -> None:
         lines.append(f'  last checkpoint: {checkpoint.last_model_path}')
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
-            lines.append(f'  CSV metrics:     {Path(logger.log_dir) / "metrics.csv"}')
+            metrics = Path(logger.log_dir) / 'metrics.csv'
+            lines.append(f'  CSV metrics:     {metrics}' if metrics.is_file() else
+                         f'  CSV metrics:     none logged (no validation, and fewer steps than '
+                         f'--trainer.log_every_n_steps {trainer.log_every_n_steps})')
         elif isinstance(logger, TensorBoardLogger):
             lines.append(f'  TensorBoard:     tensorboard --logdir {logger.log_dir}')
     print('\n'.join(lines))

@@ -329,6 +329,12 @@ def test_fit_reports_where_outputs_went(in_tmp, capsys):
     assert 'runs/cls/version_0/metrics.csv' in out and 'tensorboard --logdir runs/cls/version_0' in out
     status, out, _ = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.init_args.batch_size=2'))
     assert 'runs/cls/version_1/checkpoints/last.ckpt' in out  # a new run never overwrites an old one
+    # nothing to log (3 steps, no validation): no file is named that is not there
+    status, out, _ = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.init_args.batch_size=2',
+                                                 '--trainer.limit_val_batches=0'))
+    assert status == 0 and not (in_tmp / 'runs/cls/version_2/metrics.csv').exists()
+    assert ('CSV metrics:     none logged (no validation, and fewer steps than --trainer.log_every_n_steps 5)'
+            in out)
 
 
 def test_checkpoint_loads_weights_only_with_plain_class_names(trained):
