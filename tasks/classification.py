@@ -622,11 +622,12 @@ class ClassificationTask(BaseTask):
         return Path(self.predict_file or Path(self.trainer.default_root_dir) / 'predictions.csv')
 
     def on_predict_epoch_start(self) -> None:
-        self._predicted, self._rows = [], PredictionRows(self._predict_file())
+        self._predicted, self._rows = [], None
         try:
             check_writable(str(self._predict_file()))  # before predicting, not after
         except OutputError as err:
             raise InputError(f'model.predict_file: {err}') from None
+        self._rows = PredictionRows(self._predict_file())
 
     def configure_callbacks(self) -> List[Callback]:
         return [_PredictionsKeptOnStop()]
