@@ -31,6 +31,7 @@ from tasks.base import CONFIG_DIR, find_config
 TASKS = ('cls', 'det', 'seg')
 DEFAULT_TASK = 'cls'
 SUBCOMMANDS = ('fit', 'validate', 'test', 'predict')
+OWN_COMMANDS = ('export', 'benchmark')
 
 USAGE = f"""usage: msmlp {{{','.join(SUBCOMMANDS)}}} [--task {{{','.join(TASKS)}}}] [--config FILE] [--a.b=c ...]
        msmlp benchmark [...]    (speed; msmlp benchmark --help)
@@ -178,8 +179,9 @@ def condensed_error(message: str, options: Sequence[str] = ()) -> str:
     if unknown:
         return text + _suggestion(unknown.group(1), options, '')
     choice = re.match(r"argument subcommand: invalid choice: '([^']*)'", text)
-    if choice:
-        return text + _suggestion(choice.group(1), SUBCOMMANDS, '')
+    if choice:  # the commands msmlp runs itself are not the parser's
+        return (text + ", or msmlp's export or benchmark"
+                + _suggestion(choice.group(1), (*SUBCOMMANDS, *OWN_COMMANDS), ''))
     return _condensed(text, '') or text
 
 

@@ -112,11 +112,12 @@ def test_a_bad_flag_is_one_line_and_where_the_options_are(task, args, error, cap
                                        f'msmlp {args[0]} --task {task} --help lists every option\n')
 
 
-def test_a_mistyped_subcommand_is_named_with_the_closest(capsys):
-    assert cli.main(['fitt', '--task', 'cls']) == 2
+@pytest.mark.parametrize('typed, meant', [('fitt', 'fit'), ('exprot', 'export'), ('benchmrk', 'benchmark')])
+def test_a_mistyped_subcommand_is_named_with_the_closest(typed, meant, capsys):
+    assert cli.main([typed, '--checkpoint', 'best']) == 2
     line = capsys.readouterr().err.splitlines()[0]
-    assert line.startswith("msmlp: error: argument subcommand: invalid choice: 'fitt'")
-    assert line.endswith('; did you mean fit?')
+    assert line.startswith(f"msmlp: error: argument subcommand: invalid choice: '{typed}'")
+    assert line.endswith(f"or msmlp's export or benchmark; did you mean {meant}?")
 
 
 def test_a_config_that_is_not_yaml_is_named_with_its_line(capsys, tmp_path):
