@@ -335,8 +335,9 @@ class ImageFolderDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         hp = self.hparams
         if stage == 'predict':
-            if hp.predict_path is None:
-                raise InputError('predict needs --data.predict_path <image, folder or glob>')
+            if not hp.predict_path:  # '' would be the working folder, searched through
+                raise InputError('predict needs --data.predict_path <image, folder or glob>'
+                                 + (' (it is empty)' if hp.predict_path == '' else ''))
             paths = find_images(Path(hp.predict_path).expanduser())
             self.datasets['predict'] = PredictFiles(paths, self.eval_transform())
             return

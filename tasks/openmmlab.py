@@ -708,6 +708,9 @@ class OpenMMLabDataModule(LightningDataModule):
     def build_predict_dataset(self) -> Dataset:
         from mmengine.dataset import Compose
         _scope(self.cfg, self.scope)
+        if self.predict_images == '':  # not silently the validation images
+            raise InputError('predict_images is empty: give an image, a folder or a glob, or leave it out for '
+                             'the validation images')
         if self.predict_images:
             paths = self._image_paths(self.predict_images)
         else:

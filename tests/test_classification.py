@@ -781,6 +781,10 @@ def test_predict_path_missing_or_without_images(trained, capsys, monkeypatch, tm
     status, _, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
                                f'--data.predict_path={tmp_path / "empty" / "*.png"}')
     assert status == 1 and f"predict_path '{tmp_path / 'empty' / '*.png'}': no image files match (.jpg, " in err
+    # empty: not the working folder, searched through
+    status, _, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                               '--data.predict_path=')
+    assert status == 1 and err == 'msmlp: error: predict needs --data.predict_path <image, folder or glob> (it is empty)\n'
 
 
 def test_missing_or_broken_checkpoint_is_named(in_tmp, capsys):

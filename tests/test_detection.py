@@ -553,6 +553,13 @@ def test_predicting_an_unreadable_image_names_it_beside_the_batch(tmp_path):
     assert collate_predict([images[0]]) == {'inputs': [], 'unreadable': [(0, reason)]}
 
 
+def test_empty_predict_images_is_an_error_not_the_validation_images(root):
+    data = CocoDataModule(root=str(root), predict_images='', config=MINI)
+    with pytest.raises(InputError, match='^predict_images is empty: give an image, a folder or a glob, or leave it '
+                                         'out for the validation images$'):
+        data.setup('predict')
+
+
 def test_a_checkpoint_that_does_not_fit_the_commands_model_is_one_line(root, tmp_path, monkeypatch, capsys):
     # before: torch's page of 138 missing and 116 unexpected keys
     monkeypatch.chdir(tmp_path)
