@@ -265,6 +265,7 @@ class OpenMMLabTask(BaseTask):
                                '(accumulate_grad_batches, precision)')
         with _quiet_mmengine():  # mmengine logs the decay and lr multiplier of every parameter
             self.optim_wrapper = build_optim_wrapper(self.model, wrapper_cfg)
+        self._auto_scale_lr()
         self.param_schedulers = []
         for cfg in self.cfg.get('param_scheduler') or []:
             cfg = copy.deepcopy(dict(cfg))
@@ -278,6 +279,21 @@ class OpenMMLabTask(BaseTask):
                 _load_plain_state(scheduler, state)
             self._scheduler_state = None
         return self.optim_wrapper.optimizer
+
+    def _auto_scale_lr(self) -> None:
+        """mmengine's ``auto_scale_lr`` (mmdet's ``tools/train.py --auto-scale-lr``) when the config
+        enables it: the learning rates times the total batch (per process x processes x gradient
+        accumulation) over its ``base_batch_size``. Otherwise they are the config's as written."""
+        auto = self.cfg.get('auto_scale_lr') or {}
+        if not auto.get('enable'):
+            return
+        if not auto.get('base_batch_size'):
+            raise InputError(f"auto_scale_lr.enable needs auto_scale_lr.base_batch_size in {self.hparams['config']}")
+        per_process = (getattr(self.trainer.datamodule, 'batch_size', None)
+                       or self.cfg.train_dataloader.batch_size)
+        total = per_process * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        for group in self.optim_wrapper.optimizer.param_groups:
+            group['lr'] *= total / auto['base_batch_size']
 
     def _epoch_length(self, cfg: dict) -> Optional[int]:
         if not cfg.get('convert_to_iter_based'):

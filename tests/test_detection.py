@@ -583,3 +583,18 @@ def test_a_data_root_one_level_above_the_dataset_names_the_folder_inside(tmp_pat
                                          f'instances_train.json; {inner} holds annotations/instances_train.json: '
                                          f'--data.root {inner}\\?$'):
         datamodule.setup('fit')
+
+
+@pytest.mark.parametrize('enable, per_process, processes, accumulate, lr', [
+    (False, 2, 2, 1, 0.002),   # as the config writes it, as mmdet's tools/train.py without --auto-scale-lr
+    (True, 2, 2, 1, 0.002),    # total batch 4 = the config's base_batch_size
+    (True, 1, 2, 3, 0.003),    # 6 / 4
+    (True, None, 2, 1, 0.004)])  # the config's train batch (4) on two processes
+def test_auto_scale_lr_scales_by_the_total_batch_when_the_config_enables_it(enable, per_process, processes,
+                                                                          accumulate, lr):
+    from types import SimpleNamespace
+    task = DetectionTask(config=MINI, cfg_options={'auto_scale_lr.enable': enable})
+    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=per_process), world_size=processes,
+                                    accumulate_grad_batches=accumulate)
+    optimizer = task.configure_optimizers()
+    assert [group['initial_lr'] for group in optimizer.param_groups] == pytest.approx([lr] * len(optimizer.param_groups))
