@@ -114,10 +114,38 @@ def _architecture(name: str, checkpoint: Dict, state: Dict[str, torch.Tensor], s
         arch = {k: v for k, v in run_model_args(hparams).items()
                 if k not in ('num_classes', 'out_indices', 'pretrained')}  # build_model sets these
         return hparams['model'], arch
+    arch = _openmmlab_msswin_args(checkpoint)
+    if arch is not None:
+        return 'msswin_tiny', arch
     if name not in MSSWIN_ARCHS:
         raise CheckpointError(f'{source} holds MS-Swin or Swin weights ({swin}): give their '
                               f"architecture, --model {' or '.join(MSSWIN_ARCHS)}")
     return name, {}
+
+
+# the OpenMMLab backbone's arguments that are not the architecture (build_model sets its own)
+_TRAINING_ARGS = ('type', '_delete_', 'arch', 'init_cfg', 'out_indices', 'drop_path_rate', 'frozen_stages',
+                  'with_cp', 'in_channels')
+
+
+def _openmmlab_msswin_args(checkpoint: Dict) -> Optional[Dict]:
+    """The timm arguments of the MS-Swin backbone of a ``msmlp fit --task det|seg`` run, from the
+    OpenMMLab config it trained with (its weights alone do not give the block pattern); None for
+    other checkpoints."""
+    text = checkpoint.get('openmmlab_config') if isinstance(checkpoint, dict) else None
+    if not text:
+        return None
+    from mmengine.config import Config
+
+    from .mm import MSSWIN_ARCHS as MM_MSSWIN_ARCHS
+    from .mm import _arch_spec
+    backbone = dict(Config.fromstring(text, '.py').model.get('backbone') or {})
+    if str(backbone.get('type', '')).rpartition('.')[2] != 'MSSwin':
+        return None
+    given = {k: backbone.get(k) for k in ('embed_dim', 'depths', 'num_heads', 'window_size')}
+    spec = _arch_spec('MSSwin', backbone.get('arch', 'tiny'), MM_MSSWIN_ARCHS, given)
+    rest = {k: v for k, v in backbone.items() if k not in _TRAINING_ARGS and k not in spec}
+    return {**spec, **rest, 'in_chans': backbone.get('in_channels', 3)}
 
 
 def build_model(name: str, checkpoint: Optional[str] = None, features_only: bool = False,

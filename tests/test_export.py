@@ -189,6 +189,31 @@ def test_backbone_of_the_default_det_run(tmp_path, capsys):
                 assert torch.equal(got, e)
 
 
+def test_backbone_of_an_msswin_det_run_is_built_from_its_config(tmp_path, capsys):
+    """configs/det/mask-rcnn_msswin-mini_fpn_shapes.yaml's backbone (MS-Swin of width 32) under
+    model.backbone.: its architecture is the run's mmdet config's (before: 'give their
+    architecture, --model msswin_tiny ...', then 175 shape mismatches with that)."""
+    pytest.importorskip('mmdet', reason='the OpenMMLab stack comes from scripts/setup.sh')
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+
+    import msmlp.mm  # noqa: F401  (registers MSSwin)
+    cfg = Config.fromfile(str(ROOT / 'configs/mmdet/mask-rcnn_msswin-mini_fpn_shapes.py'))
+    init_default_scope('mmdet')
+    torch.manual_seed(0)
+    backbone = MODELS.build(cfg.model.backbone).eval()
+    ckpt = tmp_path / 'det.ckpt'
+    torch.save({'state_dict': {f'model.backbone.{k}': v for k, v in backbone.state_dict().items()},
+                'openmmlab_config': cfg.pretty_text}, ckpt)
+    out = tmp_path / 'backbone.pt'
+    assert main(['--checkpoint', str(ckpt), '--features-only', '--format', 'torchscript', '--output', str(out)]) == 0
+    assert 'msmlp export: msswin_tiny (embed_dim 32, depths 2,2,2,2) backbone (stages 0, 1, 2, 3)' in capsys.readouterr().out
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        for got, expected in zip(torch.jit.load(str(out))(x), backbone(x), strict=True):
+            assert torch.allclose(got, expected, atol=1e-5)
+
+
 MINI_SWIN = dict(embed_dim=16, depths=[1, 2, 1, 1], model_args=dict(num_heads=[1, 1, 2, 2], window_size=4,
                                                                      img_size=32, block_pattern=['ws', 'ms']))
 
