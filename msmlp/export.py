@@ -322,6 +322,9 @@ def _write(model: nn.Module, fmt: str, output: str, example: tuple, dynamic: Opt
         from safetensors.torch import save_file
         state = {k: v.contiguous() for k, v in backbone(model).state_dict().items()}
         save_file(state, output, metadata={'format': 'pt', **metadata})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(output, 0o666 & ~umask)  # safetensors writes owner-only (0600), unlike the other formats
     elif fmt == 'torchscript':
         with warnings.catch_warnings():
             warnings.filterwarnings('ignore', message='.*torch.jit.script.* is deprecated', category=FutureWarning)

@@ -1,5 +1,6 @@
 """``msmlp export``: ONNX (run with onnxruntime), TorchScript, torch.export programs and safetensors,
 for the classifier and the dense backbone, checked against the eager model."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,8 +75,13 @@ def test_dynamic_export_refuses_sizes_below_64(tmp_path):
 
 def test_safetensors_weights_load_with_timm_pretrained(tmp_path, capsys):
     out = tmp_path / 'msmlp_tiny.safetensors'
-    assert main(['--model', 'msmlp_tiny', '--format', 'safetensors', '--output', str(out)]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main(['--model', 'msmlp_tiny', '--format', 'safetensors', '--output', str(out)]) == 0
+    finally:
+        os.umask(umask)
     assert 'holds the model\'s weights exactly' in capsys.readouterr().out
+    assert out.stat().st_mode & 0o777 == 0o644  # as the other formats (safetensors itself writes 0600)
     loaded = timm.create_model('msmlp_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
     from safetensors.torch import load_file
     saved = load_file(out)
