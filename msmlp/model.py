@@ -448,7 +448,7 @@ class MSMLP(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
         return dict(stem=r'^patch_embed', blocks=r'^layers\.(\d+)' if coarse else [
-            (r'^layers\.(\d+)\.downsample', (0,)), (r'^layers\.(\d+)\.blocks\.(\d+)', None),
+            (r'^layers\.(\d+)\.downsample', (99998,)), (r'^layers\.(\d+)\.blocks\.(\d+)', None),
             (r'^norm', (99999,))])
 
     # ----- classifier -------------------------------------------------------------------

@@ -229,6 +229,18 @@ def test_timm_train_script_builds_and_optimizes_the_model(name, size):
     assert torch.equal(model(x), model(x))
 
 
+def test_layer_decay_groups_follow_the_order_of_computation():
+    """A stage's downsampling runs after its blocks and feeds the next stage (as in the released
+    model; ConvNeXt and Swin open a stage with theirs): its layer-decay group lies between them
+    (before: with the stage's first block)."""
+    from timm.models import group_parameters
+    model = timm.create_model('msmlp_tiny')
+    order = {name.rsplit('.', 1)[0]: i for i, names in enumerate(group_parameters(model, model.group_matcher()).values())
+             for name in names}
+    assert order['layers.0.blocks.2'] < order['layers.0.downsample.proj'] < order['layers.1.blocks.0']
+    assert order['layers.2.blocks.8'] < order['layers.2.downsample.proj'] < order['layers.3.blocks.0'] < order['norm']
+
+
 def test_timm_features_only():
     model = timm.create_model('msmlp_tiny', features_only=True, out_indices=(1, 3)).eval()
     assert model.feature_info.channels() == [192, 768]
