@@ -77,6 +77,15 @@ def test_peak_memory_is_measured_on_the_path_it_names(monkeypatch):
     assert peaks[0] < peaks[1]  # its mixer keeps no rolled copies of the map
 
 
+def test_features_only_times_every_level_of_the_compared_backbone():
+    """A ResNet has five feature levels: its features_only model was cut after four (layer4
+    dropped: 2.8M of resnet18's 11.2M parameters), so the ratio compared against part of it."""
+    args = benchmark.parse_args(['--features-only'])
+    resnet = benchmark.create_model('resnet18', args)
+    assert len(resnet.feature_info.channels()) == 5 and sum(p.numel() for p in resnet.parameters()) > 11e6
+    assert benchmark.create_model('msmlp_tiny', args).feature_info.channels() == [96, 192, 384, 768]
+
+
 def test_a_model_that_cannot_run_the_setting_gets_a_failed_row(capsys, monkeypatch):
     real = benchmark.make_step
 
