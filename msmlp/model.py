@@ -650,11 +650,29 @@ VARIANT_ARCHS = {
 RECIPE_DROP_PATH = {'msmlp_tiny': 0.1, 'msmlp_small': 0.4, 'msmlp_base': 0.5}
 
 
+def check_feature_cls(variant: str, kwargs: dict, module_outputs: bool = False) -> None:
+    """Refuse the timm feature wrappers that would give wrong features: ``'dict'``/``'list'``
+    rebuild the model from its modules, whose outputs are not an MS-MLP stage's (that is taken
+    after the stage's blocks, before its downsampling, through its norm; ``module_outputs``: the
+    model's stages are modules, as Swin's); ``'fx'`` traces a graph whose ``train()`` puts
+    ``frozen_stages`` back in training mode."""
+    if not kwargs.get('features_only'):
+        return
+    cls = str(kwargs.get('feature_cls', 'getter')).lower()
+    if cls in ('dict', 'list') and not module_outputs:
+        raise ValueError(f"{variant}: feature_cls={cls!r} cannot give its stage outputs (taken inside a stage, "
+                         "through its norm); use 'getter' (the default), 'hook' or 'fx'")
+    if cls == 'fx' and kwargs.get('frozen_stages', -1) >= 0:
+        raise ValueError(f"{variant}: frozen_stages with feature_cls='fx': the traced graph's train() would put "
+                         "the frozen stages back in training mode (dropout, drop path); use 'getter' (the default)")
+
+
 def _create_msmlp(variant: str, pretrained: bool = False, **kwargs) -> MSMLP:
     """Build a variant through timm. ``pretrained=True`` loads the released checkpoint, downloaded
     once from the cfg's ``url`` (see ``msmlp.checkpoint.download_weights``), or
     ``pretrained_cfg_overlay=dict(file=...)``: any file ``msmlp.load_pretrained`` reads."""
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    check_feature_cls(variant, kwargs)
     overlay.setdefault('custom_load', True)  # every file goes to the safe loader (timm resets it for a given file)
     if pretrained and not overlay.get('file'):
         from .checkpoint import download_weights

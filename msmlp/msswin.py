@@ -34,7 +34,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from torch import nn
 
 from .checkpoint import CheckpointError, adapt_stem, extract_state_dict, listed, read_checkpoint
-from .model import MIX_SIZES, SHIFT_DIST, MSMLP, MSMLPBlock
+from .model import MIX_SIZES, SHIFT_DIST, MSMLP, MSMLPBlock, check_feature_cls
 
 __all__ = ['MSSwin', 'MSSwinBlock', 'BLOCK_TYPES', 'DEFAULT_PATTERN', 'VARIANT_ARCHS', 'load_swin_checkpoint']
 
@@ -289,13 +289,14 @@ def _create_msswin(variant: str, pretrained: bool = False, **kwargs) -> MSSwin:
     """Build a variant through timm; ``pretrained=True`` takes
     ``pretrained_cfg_overlay=dict(file=<MS-Swin or Swin checkpoint>)`` (see load_swin_checkpoint)."""
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    check_feature_cls(variant, kwargs, module_outputs=True)  # 'dict'/'list': Swin's own NHWC stage outputs
     overlay.setdefault('custom_load', True)  # timm resets it for a given file
     if pretrained and not overlay.get('file'):
         raise ValueError(f'{variant}: there are no released weights; pass '
                          "pretrained_cfg_overlay=dict(file='<an MS-Swin or Swin checkpoint>')")
     return build_model_with_cfg(
         MSSwin, variant, pretrained=pretrained, pretrained_cfg_overlay=overlay,
-        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3), flatten_sequential=True),
         **dict(VARIANT_ARCHS[variant], **kwargs))
 
 

@@ -109,10 +109,14 @@ def check_feature_maps(outputs, channels, reductions, size, batch=1, fmt='NCHW')
         assert not o.isnan().any()
 
 
-@pytest.mark.parametrize('feature_cls', [None, 'hook', 'fx'])  # None: the model's own, 'getter'
+@pytest.mark.parametrize('feature_cls', [None, 'hook', 'fx', 'dict', 'list'])  # None: the model's own, 'getter'
 @pytest.mark.parametrize('name', MODELS)
 def test_features_only(name, feature_cls):
     extra = dict(feature_cls=feature_cls) if feature_cls else {}
+    if feature_cls in ('dict', 'list') and name.startswith('msmlp'):  # its stage outputs are no module's
+        with pytest.raises(ValueError, match=f"^{name}: feature_cls='{feature_cls}' cannot give its stage outputs"):
+            timm.create_model(name, features_only=True, **extra)
+        return
     torch.manual_seed(0)
     model = timm.create_model(name, features_only=True, **extra).eval()
     torch.manual_seed(0)
@@ -121,8 +125,9 @@ def test_features_only(name, feature_cls):
     x = torch.randn(1, *size)
     with torch.no_grad():
         outputs = model(x)
+        outputs = list(outputs.values()) if isinstance(outputs, dict) else outputs
         expected = classifier.forward_intermediates(x, intermediates_only=True)
-    fmt = Format(getattr(model, 'output_fmt', 'NCHW'))  # timm's hook and fx extractors of Swin give NHWC
+    fmt = Format(getattr(model, 'output_fmt', 'NCHW'))  # timm's hook, fx, dict and list extractors of Swin give NHWC
     assert len(model.feature_info.channels()) >= 3
     check_feature_maps(outputs, model.feature_info.channels(), model.feature_info.reduction(), size, fmt=fmt)
     if fmt == Format.NHWC:
@@ -227,6 +232,18 @@ def test_timm_graph_and_hook_features_are_the_stage_outputs(feature_cls):
     with torch.no_grad():
         for ours, expected in zip(model(x), getter(x), strict=True):
             assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize('name', ['msmlp_tiny', 'msswin_tiny'])
+def test_frozen_stages_in_a_traced_feature_graph_are_refused(name):
+    """timm's fx wrapper copies the modules into a graph whose train() sets every module training:
+    the frozen stages ran drop path again (outputs changed from call to call)."""
+    with pytest.raises(ValueError, match=f"^{name}: frozen_stages with feature_cls='fx': the traced graph's train"):
+        timm.create_model(name, features_only=True, feature_cls='fx', frozen_stages=1)
+    model = timm.create_model(name, features_only=True, frozen_stages=1, drop_path_rate=0.9).train()
+    frozen = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))
+              and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    assert frozen and not any(m.training for m in frozen)  # the getter keeps them in eval
 
 
 @pytest.mark.parametrize('indices', [(0, 1), 2, [1, 3]], ids=['first-two', 'last-two', 'one-and-three'])
