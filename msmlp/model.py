@@ -537,13 +537,14 @@ class MSMLP(nn.Module):
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, Sequence[int]]] = None,
+            indices: Optional[Union[int, List[int]]] = None,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's feature API: stage outputs before downsampling.
+        """timm's feature API: stage outputs before downsampling (TorchScript compiles it, for
+        timm's ``features_only`` wrapper).
 
         Args:
             x: Input images (N, C, H, W), any size.
@@ -561,22 +562,38 @@ class MSMLP(nn.Module):
             ``forward_features``'s.
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+            raise ValueError(f"output_fmt must be 'NCHW', got '{output_fmt}'")
         n = len(self.layers)
         if indices is None:
-            take = tuple(range(n))
+            take = list(range(n))
         elif isinstance(indices, int):
             if not 0 < indices <= n:
                 raise ValueError(f'indices={indices} asks for the last {indices} stages of {n}: give 1 to {n}')
-            take = tuple(range(n - indices, n))
+            take = list(range(n - indices, n))
         else:
-            take = self._check_indices(indices)
+            take = _stages_taken(list(indices), n)
         last = max(take) if (stop_early or intermediates_only) else n - 1
-        outputs = self._stage_outputs(x, list(take) + ([n - 1] if last == n - 1 else []), last)
+        stages = take + [n - 1] if last == n - 1 else take  # the last stage's output is the final features
+        outputs = self._stage_outputs(x, stages, last)
         intermediates = outputs[:len(take)]
         if intermediates_only:
             return intermediates
         return outputs[-1], intermediates
+
+
+def _stages_taken(indices: List[int], n: int) -> List[int]:
+    """``forward_intermediates``'s ``indices`` (negative from the end) as sorted stage numbers."""
+    taken: List[int] = []
+    for i in indices:
+        stage = i + n if i < 0 else i
+        if not 0 <= stage < n:
+            raise ValueError(f'indices {indices} must name stages in 0..{n - 1} (or -{n}..-1)')
+        if stage not in taken:
+            taken.append(stage)
+    if len(taken) == 0:
+        raise ValueError('indices is empty: name at least one stage')
+    taken.sort()
+    return taken
 
 
 POOL_TYPES = ('avg', 'max', 'avgmax', '')

@@ -471,3 +471,5 @@ def test_forward_intermediates_refuses_a_last_n_outside_the_stages(indices):
     with pytest.raises(ValueError, match=f'indices={indices} asks for the last {indices} stages of 4: give 1 to 4'):
         model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=indices, stop_early=True)
     assert len(model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=4)[1]) == 4
+    with pytest.raises(ValueError, match=r'^indices \[4\] must name stages in 0..3 \(or -4..-1\)$'):
+        model.forward_intermediates(torch.randn(1, 3, 32, 32), indices=[4])  # before: named out_indices

@@ -235,6 +235,17 @@ def test_timm_graph_and_hook_features_are_the_stage_outputs(feature_cls):
 
 
 @pytest.mark.parametrize('name', ['msmlp_tiny', 'msswin_tiny'])
+def test_a_features_only_model_scripts(name):
+    """timm's features wrapper compiles forward_intermediates (as for convnext_tiny); MS-MLP's
+    failed on an f-string conversion and its index helper."""
+    model = timm.create_model(name, features_only=True, out_indices=(1, 3)).eval()
+    x = torch.randn(1, *input_size(name, FEAT_SIZE))
+    with torch.no_grad():
+        for scripted, eager in zip(torch.jit.script(model)(x), model(x), strict=True):
+            assert torch.allclose(scripted, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['msmlp_tiny', 'msswin_tiny'])
 def test_frozen_stages_in_a_traced_feature_graph_are_refused(name):
     """timm's fx wrapper copies the modules into a graph whose train() sets every module training:
     the frozen stages ran drop path again (outputs changed from call to call)."""
