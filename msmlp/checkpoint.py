@@ -281,19 +281,12 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
     ``source`` names them in messages."""
     target = getattr(model, 'backbone', model)
     own = target.state_dict()
+    _check_family(state, own, source)
 
     head = [k for k in state if k.startswith(_HEAD) and (k not in own or own[k].shape[0] != state[k].shape[0])]
     if head and strict_head:
         raise CheckpointError(f'{source}: classifier head does not fit the model: {head}')
-    if head:
-        warnings.warn(f'{source}: classifier head {head} not loaded: the model has a different '
-                      'num_classes', stacklevel=3)
-    if any(k.startswith(_HEAD) for k in own) and not any(k.startswith(_HEAD) for k in state):
-        warnings.warn(f'{source} holds no classifier head: the model\'s keeps its initialisation', stacklevel=3)
     norms = [k for k in state if k.startswith(_NEW_IN_DENSE) and k not in own]
-    if norms:
-        warnings.warn(f'{source}: output norms {listed(norms, 4)} not loaded: the model has '
-                      'no dense output at their stages', stacklevel=3)
     dropped = head + norms
     state, adapted = adapt_stem({k: v for k, v in state.items() if k not in dropped}, own)
 
@@ -304,8 +297,27 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
                   for k in state if k in own and own[k].shape != state[k].shape]
     if missing or unexpected or mis_shaped:
         raise CheckpointError(mismatch_message(source, missing, unexpected, mis_shaped))
+    # warned only once the weights are known to fit: a wrong file gets the error alone
+    if head:
+        warnings.warn(f'{source}: classifier head {head} not loaded: the model has a different '
+                      'num_classes', stacklevel=3)
+    if any(k.startswith(_HEAD) for k in own) and not any(k.startswith(_HEAD) for k in state):
+        warnings.warn(f'{source} holds no classifier head: the model\'s keeps its initialisation', stacklevel=3)
+    if norms:
+        warnings.warn(f'{source}: output norms {listed(norms, 4)} not loaded: the model has '
+                      'no dense output at their stages', stacklevel=3)
     target.load_state_dict(state, strict=False)
     return {'dropped': dropped, 'kept_init': kept_init, 'adapted': adapted}
+
+
+def _check_family(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str) -> None:
+    """One line when MS-Swin (or Swin) weights meet an MS-MLP, or MS-MLP weights an MS-Swin."""
+    in_file, in_model = swin_key(state), swin_key(own)
+    if in_file is not None and in_model is None:
+        raise CheckpointError(f'{source} holds MS-Swin or Swin weights ({in_file}), not an MS-MLP\'s: '
+                              'load it into an msswin_* model')
+    if in_file is None and in_model is not None and any('.dwconv_lr.' in k for k in state):
+        raise CheckpointError(f'{source} holds MS-MLP weights, not an MS-Swin\'s: load it into an msmlp_* model')
 
 
 def adapt_stem(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]

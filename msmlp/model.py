@@ -397,12 +397,7 @@ class MSMLP(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _check_indices(self, indices: Sequence[int]) -> Tuple[int, ...]:
-        n = len(self.layers)
-        normalized = tuple(i % n if -n <= i < n else i for i in indices)
-        bad = [i for i in normalized if not 0 <= i < n]
-        if bad or not normalized:
-            raise ValueError(f'out_indices {tuple(indices)} must name stages in 0..{n - 1}')
-        return tuple(sorted(set(normalized)))
+        return tuple(_stages_taken(list(indices), len(self.layers), 'out_indices'))
 
     # ----- training-time controls -----------------------------------------------------
     @torch.jit.ignore
@@ -581,17 +576,17 @@ class MSMLP(nn.Module):
         return outputs[-1], intermediates
 
 
-def _stages_taken(indices: List[int], n: int) -> List[int]:
-    """``forward_intermediates``'s ``indices`` (negative from the end) as sorted stage numbers."""
+def _stages_taken(indices: List[int], n: int, name: str = 'indices') -> List[int]:
+    """Stage numbers given as ``indices`` or ``out_indices`` (negative from the end), sorted."""
     taken: List[int] = []
     for i in indices:
         stage = i + n if i < 0 else i
         if not 0 <= stage < n:
-            raise ValueError(f'indices {indices} must name stages in 0..{n - 1} (or -{n}..-1)')
+            raise ValueError(f'{name} {indices} must name stages in 0..{n - 1} (or -{n}..-1)')
         if stage not in taken:
             taken.append(stage)
     if len(taken) == 0:
-        raise ValueError('indices is empty: name at least one stage')
+        raise ValueError(f'{name} is empty: name at least one stage')
     taken.sort()
     return taken
 

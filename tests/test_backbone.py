@@ -119,8 +119,10 @@ def test_dense_outputs_have_their_own_norms():
 
 
 def test_out_indices_are_validated():
-    with pytest.raises(ValueError, match='out_indices'):
+    with pytest.raises(ValueError, match=r'^out_indices \[0, 4\] must name stages in 0..3 \(or -4..-1\)$'):
         MSMLP(out_indices=(0, 4), **TINY)
+    with pytest.raises(ValueError, match='^out_indices is empty'):
+        MSMLP(out_indices=(), **TINY)
     assert MSMLP(out_indices=(-1,), **TINY).out_indices == (3,)
 
 

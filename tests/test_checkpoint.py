@@ -113,6 +113,18 @@ def test_architecture_mismatch_is_one_line_that_counts_and_names_the_keys():
             in message)
 
 
+def test_ms_swin_weights_and_ms_mlp_weights_are_told_apart_without_head_warnings(tmp_path, recwarn):
+    import msmlp
+    swin = msmlp.MSSwin(num_classes=5, embed_dim=40, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4)
+    torch.save(swin.state_dict(), tmp_path / 'swin.pth')
+    with pytest.raises(CheckpointError, match=r"swin.pth holds MS-Swin or Swin weights \(layers\.0\.blocks\.0\.attn\."
+                                               r".*\), not an MS-MLP's: load it into an msswin_\* model$"):
+        load_pretrained(MSMLP(num_classes=3, **SQUARE_ARCH), tmp_path / 'swin.pth')
+    with pytest.raises(CheckpointError, match=r"holds MS-MLP weights, not an MS-Swin's: load it into an msmlp_\* model$"):
+        load_pretrained(swin, RELEASED)
+    assert not [str(w.message) for w in recwarn.list if 'classifier head' in str(w.message)]
+
+
 def test_a_file_with_more_output_norms_or_without_head_loads_what_the_model_has(tmp_path):
     """A detector's backbone (norms at stages 0-3, no head) into a classifier returning stage 1."""
     dense = MSMLP(num_classes=0, out_indices=(0, 1, 2, 3), **SQUARE_ARCH)
