@@ -607,8 +607,15 @@ def _check_head(num_classes: int, global_pool: str) -> None:
     if num_classes < 0:
         raise ValueError(f'num_classes must be 0 (no classifier) or more, got {num_classes}')
     if global_pool not in POOL_TYPES:
-        raise ValueError(f'global_pool must be one of {POOL_TYPES}, got {global_pool!r} (pooling that '
-                         'changes the width, as catavgmax, does not fit the head norm, as in timm\'s ConvNeXt)')
+        why = _POOL_REFUSALS.get(global_pool.replace('fast', '', 1) if global_pool.startswith('fast') else global_pool)
+        raise ValueError(f'global_pool must be one of {POOL_TYPES}, got {global_pool!r}' + (f' ({why})' if why else ''))
+
+
+_POOL_REFUSALS = {
+    'catavgmax': 'pooling that doubles the width does not fit the head norm, as in timm\'s ConvNeXt',
+    'token': 'MS-MLP has no class token',
+    'map': 'MS-MLP has no attention pooling',
+}
 
 
 # ----- checkpoint conversion -------------------------------------------------------------

@@ -463,8 +463,12 @@ def test_other_global_pools_pool_as_timm_before_the_head_norm(kind):
         expected = model.head(model.norm(SelectAdaptivePool2d(pool_type=kind, flatten=True)(model.forward_features(x))))
         assert torch.allclose(model(x), expected, atol=1e-6)
         assert torch.allclose(torch.jit.script(model)(x), expected, atol=1e-5)
-    with pytest.raises(ValueError, match="global_pool must be one of .* got 'catavgmax'"):
+    with pytest.raises(ValueError, match=r"got 'catavgmax' \(pooling that doubles the width does not fit the head norm"):
         model.reset_classifier(5, 'catavgmax')
+    with pytest.raises(ValueError, match=r"got 'token' \(MS-MLP has no class token\)$"):
+        model.reset_classifier(5, 'token')
+    with pytest.raises(ValueError, match=r"^global_pool must be one of \('avg', 'max', 'avgmax', ''\), got 'mean'$"):
+        model.reset_classifier(5, 'mean')
 
 
 @pytest.mark.parametrize('indices', [0, 5, -1])
