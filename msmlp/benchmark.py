@@ -149,8 +149,8 @@ class Row:
 
 def build_rows(args: argparse.Namespace) -> List[Row]:
     name = resolve_model_name(args.model)
-    msmlp = name.startswith('msmlp')  # its first row: the fast path (on a GPU, the default is triton's)
-    rows = [Row(f'{name} (fast)' if msmlp else name, name, create_model(name, args, 'fast' if msmlp else None))]
+    mixes = name.startswith(('msmlp', 'msswin'))  # its first row: the fast path (on a GPU the default is triton's)
+    rows = [Row(f'{name} (fast)' if mixes else name, name, create_model(name, args, 'fast' if mixes else None))]
     if mix_owner(rows[0].model) is not None and getattr(args, 'triton', False):
         from msmlp.mixing import triton_runs_on
         if triton_runs_on(torch.device(args.device)):

@@ -191,3 +191,14 @@ def test_gpu_peak_memory_leaves_out_the_other_rows_models(monkeypatch):
     own = weights * 3 + 2 * 3 * 32 * 32 * 4 + 4 * len(list(model.parameters()))  # weights, Adam's two moments and step counts, input
     peak = benchmark.measure_peak_mb(step, torch.device('cuda'))
     assert peak == pytest.approx((allocated_by_step + own) / 2 ** 20, rel=1e-6)
+
+
+def test_ms_swin_rows_are_labelled_and_built_as_ms_mlp_rows(monkeypatch):
+    """MS-Swin's first row is its fast path, named so, as MS-MLP's (on a GPU the default mixer is triton's)."""
+    from msmlp import mixing
+    monkeypatch.setattr(mixing, 'triton_runs_on', lambda device: True)
+    rows = benchmark.build_rows(benchmark.parse_args(['--model', 'msswin_tiny', '--triton', *TINY]))
+    assert [row.label for row in rows] == ['msswin_tiny (fast)', 'msswin_tiny (triton)', 'msswin_tiny (triton_norm)',
+                                           'msswin_tiny (reference)']
+    impls = [{block.mix_impl for block in row.model.modules() if hasattr(block, 'mix_impl')} for row in rows]
+    assert impls == [{'fast'}, {'triton'}, {'triton_norm'}, {'reference'}]
