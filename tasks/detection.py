@@ -507,7 +507,9 @@ class DetectionTask(OpenMMLabTask):
         if self.trainer.strategy.root_device.type == 'cpu' and not precision.startswith('32'):
             # under CPU autocast the decoded boxes stay bfloat16 (CUDA's autocast runs the
             # decoder's exp in float32, mmdet#9727), and mmcv's CPU NMS reads float32 alone (not float64)
-            raise InputError(f'trainer.precision={precision}: detection on the CPU runs in 32-true only '
+            given = f'{precision} (or 16-mixed, which Lightning runs as bf16-mixed on the CPU)' \
+                if precision == 'bf16-mixed' else precision
+            raise InputError(f'trainer.precision={given}: detection on the CPU runs in 32-true only '
                              "(mmcv's CPU NMS takes float32 boxes); drop --trainer.precision")
         super().setup(stage)
 

@@ -415,13 +415,17 @@ def test_a_config_that_is_not_python_or_lacks_its_base_is_one_line_naming_the_fi
         DetectionTask(config=str(orphan))
 
 
-@pytest.mark.parametrize('precision', ['bf16-mixed', '64-true'])
-def test_other_precisions_on_the_cpu_are_one_line(precision, root, tmp_path, monkeypatch, capsys):
-    # 64-true was a traceback: "expected scalar type Float but found Double" in mmcv's nms
+@pytest.mark.parametrize('precision, named', [
+    ('bf16-mixed', 'bf16-mixed (or 16-mixed, which Lightning runs as bf16-mixed on the CPU)'),
+    # Lightning turns 16-mixed into bf16-mixed on the CPU before the task sees it
+    ('16-mixed', 'bf16-mixed (or 16-mixed, which Lightning runs as bf16-mixed on the CPU)'),
+    ('64-true', '64-true'),  # was a traceback: "expected scalar type Float but found Double" in mmcv's nms
+])
+def test_other_precisions_on_the_cpu_are_one_line(precision, named, root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--trainer.fast_dev_run=1',
                      f'--trainer.precision={precision}']) == 1
-    assert capsys.readouterr().err == (f'msmlp: error: trainer.precision={precision}: detection on the CPU runs in '
+    assert capsys.readouterr().err == (f'msmlp: error: trainer.precision={named}: detection on the CPU runs in '
                                        "32-true only (mmcv's CPU NMS takes float32 boxes); drop --trainer.precision\n")
 
 
