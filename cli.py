@@ -202,9 +202,12 @@ class MSMLPArgumentParser(LightningArgumentParser):
         self.exit(2)
 
 
-class SaveConfigWhenTrainingStarts(SaveConfigCallback):
-    """Writes a fit's ``config.yaml`` when training starts rather than at set-up, so that a
-    resume failing before its first step (its data, its loaders) leaves the run's file as it was."""
+class RunFolderWrittenWhenTrainingStarts(SaveConfigCallback):
+    """Writes a fit's ``config.yaml`` when training starts rather than at set-up, and removes the
+    TensorBoard event file a fit opened at set-up if it stops before its first step, so that a
+    resume failing early (its data, its loaders) leaves the run's folder as it was."""
+
+    trained = False
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != 'fit':
@@ -212,6 +215,20 @@ class SaveConfigWhenTrainingStarts(SaveConfigCallback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().setup(trainer, pl_module, 'fit')
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.trained = True
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if trainer.state.fn != 'fit' or self.trained:
+            return
+        for logger in trainer.loggers:
+            writer = getattr(logger, '_experiment', None)  # None: no file was opened
+            file_writer = getattr(writer, 'file_writer', None)
+            path = getattr(getattr(file_writer, 'event_writer', None), '_file_name', None)
+            if path and os.path.isfile(path):
+                writer.close()
+                os.remove(path)
 
 
 class MSMLPCLI(LightningCLI):
@@ -405,7 +422,7 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
                  subclass_mode_data=True, seed_everything_default=0, args=argv,
                  parser_kwargs={'prog': 'msmlp', **{cmd: {'default_config_files': [str(task_config(task))],
                                                           'prog': f'msmlp {cmd}'} for cmd in SUBCOMMANDS}},
-                 save_config_callback=SaveConfigWhenTrainingStarts, save_config_kwargs={'overwrite': True})
+                 save_config_callback=RunFolderWrittenWhenTrainingStarts, save_config_kwargs={'overwrite': True})
 
 
 def quiet_other_processes() -> None:

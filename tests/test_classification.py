@@ -1035,7 +1035,8 @@ def test_a_checkpoint_brings_its_data_settings_and_a_failed_resume_keeps_its_con
     """validate/test/predict and a resume take the checkpoint's image size, batch and the rest
     (before: the config's, silently: evaluated at 32 px a model trained at 40, or resumed at
     batch 64); a --data flag still wins. A resume that fails before its first step leaves the
-    run's config.yaml as it was (before: rewritten with the failed command's settings)."""
+    run's folder as it was (before: config.yaml rewritten with the failed command's settings, and
+    an empty TensorBoard event file added)."""
     data = write_folder(in_tmp / 'folder', per_class=4)
     status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--data.image_size=40'))
     assert status == 0, err
@@ -1050,8 +1051,9 @@ def test_a_checkpoint_brings_its_data_settings_and_a_failed_resume_keeps_its_con
     assert status == 0 and 'image_size=' not in out
     assert float(re.search(r'val/loss\s*[│|]\s*([0-9.]+)', out).group(1)) != pytest.approx(fitted, rel=1e-6)
 
-    config = (run / 'config.yaml').read_bytes()
+    files = {path: path.read_bytes() for path in run.rglob('*') if path.is_file()}
     status, _, err = msmlp_run(capsys, 'fit', '--task', 'cls', '--ckpt_path=last', '--trainer.max_epochs=2',
                                '--data.batch_size=100')
     assert status == 1 and 'fewer than one batch' in err
-    assert (run / 'config.yaml').read_bytes() == config
+    # the folder as it was: config.yaml not rewritten, no new (empty) TensorBoard event file
+    assert {path: path.read_bytes() for path in run.rglob('*') if path.is_file()} == files
