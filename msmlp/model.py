@@ -517,6 +517,7 @@ class MSMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.export
     def forward_dense(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Outputs of the ``out_indices`` stages, each through its own LayerNorm."""
         indices = self.out_indices

@@ -182,6 +182,7 @@ class MSSwin(SwinTransformer):
             self.out_indices = tuple(i for i in self.out_indices if i < kept) or None
         return take_indices
 
+    @torch.jit.export
     def forward_dense(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Outputs of the ``out_indices`` stages (NCHW), each through its own LayerNorm."""
         indices = self.out_indices

@@ -118,6 +118,18 @@ def test_dense_outputs_have_their_own_norms():
     assert dense[0].shape[1] == 48 and dense[1].shape[1] == 192
 
 
+def test_scripted_model_keeps_forward_dense():
+    """A TorchScript backbone for deployment offers the dense outputs, not only the classifier forward."""
+    model = MSMLP(num_classes=0, out_indices=(1, 3), **TINY).eval()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        for scripted, eager in zip(torch.jit.script(model).forward_dense(x), model.forward_dense(x), strict=True):
+            assert torch.allclose(scripted, eager, atol=1e-5)
+    classifier = torch.jit.script(MSMLP(num_classes=3, **TINY))  # no out_indices: still scripts, and says why not
+    with pytest.raises(torch.jit.Error, match='forward_dense needs out_indices'):
+        classifier.forward_dense(x)
+
+
 def test_out_indices_are_validated():
     with pytest.raises(ValueError, match=r'^out_indices \[0, 4\] must name stages in 0..3 \(or -4..-1\)$'):
         MSMLP(out_indices=(0, 4), **TINY)

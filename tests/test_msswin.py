@@ -178,7 +178,7 @@ def test_benchmark_runs_msswin_against_swin_and_msmlp(capsys):
     assert cli.main(['benchmark', '--model', 'msswin_tiny', '--compare', 'swin_tiny_patch4_window7_224', 'msmlp_tiny',
                      '--batch-size', '1', '--img-size', '64', '--runs', '1', '--warmup', '0', '--no-memory']) == 0
     table = capsys.readouterr().out
-    for row in ('| msswin_tiny |', '| msswin_tiny (reference) |', '| swin_tiny_patch4_window7_224 |', '| msmlp_tiny |'):
+    for row in ('| msswin_tiny (fast) |', '| msswin_tiny (reference) |', '| swin_tiny_patch4_window7_224 |', '| msmlp_tiny |'):
         assert row in table
 
 
@@ -187,6 +187,10 @@ def test_torchscript_gives_the_eager_outputs():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-5)
+    dense = msmlp.MSSwin(out_indices=(1, 3)).eval()  # the dense outputs are a method of the scripted model
+    with torch.no_grad():
+        for scripted, eager in zip(torch.jit.script(dense).forward_dense(x), dense.forward_dense(x), strict=True):
+            assert torch.allclose(scripted, eager, atol=1e-5)
 
 
 def test_frozen_stages_freeze_the_patch_merging_after_the_last_frozen_stage_as_mmdet_swin():
