@@ -598,8 +598,9 @@ class ClassificationTask(BaseTask):
 
     def predict_step(self, batch: Tuple[torch.Tensor, ...], batch_idx: int) -> List[Dict[str, Any]]:
         """Top-5 (or all, if fewer) classes per image, printed and returned, and written to
-        ``predict_file`` as they come (a stop keeps the rows made). On several processes they
-        are printed and written at the end, by the first, in the order of the images. ``batch``
+        ``predict_file`` as they come (a stop keeps the rows made). On several processes each
+        writes its share as it comes to a file of its own (``predictions.part1-of-2.csv``), and
+        at the end the first prints and writes them all, in the order of the images. ``batch``
         is ``(images, paths)``, or ``(images, paths, reasons)`` from :class:`PredictFiles` (an
         image with a reason is unreadable: reported, not predicted)."""
         images, paths, *unread = batch  # (images, paths) from a loader of one's own
@@ -614,8 +615,8 @@ class ClassificationTask(BaseTask):
         if world()[0] == 1:
             for result in results:
                 self._print(_ranking(result))
-            if self._rows is not None:
-                self._rows.write(results)
+        if self._rows is not None:
+            self._rows.write(results)
         self._predicted.extend(results)
         return results
 
@@ -624,11 +625,13 @@ class ClassificationTask(BaseTask):
 
     def on_predict_epoch_start(self) -> None:
         self._predicted, self._rows = [], None
+        path = self._predict_file()
         try:
-            check_writable(str(self._predict_file()))  # before predicting, not after
+            check_writable(str(path))  # before predicting, not after
         except OutputError as err:
             raise InputError(f'model.predict_file: {err}') from None
-        self._rows = PredictionRows(self._predict_file())
+        processes, rank = world()
+        self._rows = PredictionRows(path if processes == 1 else share_file(path, rank, processes))
 
     def configure_callbacks(self) -> List[Callback]:
         return [_PredictionsKeptOnStop()]
@@ -645,9 +648,14 @@ class ClassificationTask(BaseTask):
         unread = [r['error'] for r in ranked if 'error' in r]
         ranked = [r for r in ranked if 'error' not in r]
         path = self._predict_file()
-        if world()[0] > 1 and self.trainer.is_global_zero:
-            self._rows.write(ranked)
         self._rows.close()
+        if world()[0] > 1:
+            if self.trainer.is_global_zero:
+                whole = PredictionRows(path)
+                whole.write(ranked)
+                whole.close()
+            self.trainer.strategy.barrier()  # the whole file is written: the shares can go
+            self._rows.path.unlink(missing_ok=True)
         if self.trainer.is_global_zero and ranked:
             images = f'{len(ranked)} image' + ('s' if len(ranked) > 1 else '')
             self._print(f'msmlp: wrote the top-{len(ranked[0]["top5"])} classes of {images} to {path.resolve()}')
@@ -693,6 +701,11 @@ def _normalisation_hint(folders: Sequence[str], names: Sequence[str]) -> str:
             f'NFD): rename the folders to the model\'s form, unicodedata.normalize({form!r}, name)')
 
 
+def share_file(path: Path, rank: int, processes: int) -> Path:
+    """Where process ``rank`` writes its share of the predictions: ``predictions.part1-of-2.csv``."""
+    return path.with_name(f'{path.stem}.part{rank}-of-{processes}{path.suffix}')
+
+
 class PredictionRows:
     """``predict_file``, written as results come: one row per image, its path, then each ranked
     class with its probability (the file is made at the first predicted image)."""
@@ -728,13 +741,14 @@ class _PredictionsKeptOnStop(Callback):
         if trainer.state.fn != 'predict' or rows is None or rows.closed:  # closed: predict went to the end
             return
         rows.close()
-        if world()[0] > 1:
-            kept = 'none were written (on several processes they are written at the end)'
-        elif rows.count == 0:
+        processes, rank = world()
+        if rows.count == 0:
             kept = f'no image was predicted before it; {rows.path.resolve()} was not written'
         else:
             kept = f'the rows of the {rows.count} images predicted before it are in {rows.path.resolve()}'
-        if trainer.is_global_zero:
+        if processes > 1:  # each process its own share
+            task._print(f'msmlp: predict stopped: process {rank} of {processes}: {kept}')
+        elif trainer.is_global_zero:
             task._print(f'msmlp: predict stopped: {kept}')
 
 

@@ -549,6 +549,41 @@ def test_predict_stopped_by_sigterm_keeps_the_rows_made(trained, capsys, monkeyp
     assert err.endswith('msmlp: stopped by SIGTERM\n')
 
 
+@pytest.mark.parametrize('stopped', [True, False])
+def test_predict_on_several_processes_writes_each_share_as_it_comes(stopped, trained, capsys, monkeypatch, tmp_path):
+    """Each process writes its share to a file of its own as it predicts, so that a stop keeps
+    the rows made (before: none, they were written only at the end); a finished predict leaves
+    the whole file alone. Here one process stands for the first of two."""
+    import tasks.classification as classification
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(classification, 'world', lambda: (2, 0))
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for i in range(6):
+        shutil.copy(trained['data'] / 'val' / 'bee' / '0.png', folder / f'{i}.png')
+    if stopped:
+        def terminated_at_the_second_batch(task, outputs, batch, batch_idx, dataloader_idx=0):
+            if batch_idx == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            BaseTask.on_predict_batch_end(task, outputs, batch, batch_idx, dataloader_idx)
+        monkeypatch.setattr(ClassificationTask, 'on_predict_batch_end', terminated_at_the_second_batch)
+    status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                                 f'--data.predict_path={folder}', '--data.init_args.batch_size=2')
+    runs = tmp_path / 'runs' / 'cls'
+    share = runs / 'predictions.part0-of-2.csv'
+    if stopped:
+        assert status == 128 + signal.SIGTERM
+        with open(share) as f:
+            assert [row[0] for row in csv.reader(f)][1:] == [str(folder / f'{i}.png') for i in range(4)]
+        assert f'msmlp: predict stopped: process 0 of 2: the rows of the 4 images predicted before it are in {share}' in out
+        assert not (runs / 'predictions.csv').exists()
+    else:
+        assert status == 0, err
+        assert sorted(p.name for p in runs.iterdir()) == ['predictions.csv']
+        with open(runs / 'predictions.csv') as f:
+            assert [row[0] for row in csv.reader(f)][1:] == [str(folder / f'{i}.png') for i in range(6)]
+
+
 def test_predict_with_the_released_weights_names_imagenets_classes(tmp_path):
     # before: 'class 281' for a tabby cat
     torch.save(msmlp.MSMLP(num_classes=1000, embed_dim=20, depths=(1, 1, 1, 1)).state_dict(), tmp_path / 'in1k.pth')

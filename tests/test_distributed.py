@@ -94,6 +94,7 @@ def test_predict_and_test_on_two_processes(env, tmp_path):
     assert printed == sorted(str(p) for p in images.iterdir())
     rows = (tmp_path / 'runs/cls/predictions.csv').read_text().splitlines()[1:]  # written once, by the first
     assert [row.split(',')[0] for row in rows] == printed and done.stdout.count('msmlp: wrote the top-') == 1
+    assert sorted(p.name for p in (tmp_path / 'runs/cls').glob('predictions*')) == ['predictions.csv']  # shares gone
     tested = msmlp(tmp_path, env, 'test', '--task', 'cls', checkpoint, *TWO)
     assert tested.stdout.count('Test metric') == 1 and 'test/top1' in tested.stdout
 
