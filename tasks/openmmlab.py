@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from msmlp.checkpoint import listed
 from tasks.base import BaseTask, InputError, find_config, nested_root_hint, portable_config, starting_weights_needed
-from tasks.loading import (ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order,
+from tasks.loading import (ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, world,
                            worker_args)
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'load_config', 'dataset_type', 'dataset_classes', 'leaf_datasets',
@@ -378,7 +378,16 @@ class OpenMMLabTask(BaseTask):
 
     def training_step(self, batch, batch_idx):
         data = self.model.data_preprocessor(batch, True)
-        losses = self.model(**data, mode='loss')
+        try:
+            losses = self.model(**data, mode='loss')
+        except ValueError as err:
+            if 'Expected more than 1 value per channel when training' not in str(err):
+                raise
+            # a batch norm after global pooling (UperNet's pyramid pooling) sees one value per
+            # channel when a process trains on one image (SyncBN across several processes does not)
+            raise InputError(f'data.batch_size={len(batch["inputs"])} per process: a batch norm of the model '
+                             'normalises a pooled 1x1 map, which needs 2 or more images: set --data.batch_size 2 '
+                             'or more') from None
         loss, log_vars = self.model.parse_losses(losses)
         size = len(batch['inputs'])
         self.log_dict({f'train/{k}': v.detach() for k, v in log_vars.items() if k != 'loss'}, batch_size=size)
@@ -616,6 +625,7 @@ class OpenMMLabDataModule(LightningDataModule):
 
     scope = 'mmdet'
     splits = {'fit': ('train', 'val'), 'validate': ('val',), 'test': ('test',)}
+    full_train_batches = False  # True: an epoch's last incomplete batch is dropped
 
     def __init__(self, root: Optional[str] = None, batch_size: Optional[int] = None,
                  num_workers: Optional[int] = None, predict_images: Optional[str] = None,
@@ -766,8 +776,14 @@ class OpenMMLabDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         args = self._loader_args('train')
-        return ResumableLoader(self.datasets['train'], seed=int(os.environ.get('PL_GLOBAL_SEED', 0)), drop_last=False,
-                               persistent_workers=args['num_workers'] > 0, **args)
+        train, (processes, _) = self.datasets['train'], world()
+        if self.full_train_batches and len(train) < args['batch_size'] * processes:
+            each = f' on each of {processes} processes' if processes > 1 else ''
+            raise InputError(f'the training split of {self.root or "the embedded data"} has {len(train)} images, fewer '
+                             f'than one batch (batch_size={args["batch_size"]}{each}): set --data.batch_size '
+                             f'{max(1, len(train) // processes)} or less')
+        return ResumableLoader(train, seed=int(os.environ.get('PL_GLOBAL_SEED', 0)),
+                               drop_last=self.full_train_batches, persistent_workers=args['num_workers'] > 0, **args)
 
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self.datasets['val'], **self._loader_args('val'))

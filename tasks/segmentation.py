@@ -448,6 +448,9 @@ class ADE20KDataModule(OpenMMLabDataModule):
     """
 
     scope = 'mmseg'
+    # mmseg trains on an InfiniteSampler: every batch is full. A last batch of one image would
+    # stop UperNet's batch norm after its global pooling at the end of an epoch.
+    full_train_batches = True
     embedded_layout = 'images/{training,validation} and annotations/{training,validation}'
 
     def embedded_root(self) -> Path:

@@ -2,6 +2,7 @@
 checks on bad input, and the real CLI (fit with fast_dev_run, validate, predict)."""
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -356,6 +357,25 @@ def test_fit_fast_dev_run_through_the_cli(embedded_data, tmp_path, capsys, monke
     for noise in ('override existing callbacks', 'transfer_batch_to_device', 'build_loss', 'reduce_zero_label',
                   'avg_non_ignore'):
         assert noise not in out
+
+
+def test_an_epochs_last_incomplete_batch_is_dropped_as_mmseg_never_trains_one(small_root, tmp_path, capsys,
+                                                                              monkeypatch):
+    """3 images at batch 2: one step an epoch. Before, the epoch ended on a batch of one image, and
+    UperNet's batch norm after its global pooling stopped the run with a traceback there."""
+    monkeypatch.chdir(tmp_path)
+    base = ['fit', '--task', 'seg', f'--data.root={small_root}', '--trainer.max_epochs=1',
+            '--trainer.limit_val_batches=0', '--trainer.logger=false', '--trainer.enable_checkpointing=false']
+    code, out = run_cli([*base, '--data.batch_size=2'], capsys)
+    assert code == 0, out[-3000:]
+    assert re.search(r'Epoch 0/0 .*1/1 ', out), out[-2000:]
+    code, out = run_cli([*base, '--data.batch_size=4'], capsys)
+    assert code == 1 and out.endswith(f'msmlp: error: the training split of {small_root} has 3 images, fewer than one '
+                                      'batch (batch_size=4): set --data.batch_size 3 or less\n'), out[-2000:]
+    code, out = run_cli([*base, '--data.batch_size=1'], capsys)
+    assert code == 1 and out.endswith('msmlp: error: data.batch_size=1 per process: a batch norm of the model normalises '
+                                      'a pooled 1x1 map, which needs 2 or more images: set --data.batch_size 2 or more\n'
+                                      ), out[-2000:]
 
 
 def test_validate_and_predict_with_tta_through_the_cli(embedded_data, tmp_path, capsys, monkeypatch):
