@@ -9,7 +9,8 @@
 # auxiliary FCNHead (weight 0.4) on stage 3 (index 2), SyncBN in the heads, ADE20K's
 # 2048x512 random resize (ratio 0.5-2.0), 512x512 crop, flip and photometric distortion,
 # reduce_zero_label (150 classes, label 0 ignored); AdamW lr 1e-4, betas (0.9, 0.999),
-# weight decay 0.05; linear warm-up over 1500 iterations from 1e-6, then poly (power 1) to 0;
+# weight decay 0.05; linear warm-up over 1500 iterations from 1e-6 times the rate,
+# then poly (power 1) to 0;
 # 160k iterations; drop path 0.4 (ConvNeXt-T's UperNet value; -S 0.3, -B 0.4; MS-MLP's
 # ImageNet values would be 0.1/0.4/0.5); sliding-window inference with 512x512 crops and
 # stride 341.

@@ -6,7 +6,7 @@
 # UperNet ADE20K recipe (mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py):
 # drop path 0.3; AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.01 with none on norms and the
 # relative position tables (nor on the MS blocks' layer scale `gamma`; biases decay, as Swin's); linear warm-up over 1500
-# iterations from 1e-6, then poly (power 1) to 0; the UperHead and auxiliary FCN head, pipelines,
+# iterations from 1e-6 times the rate, then poly (power 1) to 0; the UperHead and auxiliary FCN head, pipelines,
 # sliding-window inference (512x512 windows, stride 341) and batch of the MS-MLP-T UperNet config
 # (msmlp-t_upernet_8xb2-160k_ade20k-512x512.py), which share mmseg's ADE20K settings.
 # Backbone weights: the Swin-T ImageNet-1K checkpoint; its keys that exist here are loaded.
