@@ -403,8 +403,9 @@ def _run_cli(task: str, argv: List[str], new_folders: List[Path]) -> None:
     from tasks.base import BaseTask
 
     with relaunchable_as(['--task', task, *argv]), warnings.catch_warnings():
-        if argv[:1] != ['fit']:  # a checkpoint's own run folder does not matter here
+        if argv[:1] != ['fit']:  # a checkpoint's own run folder and callbacks do not matter here
             warnings.filterwarnings('ignore', message='The dirpath has changed')
+            warnings.filterwarnings('ignore', message='Be aware that when using `ckpt_path`')
         warnings.filterwarnings('ignore', message="LightningCLI's args parameter")  # sys.argv is the same command
         # Lightning 2.6 calls torch's deprecated LeafSpec check on every fit, mmengine imports
         # setuptools' deprecated pkg_resources: neither is the user's to act on

@@ -1048,6 +1048,22 @@ def test_a_checkpoint_trained_on_a_relative_data_root_finds_it_from_elsewhere(in
     assert status == 1 and f'data folder not found: {config.parent / "data/imagenet"}' in err
 
 
+def test_evaluating_a_run_of_other_checkpoint_settings_gives_no_callback_warning(in_tmp, capsys, recwarn):
+    """Lightning's 'callbacks used to create the checkpoint need to be provided' does not apply to
+    validate/test/predict, which restore no callback: it was shown after a run with its own
+    --checkpoint settings (a config's) was evaluated without them."""
+    data = write_folder(in_tmp / 'folder', per_class=4)
+    status, _, err = msmlp_run(capsys, *fit_args(data, '--trainer.max_epochs=1', '--checkpoint.monitor=val/loss',
+                                                 '--checkpoint.mode=min'))
+    assert status == 0, err
+    recwarn.clear()
+    for command in ('validate', 'test'):
+        status, out, err = msmlp_run(capsys, command, '--task', 'cls', '--ckpt_path=last')
+        assert status == 0, err
+        shown = out + err + ''.join(str(w.message) for w in recwarn)
+        assert 'callbacks used to create the checkpoint' not in shown
+
+
 @pytest.mark.slow
 def test_a_small_msswin_trains_on_the_embedded_default(tmp_path):
     """``msmlp fit --task cls --config configs/cls/msswin_mini_shapes.yaml``: >= 0.9 top-1 in minutes."""
