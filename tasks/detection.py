@@ -206,12 +206,15 @@ def check_coco(ann_file: str, img_dir: str, classes: Sequence[str], needs_masks:
     names = [cat['name'] for cat in data['categories']]
     absent = [c for c in classes if c not in names]
     if absent:
-        raise InputError(f'{ann_file}: the config\'s classes {absent} are not among its categories {names}')
+        raise InputError(f'{ann_file}: {len(absent)} of the config\'s classes are not among its {len(names)} '
+                         f'categories: {listed(map(repr, absent), _SHOWN)} (its categories: '
+                         f'{listed(map(repr, names), _SHOWN)})')
     in_file_order = [n for n in names if n in set(classes)]
     if list(classes) != in_file_order:
-        raise InputError(f'{ann_file}: the config lists classes in the order {list(classes)} but the file\'s '
-                         f'categories are in the order {in_file_order}; mmdet numbers labels in the file\'s '
-                         'order, so set metainfo.classes in that order')
+        at = next(i for i, (ours, theirs) in enumerate(zip(classes, in_file_order)) if ours != theirs)
+        raise InputError(f'{ann_file}: the config lists its {len(classes)} classes in another order than the file\'s '
+                         f'categories: class {at} is {classes[at]!r} in the config, {in_file_order[at]!r} in the '
+                         'file; mmdet numbers labels in the file\'s order, so set metainfo.classes in that order')
     missing = [img for img in data['images'] if not os.path.isfile(os.path.join(img_dir, img['file_name']))]
     if missing:
         shown = ', '.join(f'{os.path.join(img_dir, img["file_name"])} (image id {img["id"]})'

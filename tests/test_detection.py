@@ -236,11 +236,19 @@ def test_annotations_of_classes_the_config_does_not_train_are_warned_about(tmp_p
         check_coco(str(data_root / 'annotations' / 'instances_val.json'), str(data_root / 'val'), ('circle',))
 
 
-def test_classes_out_of_the_files_order_are_an_error(tmp_path):
+def test_classes_out_of_the_files_order_or_absent_are_short_errors(tmp_path):
+    """The first class out of place, not both lists (COCO's 80 names twice made a 3 KB line)."""
     data_root = write_shapes(tmp_path / 'data', train=1, val=2)
-    with pytest.raises(InputError, match="mmdet numbers labels in the file's order"):
-        check_coco(str(data_root / 'annotations' / 'instances_val.json'), str(data_root / 'val'),
-                   ('square', 'circle', 'triangle'))
+    ann_file, images = str(data_root / 'annotations' / 'instances_val.json'), str(data_root / 'val')
+    with pytest.raises(InputError, match=r"^.*instances_val\.json: the config lists its 3 classes in another order "
+                                         r"than the file's categories: class 0 is 'square' in the config, 'circle' in "
+                                         r"the file; mmdet numbers labels in the file's order, so set metainfo.classes "
+                                         r"in that order$"):
+        check_coco(ann_file, images, ('square', 'circle', 'triangle'))
+    with pytest.raises(InputError, match=r"^.*instances_val\.json: 2 of the config's classes are not among its 3 "
+                                         r"categories: 'dog', 'cat' \(its categories: 'circle', 'square', "
+                                         r"'triangle'\)$"):
+        check_coco(ann_file, images, ('circle', 'dog', 'cat'))
 
 
 def test_awkward_annotations_are_handled_as_documented(tmp_path):
