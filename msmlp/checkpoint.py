@@ -164,13 +164,17 @@ def download_weights(url: str, progress: bool = True) -> str:
         raise CheckpointError(f'{url} names no file to download')
     source = parsed._replace(fragment='').geturl()
     sha256 = dict(parse_qsl(parsed.fragment)).get('sha256')
+    if sha256 is not None and not re.fullmatch(r'[0-9a-fA-F]{64}', sha256):
+        raise CheckpointError(f'{url}: #sha256= takes the 64 hex digits of the file\'s SHA-256, got {sha256!r}')
     folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
     path = os.path.join(folder, _cached_name(source, name))
     if os.path.isfile(path):
         _check_cached(path, url, sha256)
         return path
     os.makedirs(folder, exist_ok=True)
-    partial = os.path.join(folder, f'partial-{os.path.basename(path)}')  # same suffix: read_checkpoint goes by it
+    # one partial file per process (several processes of a run may download at once, as
+    # torch.hub's temporary files); the same suffix: read_checkpoint goes by it
+    partial = os.path.join(folder, f'partial-{os.getpid()}-{os.path.basename(path)}')
     try:
         problem = _download(source, partial, name, progress, sha256)
     except Exception as err:  # urllib and http.client raise many types; all mean no file

@@ -1,5 +1,6 @@
 """The backbone: exact to the released model, any input size, the dense-task interface, timm."""
 import ast
+import os
 from pathlib import Path
 
 import pytest
@@ -348,6 +349,50 @@ def test_a_download_cut_short_of_its_content_length_is_not_kept(hub):
     assert not list(hub.iterdir())
 
 
+def test_two_processes_downloading_the_same_url_at_once_both_get_it(tmp_path, hub):
+    """The processes of a multi-GPU run build their models at once: each downloads (the server
+    here makes the two downloads overlap); before, they wrote into one partial file and both failed."""
+    import http.server
+    import socketserver
+    import subprocess
+    import sys
+    import threading
+    whole = (FIXTURES / 'released_layout_square_64.pth').read_bytes()
+    both_connected = threading.Barrier(2, timeout=60)
+
+    class Overlapping(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header('Content-Length', str(len(whole)))
+            self.end_headers()
+            both_connected.wait()
+            for start in range(0, len(whole), len(whole) // 4 + 1):
+                self.wfile.write(whole[start:start + len(whole) // 4 + 1])
+                self.wfile.flush()
+
+        def log_message(self, *args):
+            pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    server = Server(('127.0.0.1', 0), Overlapping)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f'http://127.0.0.1:{server.server_port}/msmlp_tiny_patch4_ckpt_epoch299.pth'
+    code = f'import msmlp.checkpoint as c; print(c.download_weights({url!r}, progress=False))'
+    env = dict(os.environ, TORCH_HOME=str(hub.parent.parent), PYTHONPATH=str(Path(__file__).parents[1]))
+    try:
+        runs = [subprocess.Popen([sys.executable, '-c', code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for _ in range(2)]
+        results = [run.communicate(timeout=120) for run in runs]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in results]
+    [cached] = hub.iterdir()  # one copy, no partial file left
+    assert {out.strip() for out, _ in results} == {str(cached)} and cached.read_bytes() == whole
+
+
 def test_a_download_with_the_wrong_hash_is_not_kept(tmp_path, hub):
     import hashlib
     url = released_at_a_url(tmp_path)
@@ -377,6 +422,9 @@ def test_urls_that_end_in_the_same_file_name_are_cached_apart(tmp_path, hub):
 
 def test_a_cached_copy_is_checked_against_the_urls_sha256(tmp_path, hub):
     url = released_at_a_url(tmp_path)
+    with pytest.raises(msmlp.CheckpointError, match=r"#sha256= takes the 64 hex digits of the file's SHA-256, "
+                                                    r"got 'xyz'$"):
+        msmlp.checkpoint.download_weights(url + '#sha256=xyz', progress=False)
     cached = msmlp.checkpoint.download_weights(url, progress=False)
     with pytest.raises(msmlp.CheckpointError, match=f'^the cached {cached} has SHA-256 [0-9a-f]{{64}}, but .* expects '
                                                     f'{"0" * 64}; remove the file to download it again$'):
