@@ -630,6 +630,9 @@ class ClassificationTask(BaseTask):
             check_writable(str(path))  # before predicting, not after
         except OutputError as err:
             raise InputError(f'model.predict_file: {err}') from None
+        dataset = getattr(self.trainer.datamodule, 'datasets', {}).get('predict')
+        if dataset is not None and os.path.realpath(path) in {os.path.realpath(p) for p, _ in dataset.samples}:
+            raise InputError(f'model.predict_file: {path} is one of the images to predict; name another file')
         processes, rank = world()
         self._rows = PredictionRows(path if processes == 1 else share_file(path, rank, processes))
 

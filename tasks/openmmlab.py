@@ -436,8 +436,27 @@ class OpenMMLabTask(BaseTask):
             return Path(self.predict_dir)
         return Path(self.trainer.default_root_dir) / 'predictions'
 
+    def prediction_files(self, out_dir: Path, img_path: str) -> List[Path]:
+        """The files ``predict`` writes for the image ``img_path``."""
+        return [out_dir / prediction_name(img_path)]
+
     def on_predict_start(self) -> None:
         self._predictions_written, self._unread = 0, []
+        out_dir = self._predict_dir()
+        paths = getattr(getattr(self.trainer.datamodule, 'datasets', {}).get('predict'), 'paths', [])
+        inputs = {os.path.realpath(p) for p in paths}
+        for path in paths:
+            clash = next((f for f in self.prediction_files(out_dir, path) if os.path.realpath(f) in inputs), None)
+            if clash is not None:
+                raise InputError(f'model.predict_dir: the prediction of {path} would be written over the image '
+                                 f'{clash}: give --model.predict_dir another folder')
+        for folder in sorted({f.parent for f in self.prediction_files(out_dir, 'image.png')}):
+            try:  # before predicting, not at the first batch
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise InputError(f'model.predict_dir: cannot make the folder {folder} ({err.strerror or err})') from None
+            if not os.access(folder, os.W_OK):
+                raise InputError(f'model.predict_dir: cannot write into {folder}: permission denied')
 
     def on_predict_end(self) -> None:
         # each process drew its share of the images

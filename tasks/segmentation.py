@@ -34,7 +34,7 @@ from msmlp.mm import class_palette
 from tasks.base import InputError
 from tasks.embedded import ensure_dataset
 from tasks.openmmlab import (IMAGE_SUFFIXES, OpenMMLabDataModule, OpenMMLabTask, dataset_classes, dataset_type,
-                             leaf_datasets, loads_annotations, without_annotations)
+                             leaf_datasets, loads_annotations, prediction_name, without_annotations)
 
 __all__ = ['SegmentationTask', 'ADE20KDataModule', 'SegmentationMetrics', 'CheckSegLabels',
            'check_image_label_pairs', 'class_subset_note', 'class_palette', 'draw_overlay']
@@ -389,6 +389,9 @@ class SegmentationTask(OpenMMLabTask):
         label_dir = Path(out_file).parent / 'labels'
         label_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(raw.astype(np.uint8), mode='L').save(label_dir / Path(out_file).name)
+
+    def prediction_files(self, out_dir: Path, img_path: str) -> List[Path]:
+        return [*super().prediction_files(out_dir, img_path), out_dir / 'labels' / prediction_name(img_path)]
 
     def label_values(self) -> np.ndarray:
         """The label-map value of each predicted class: the inverse of what the dataset does on

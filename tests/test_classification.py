@@ -584,6 +584,21 @@ def test_predict_on_several_processes_writes_each_share_as_it_comes(stopped, tra
             assert [row[0] for row in csv.reader(f)][1:] == [str(folder / f'{i}.png') for i in range(6)]
 
 
+def test_predict_file_that_is_one_of_the_images_is_refused(trained, capsys, monkeypatch, tmp_path):
+    # before: the CSV was written over the image
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    image = folder / 'a.png'
+    shutil.copy(trained['data'] / 'val' / 'bee' / '0.png', image)
+    before = image.read_bytes()
+    status, out, err = msmlp_run(capsys, 'predict', '--task', 'cls', f'--ckpt_path={trained["best"]}',
+                                 f'--data.predict_path={folder}', f'--model.predict_file={image}')
+    assert status == 1 and err.endswith(f'msmlp: error: model.predict_file: {image} is one of the images to predict; '
+                                        'name another file\n')
+    assert image.read_bytes() == before
+
+
 def test_predict_with_the_released_weights_names_imagenets_classes(tmp_path):
     # before: 'class 281' for a tabby cat
     torch.save(msmlp.MSMLP(num_classes=1000, embed_dim=20, depths=(1, 1, 1, 1)).state_dict(), tmp_path / 'in1k.pth')

@@ -447,6 +447,31 @@ def test_predict_images_that_would_share_an_output_name_are_refused(embedded_dat
     assert not (tmp_path / 'out').exists()
 
 
+def test_predictions_never_overwrite_the_images_and_a_bad_predict_dir_is_one_line(embedded_data, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """--model.predict_dir = the images' folder wrote the overlays over the PNG inputs; a file or
+    an unmakeable folder was a traceback at the first batch."""
+    monkeypatch.chdir(tmp_path)
+    source = next((embedded_data / scenes.DIRNAME / 'images' / 'validation').glob('*.jpg'))
+    inputs = tmp_path / 'inputs'
+    inputs.mkdir()
+    Image.open(source).save(inputs / 'a.png')
+    (inputs / 'labels').mkdir()  # seg also writes labels/<name>.png
+    Image.open(source).save(inputs / 'labels' / 'b.png')
+    before = {p: p.read_bytes() for p in inputs.rglob('*.png')}
+    # the overlay of a.png over a.png; the label map of labels/b.png over labels/b.png
+    for images, clash in ((inputs / '*.png', inputs / 'a.png'), (inputs / 'labels', inputs / 'labels' / 'b.png')):
+        code, out = run_cli(['predict', '--task', 'seg', f'--data.predict_images={images}',
+                             f'--model.predict_dir={inputs}'], capsys)
+        assert code == 1 and out.endswith(f'would be written over the image {clash}: give --model.predict_dir another '
+                                          'folder\n'), out[-2000:]
+    assert {p: p.read_bytes() for p in inputs.rglob('*.png')} == before
+    code, out = run_cli(['predict', '--task', 'seg', f'--data.predict_images={inputs / "a.png"}',
+                         f'--model.predict_dir={inputs / "a.png"}'], capsys)
+    assert code == 1 and out.endswith(f'msmlp: error: model.predict_dir: cannot make the folder {inputs / "a.png"} '
+                                      '(File exists)\n'), out[-2000:]
+
+
 def test_bad_data_root_is_a_one_line_cli_error(tmp_path, capsys, monkeypatch, small_root):
     monkeypatch.chdir(tmp_path)
     (small_root / 'annotations' / 'training' / 'ADE_train_00000003.png').unlink()
