@@ -40,6 +40,7 @@ FORMATS = {'onnx': '.onnx', 'torchscript': '.pt', 'exported-program': '.pt2', 's
 OPENMMLAB = 'openmmlab'  # a det/seg run's whole model, for the OpenMMLab tools (not a backbone format)
 # Below 64 pixels the last stage is 1x1, a case the exported program's shape guards leave out.
 MIN_DYNAMIC_SIZE = 64
+MIN_OPSET = 18  # torch.onnx.export(dynamo=True) raises a lower request to 18, with a traceback on the way
 
 
 class OutputError(ValueError):
@@ -455,11 +456,22 @@ def export_openmmlab(source: str, output: str) -> str:
     config_path = os.path.splitext(output)[0] + '.py'
     if os.path.abspath(config_path) == os.path.abspath(output):
         raise OutputError(f'cannot write {output}: name a .pth file (the config goes beside it as {config_path})')
+    if os.path.exists(config_path) and not _written_by_export(config_path):
+        raise OutputError(f'cannot write {output}: its config would replace {config_path}, which msmlp export did '
+                          'not write; name another output')
     check_writable(output)
     torch.save(checkpoint, output)
     with open(config_path, 'w') as f:
-        f.write(config)
+        f.write(f'{EXPORTED_CONFIG_MARK} from {source}\n{config}')
     return config_path
+
+
+EXPORTED_CONFIG_MARK = '# written by msmlp export'
+
+
+def _written_by_export(config_path: str) -> bool:
+    with open(config_path, errors='replace') as f:
+        return f.readline().startswith(EXPORTED_CONFIG_MARK)
 
 
 def check_openmmlab(output: str, config_path: str) -> Optional[str]:
@@ -530,11 +542,18 @@ def parse_args(argv: Optional[Sequence[str]] = None,
     parser.add_argument('--opset', type=int, help="ONNX opset (default: torch's)")
     parser.add_argument('--no-check', action='store_true', help='do not load and check the written file')
     args = parser.parse_args(argv)
+    if args.img_size and min(args.img_size) < 1:
+        parser.error(f'--img-size {args.img_size[0]} {args.img_size[1]}: height and width must be at least 1')
+    if args.opset is not None and args.opset < MIN_OPSET:
+        parser.error(f"--opset {args.opset}: torch's ONNX exporter writes opset {MIN_OPSET} or later")
     if checkpoint_keyword and args.checkpoint in ('last', 'best') and not os.path.exists(args.checkpoint):
         args.checkpoint = checkpoint_keyword(args.checkpoint, args.format == OPENMMLAB)
     if args.output is None and args.format == OPENMMLAB:
         stem = os.path.splitext(os.path.basename(args.checkpoint or 'model'))[0]
         args.output = stem + '-openmmlab.pth'
+    if args.output and args.checkpoint and os.path.exists(args.output) \
+            and os.path.samefile(args.output, args.checkpoint):
+        parser.error(f'--output {args.output} is the checkpoint it exports: name another file')
     return args
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import msmlp
-from msmlp.export import DenseOutputs, build_model, check_export, export, main
+from msmlp.export import DenseOutputs, OutputError, build_model, check_export, export, export_openmmlab, main
 
 ROOT = Path(__file__).parents[1]
 SMALL = dict(embed_dim=24, depths=(1, 1, 2, 1))
@@ -337,6 +337,39 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert '--model must be one of msmlp_tiny' in capsys.readouterr().err
     assert main(['--img-size', '32', '32', '--output', str(tmp_path / 'm.onnx')]) == 1
     assert 'add --static' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--img-size', '0', '5'], '--img-size 0 5: height and width must be at least 1'),  # wrote the file, then failed
+    (['--format', 'onnx', '--opset', '5'], "--opset 5: torch's ONNX exporter writes opset 18 or later"),  # wrote 18
+])
+def test_sizes_and_opsets_that_cannot_be_written_are_refused_first(tmp_path, capsys, args, message):
+    output = tmp_path / 'out'
+    with pytest.raises(SystemExit) as stop:
+        main([*args, '--output', str(output)])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().endswith(f'msmlp export: error: {message}')
+    assert not output.exists()
+
+
+def test_an_export_never_replaces_its_checkpoint_or_a_config_of_ones_own(tmp_path, capsys):
+    ckpt = lightning_checkpoint(tmp_path / 'run.ckpt', timm.create_model('msmlp_tiny', num_classes=3, **SMALL))
+    before = Path(ckpt).read_bytes()
+    with pytest.raises(SystemExit):  # before: the TorchScript file replaced the training checkpoint
+        main(['--checkpoint', ckpt, '--format', 'torchscript', '--output', str(tmp_path / '.' / 'run.ckpt')])
+    assert capsys.readouterr().err.strip().endswith(f'--output {tmp_path / "." / "run.ckpt"} is the checkpoint it '
+                                                    'exports: name another file')
+    assert Path(ckpt).read_bytes() == before
+    own = tmp_path / 'my_det.py'  # before: replaced by the run's config
+    own.write_text('# my own config\n')
+    det = tmp_path / 'det.ckpt'
+    torch.save({'state_dict': {'model.w': torch.zeros(1)}, 'openmmlab_config': "default_scope = 'mmdet'\n"}, det)
+    with pytest.raises(OutputError, match=f'^cannot write {tmp_path / "my_det.pth"}: its config would replace '
+                                          f'{own}, which msmlp export did not write; name another output$'):
+        export_openmmlab(str(det), str(tmp_path / 'my_det.pth'))
+    assert own.read_text() == '# my own config\n' and not (tmp_path / 'my_det.pth').exists()
+    for _ in range(2):  # its own config, from an earlier export, is replaced
+        export_openmmlab(str(det), str(tmp_path / 'exported.pth'))
+    assert (tmp_path / 'exported.py').read_text() == f"# written by msmlp export from {det}\ndefault_scope = 'mmdet'\n"
 
 
 def test_the_cli_lists_export():
