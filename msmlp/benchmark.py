@@ -104,6 +104,8 @@ def resolve_model_name(name: str) -> str:
     """A timm model name; a prefix (``swin_tiny``) resolves to its first match."""
     import timm
     import msmlp  # noqa: F401  (registers msmlp_* with timm)
+    if not name.strip():  # a prefix of every model: it resolved to timm's first, a 1.2B-parameter one
+        raise SystemExit('msmlp benchmark: a model name is empty')
     if timm.is_model(name):
         return name
     matches = timm.list_models(f'{name}*')

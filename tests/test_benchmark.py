@@ -202,3 +202,10 @@ def test_ms_swin_rows_are_labelled_and_built_as_ms_mlp_rows(monkeypatch):
                                            'msswin_tiny (reference)']
     impls = [{block.mix_impl for block in row.model.modules() if hasattr(block, 'mix_impl')} for row in rows]
     assert impls == [{'fast'}, {'triton'}, {'triton_norm'}, {'reference'}]
+
+
+def test_an_empty_model_name_is_refused():
+    """'' is a prefix of every timm model: --compare '' timed timm's first, a 1.2B-parameter model."""
+    for argv in (['--compare', ''], ['--model', ' ']):
+        with pytest.raises(SystemExit, match='^msmlp benchmark: a model name is empty$'):
+            benchmark.build_rows(benchmark.parse_args([*argv, *TINY]))
