@@ -466,8 +466,8 @@ class OpenMMLabTask(BaseTask):
             print(f'[msmlp] wrote {images} to {self._predict_dir().resolve()}', flush=True)
         unread = gather_in_order(self._unread)  # every process gets them all, and fails alike
         if unread:
-            raise InputError(f'{len(unread)} of {len(unread) + written} images could not be read and have no '
-                             f'prediction in {self._predict_dir().resolve()}; the first: {unread[0]}')
+            raise InputError(f'{len(unread)} of {len(unread) + written} images could not be read or prepared and have '
+                             f'no prediction in {self._predict_dir().resolve()}; the first: {unread[0]}')
 
     # ----- metrics -----------------------------------------------------------------------
     def update_metrics(self, metrics, outputs: list, batch: dict) -> None:
@@ -555,6 +555,16 @@ class _SkipUnreadable(_ReadErrors):
             return super().__getitem__(index)
         except InputError as err:
             return {UNREADABLE: (index, str(err))}
+        except Exception as err:  # read, but the config's pipeline fails on it (4000x8 resized to 160x0)
+            return {UNREADABLE: (index, _unprepared(self.dataset.get_data_info(index)['img_path'], err))}
+
+
+def _unprepared(path: str, err: Exception) -> str:
+    from PIL import Image
+    with Image.open(path) as image:
+        width, height = image.size
+    reason = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), '')
+    return f'cannot prepare {path} ({width}x{height}) for the model: {type(err).__name__}: {reason}'
 
 
 def collate_predict(items: Sequence[dict]) -> dict:

@@ -565,6 +565,20 @@ def test_predicting_an_unreadable_image_names_it_beside_the_batch(tmp_path):
     assert collate_predict([images[0]]) == {'inputs': [], 'unreadable': [(0, reason)]}
 
 
+def test_an_image_the_pipeline_cannot_prepare_is_passed_like_an_unreadable_one(tmp_path):
+    """4000x8 resizes to 160x0 in the mini config: cv2's assertion stopped predict there, and the
+    images after it were never predicted."""
+    from PIL import Image
+    Image.new('RGB', (4000, 8), 'red').save(tmp_path / 'a_wide.png')
+    Image.new('RGB', (40, 30), 'red').save(tmp_path / 'b_good.png')
+    data = CocoDataModule(predict_images=str(tmp_path), config=MINI)
+    data.setup('predict')
+    images = data.datasets['predict']
+    index, reason = images[0]['unreadable']
+    assert index == 0 and reason.startswith(f'cannot prepare {tmp_path / "a_wide.png"} (4000x8) for the model: error: ')
+    assert '\n' not in reason and images[1]['inputs'].shape[0] == 3
+
+
 def test_empty_predict_images_is_an_error_not_the_validation_images(root):
     data = CocoDataModule(root=str(root), predict_images='', config=MINI)
     with pytest.raises(InputError, match='^predict_images is empty: give an image, a folder or a glob, or leave it '

@@ -428,7 +428,7 @@ def test_predict_goes_past_an_unreadable_image_then_fails_naming_it(embedded_dat
     assert f'[msmlp] not predicted: cannot read {inputs / "b.jpg"}: ' in out
     assert f'wrote 2 prediction images to {drawn}' in out
     assert out.strip().splitlines()[-1].startswith(
-        f'msmlp: error: 1 of 3 images could not be read and have no prediction in {drawn}; '
+        f'msmlp: error: 1 of 3 images could not be read or prepared and have no prediction in {drawn}; '
         f'the first: cannot read {inputs / "b.jpg"}: ')
 
 
