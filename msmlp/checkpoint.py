@@ -291,6 +291,7 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
     if head and strict_head:
         raise CheckpointError(f'{source}: classifier head does not fit the model: {head}')
     norms = [k for k in state if k.startswith(_NEW_IN_DENSE) and k not in own]
+    file_has_head = any(k.startswith(_HEAD) for k in state)
     dropped = head + norms
     state, adapted = adapt_stem({k: v for k, v in state.items() if k not in dropped}, own)
 
@@ -305,7 +306,7 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
     if head:
         warnings.warn(f'{source}: classifier head {head} not loaded: the model has a different '
                       'num_classes', stacklevel=3)
-    if any(k.startswith(_HEAD) for k in own) and not any(k.startswith(_HEAD) for k in state):
+    if any(k.startswith(_HEAD) for k in own) and not file_has_head:
         warnings.warn(f'{source} holds no classifier head: the model\'s keeps its initialisation', stacklevel=3)
     if norms:
         warnings.warn(f'{source}: output norms {listed(norms, 4)} not loaded: the model has '

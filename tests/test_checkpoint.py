@@ -81,8 +81,10 @@ def test_an_mmengine_training_checkpoint_loads_its_weights_and_nothing_else_runs
 def test_other_num_classes_drops_the_head_with_a_warning():
     model = MSMLP(num_classes=3, **SQUARE_ARCH)
     head_before = model.head.weight.clone()
-    with pytest.warns(UserWarning, match='classifier head'):
+    with pytest.warns(UserWarning, match='classifier head') as warned:
         report = load_pretrained(model, RELEASED)
+    assert [str(w.message).split(': ', 1)[-1] for w in warned] == [
+        "classifier head ['head.weight', 'head.bias'] not loaded: the model has a different num_classes"]
     assert report['dropped'] == ['head.weight', 'head.bias']
     assert torch.equal(model.head.weight, head_before)
     assert torch.equal(model.patch_embed.proj.weight, SQUARE['state_dict']['patch_embed.proj.weight'])
