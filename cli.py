@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import importlib
 import inspect
 import os
@@ -73,26 +74,46 @@ def resolve_config_args(argv: Sequence[str], task: str) -> List[str]:
             value = arg.split('=', 1)[1] if '=' in arg else next(args, None)
             if value is not None and not any(c in value for c in ':{\n'):
                 value = str(find_config(value, task))
-                check_yaml(value)
+                check_task_config(value, task)
             out += ['--config'] + ([value] if value is not None else [])
         else:
             out.append(arg)
     return out
 
 
-def check_yaml(path: str) -> None:
-    """``InputError`` naming the file, line and column where ``path`` is not YAML (jsonargparse
-    would name neither the file nor, for several files, which one)."""
+def check_task_config(path: str, task: str) -> None:
+    """``InputError`` naming the file when ``path`` is not a YAML mapping (with the line and
+    column of a syntax error: jsonargparse would name neither the file nor, for several files,
+    which one), or when its model is another task's (it would run that task under --task's name)."""
+    from tasks.base import InputError
+    config = read_yaml(path)
+    if not isinstance(config, dict):
+        raise InputError(f'{path}: ' + ('empty' if config is None else f'a YAML {type(config).__name__}') +
+                         ', not a mapping of options (model:, data:, trainer: ...)')
+    model = config.get('model')
+    class_path = model.get('class_path') if isinstance(model, dict) else None
+    owner = next((t for t in TASKS if class_path and class_path == _task_class_path(t)), None)
+    if owner is not None and owner != task:
+        raise InputError(f'{path} is a config of --task {owner} (its model is {class_path}), not of --task {task}: '
+                         f'run it with --task {owner}')
+
+
+def read_yaml(path: str):
     import yaml
 
     from tasks.base import InputError
     try:
-        yaml.safe_load(Path(path).read_text())
+        return yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, 'problem_mark', None)
         where = f', line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
         problem = getattr(err, 'problem', None) or str(err).splitlines()[0]
         raise InputError(f'{path}{where}: not valid YAML: {problem}') from err
+
+
+@functools.lru_cache(maxsize=None)
+def _task_class_path(task: str) -> str:
+    return read_yaml(str(task_config(task)))['model']['class_path']
 
 
 def _last_line(err: BaseException) -> str:

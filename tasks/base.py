@@ -71,6 +71,8 @@ def find_config(name: str, task: str = '') -> Path:
     for candidate in (CONFIG_DIR / relative, CONFIG_DIR / task / relative):
         if candidate.is_file():
             return candidate
+    if given.is_dir():
+        raise InputError(f'config {name} is a folder: name a file in it')
     raise InputError(f'config not found: {name} (looked in {Path.cwd()} and in the shipped configs, {CONFIG_DIR})')
 
 

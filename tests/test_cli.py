@@ -127,6 +127,26 @@ def test_a_config_that_is_not_yaml_is_named_with_its_line(capsys, tmp_path):
     assert capsys.readouterr().err.startswith(f'msmlp: error: {bad}, line 3, column 1: not valid YAML: ')
 
 
+def test_a_config_that_is_empty_a_folder_or_of_another_task_is_one_line(capsys, tmp_path, monkeypatch):
+    """Before: 'Unexpected config:' with nothing after it; 'config not found' for a folder that
+    exists; a det config under --task cls trained a Mask R-CNN announced as 'task cls'."""
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / 'empty.yaml'
+    empty.write_text('')
+    listed = tmp_path / 'list.yaml'
+    listed.write_text('- 1\n')
+    det = cli.CONFIG_DIR / 'det' / 'default.yaml'
+    for config, message in (
+            (empty, f'{empty}: empty, not a mapping of options (model:, data:, trainer: ...)'),
+            (listed, f'{listed}: a YAML list, not a mapping of options (model:, data:, trainer: ...)'),
+            (tmp_path, f'config {tmp_path} is a folder: name a file in it'),
+            (det, f'{det} is a config of --task det (its model is tasks.detection.DetectionTask), not of --task cls: '
+                  'run it with --task det')):
+        assert cli.main(['fit', '--task', 'cls', '--config', str(config)]) == 1
+        assert capsys.readouterr().err == f'msmlp: error: {message}\n'
+    assert not (tmp_path / 'runs').exists()
+
+
 def test_trainer_options_the_machine_cannot_run_are_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli.main(['fit', '--task', 'cls', '--trainer.strategy=fsdp', '--trainer.accelerator=cpu']) == 1
