@@ -89,6 +89,8 @@ def read_checkpoint(path: PathLike) -> Any:
             pickle asks for a class or function outside the weights-only allow list.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise CheckpointError(f'checkpoint {path} is a folder: name the checkpoint file in it')
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
     if path.endswith('.safetensors'):
@@ -103,6 +105,9 @@ def read_checkpoint(path: PathLike) -> Any:
     except pickle.UnpicklingError as err:
         raise _refusal(path, str(err)) from None
     except Exception as err:  # torch raises many types for damaged files; all mean unreadable
+        if 'TorchScript archive' in str(err):  # torch's advice (weights_only=False) would run its code
+            raise CheckpointError(f'{path} is a TorchScript model (msmlp export writes them), not a checkpoint of '
+                                  'weights: torch.jit.load runs it') from None
         raise CheckpointError(
             f'cannot read {path}: not a PyTorch checkpoint, or truncated ({type(err).__name__}: '
             f'{str(err).splitlines()[0] if str(err) else "no details"})') from None

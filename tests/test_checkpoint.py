@@ -199,6 +199,13 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
 def test_missing_file_and_tensorless_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match='not found: .*nope.pth'):
         read_checkpoint(tmp_path / 'nope.pth')
+    with pytest.raises(CheckpointError, match=f'^checkpoint {tmp_path} is a folder: name the checkpoint file in it$'):
+        read_checkpoint(tmp_path)  # was 'checkpoint not found'
+    scripted = tmp_path / 'model.pt'
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    with pytest.raises(CheckpointError, match=r'model\.pt is a TorchScript model \(msmlp export writes them\), not a '
+                                              r'checkpoint of weights: torch.jit.load runs it$'):
+        read_checkpoint(scripted)  # was torch's advice to load it with weights_only=False
     path = tmp_path / 'list.pth'
     torch.save([1, 2, 3], path)
     with pytest.raises(CheckpointError, match='holds a list'):
