@@ -356,7 +356,9 @@ class MSMLP(nn.Module):
         super().__init__()
         num_stages = len(depths)
         if len(mix_sizes) != num_stages:
-            raise ValueError(f'mix_sizes has {len(mix_sizes)} entries for {num_stages} stages')
+            given = 'the released mix_sizes have' if mix_sizes is MIX_SIZES else 'mix_sizes has'
+            raise ValueError(f'depths {tuple(depths)} names {num_stages} stages, but {given} {len(mix_sizes)} entries: '
+                             'give as many depths as mix_sizes (or mix_sizes for each stage)')
         _check_head(num_classes, global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool

@@ -131,6 +131,15 @@ def test_scripted_model_keeps_forward_dense():
         classifier.forward_dense(x)
 
 
+def test_depths_of_another_stage_count_name_the_option_given():
+    # before: 'mix_sizes has 4 entries for 3 stages', an option the user never set
+    with pytest.raises(ValueError, match=r'^depths \(1, 1, 2\) names 3 stages, but the released mix_sizes have 4 '
+                                         r'entries: give as many depths as mix_sizes'):
+        MSMLP(embed_dim=24, depths=(1, 1, 2))
+    with pytest.raises(ValueError, match=r'^depths \(1, 1\) names 2 stages, but mix_sizes has 3 entries'):
+        MSMLP(embed_dim=24, depths=(1, 1), mix_sizes=((1, 3), (1, 3), (1, 3)))
+
+
 def test_out_indices_are_validated():
     with pytest.raises(ValueError, match=r'^out_indices \[0, 4\] must name stages in 0..3 \(or -4..-1\)$'):
         MSMLP(out_indices=(0, 4), **TINY)
