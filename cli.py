@@ -211,6 +211,7 @@ class MSMLPArgumentParser(LightningArgumentParser):
     of the usage of every option (over 60 lines) with the error at its end."""
 
     task = DEFAULT_TASK
+    command_line: Sequence[str] = ()
 
     def error(self, message: str, ex: Optional[Exception] = None):
         if not self.exit_on_error or os.environ.get('JSONARGPARSE_DEBUG'):  # raise, as jsonargparse does then
@@ -218,9 +219,20 @@ class MSMLPArgumentParser(LightningArgumentParser):
         parser = getattr(ex, 'subcommand_parser', None) or self
         prog = parser.prog.replace(' [options]', '')
         options = [flag for action in parser._actions for flag in action.option_strings]
-        sys.stderr.write(f'{prog}: error: {condensed_error(message, options)}\n'
+        sys.stderr.write(f'{prog}: error: {self.from_config(condensed_error(message, options))}\n'
                          f'{prog} --task {self.task} --help lists every option\n')
         self.exit(2)
+
+    def from_config(self, reason: str) -> str:
+        """``reason``, saying which configs hold the option it names when the command line does not."""
+        flag = re.match(r'(--[\w.]+)[:=]', reason) or re.search(r"does not accept option '([\w.]+)'", reason)
+        typed = {arg.split('=', 1)[0].replace('.init_args.', '.').lstrip('-') for arg in self.command_line}
+        if flag is None or flag.group(1).lstrip('-') in typed:
+            return reason
+        args = list(self.command_line)
+        configs = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == '--config']
+        configs += [arg.split('=', 1)[1] for arg in args if arg.startswith('--config=')]
+        return f'{reason} (not on the command line: from {" or ".join(configs or [str(task_config(self.task))])})'
 
 
 class RunFolderWrittenWhenTrainingStarts(SaveConfigCallback):
@@ -258,12 +270,13 @@ class MSMLPCLI(LightningCLI):
     def __init__(self, *args: Any, task: str = DEFAULT_TASK, new_folders: Optional[List[Path]] = None,
                  **kwargs: Any) -> None:
         self.task = task
+        self.command_line = list(kwargs.get('args') or [])
         self.new_folders = new_folders if new_folders is not None else []  # what this run creates
         super().__init__(*args, **kwargs)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)
-        parser.task = self.task
+        parser.task, parser.command_line = self.task, self.command_line
         return parser
 
     def add_arguments_to_parser(self, parser) -> None:

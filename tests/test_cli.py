@@ -112,6 +112,20 @@ def test_a_bad_flag_is_one_line_and_where_the_options_are(task, args, error, cap
                                        f'msmlp {args[0]} --task {task} --help lists every option\n')
 
 
+def test_a_bad_option_in_a_config_file_names_the_file(capsys, tmp_path):
+    """Before: reported as if typed on the command line (a wrong key), or with no file at all
+    (options not nested under data:)."""
+    wrong_key, flat = tmp_path / 'wrong_key.yaml', tmp_path / 'flat.yaml'
+    wrong_key.write_text('model:\n  lrr: 0.1\n')
+    flat.write_text('data:\nbatch_size: 4\n')
+    for config, error in (
+            (wrong_key, "--model.lrr: tasks.classification.ClassificationTask takes no option 'lrr'; did you mean "
+                        f'--model.lr? (not on the command line: from {wrong_key})'),
+            (flat, f"Subcommand 'fit' does not accept option 'batch_size' (not on the command line: from {flat})")):
+        assert cli.main(['fit', '--task', 'cls', '--config', str(config)]) == 2
+        assert capsys.readouterr().err == f'msmlp fit: error: {error}\nmsmlp fit --task cls --help lists every option\n'
+
+
 @pytest.mark.parametrize('typed, meant', [('fitt', 'fit'), ('exprot', 'export'), ('benchmrk', 'benchmark')])
 def test_a_mistyped_subcommand_is_named_with_the_closest(typed, meant, capsys):
     assert cli.main([typed, '--checkpoint', 'best']) == 2
