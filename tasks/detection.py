@@ -490,6 +490,8 @@ class DetectionTask(OpenMMLabTask):
     def __init__(self, config: str = 'mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py',
                  cfg_options: Optional[Dict[str, Any]] = None, pretrained: Optional[str] = None,
                  predict_dir: Optional[str] = None, num_threads: Optional[int] = None, score_thr: float = 0.3):
+        if not 0 <= score_thr <= 1:
+            raise InputError(f'model.score_thr={score_thr}: detection scores are in 0..1 (a higher one draws nothing)')
         super().__init__(config, cfg_options, pretrained, predict_dir, num_threads)
         self.score_thr = score_thr
         self._visualizer = None

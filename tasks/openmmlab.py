@@ -209,6 +209,9 @@ class OpenMMLabTask(BaseTask):
         model_cfg = copy.deepcopy(self.cfg.model)
         if not starting_weights_needed():
             model_cfg.backbone.init_cfg = None
+        elif hp.get('pretrained') and '://' not in hp['pretrained'] and not os.path.isfile(hp['pretrained']):
+            raise InputError(f"model.pretrained: checkpoint not found: {hp['pretrained']} (a backbone checkpoint "
+                             "file or URL; --model.pretrained '' trains the backbone from scratch)")
         self.model = registry.MODELS.build(model_cfg)
         init = model_cfg.backbone.get('init_cfg')
         with _quiet_mmengine():  # mmengine logs the initialisation of every parameter

@@ -437,6 +437,17 @@ def test_other_precisions_on_the_cpu_are_one_line(precision, named, root, tmp_pa
                                        "32-true only (mmcv's CPU NMS takes float32 boxes); drop --trainer.precision\n")
 
 
+def test_a_missing_pretrained_file_and_a_score_threshold_above_one_are_one_line(root, tmp_path, monkeypatch, capsys):
+    # before: advice to edit model.backbone.init_cfg, which the command line never showed; 5 drew nothing, silently
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(['fit', '--task', 'det', f'--data.root={root}', '--trainer.fast_dev_run=1',
+                     '--model.pretrained=nope.pth']) == 1
+    assert capsys.readouterr().err == ("msmlp: error: model.pretrained: checkpoint not found: nope.pth (a backbone "
+                                       "checkpoint file or URL; --model.pretrained '' trains the backbone from scratch)\n")
+    with pytest.raises(InputError, match=r'^model.score_thr=5: detection scores are in 0..1'):
+        DetectionTask(score_thr=5)
+
+
 def test_validating_a_run_does_not_read_its_starting_backbone_weights(root, tmp_path, monkeypatch, capsys):
     """The checkpoint replaces the backbone's init_cfg weights: a file deleted since (or a URL
     out of reach) does not matter to validate."""
