@@ -107,11 +107,15 @@ def _architecture(name: str, checkpoint: Dict, state: Dict[str, torch.Tensor], s
     hyperparameters; other MS-Swin weights are ``name``'s registered architecture (loaded strictly,
     so a file of another one is refused)."""
     swin = swin_key(state)
+    hparams = checkpoint.get('hyper_parameters') if isinstance(checkpoint, dict) else None
+    trained = hparams.get('model') if isinstance(hparams, dict) else None
+    if isinstance(trained, str) and not trained.startswith(('msmlp', 'msswin')):
+        raise CheckpointError(f'{source} is a run of {trained}: msmlp export converts MS-MLP and MS-Swin runs '
+                              "(timm's own tools export other models)")
     if swin is None:
         arch = infer_arch(state, source)
         return _variant_of(arch) or (name if name in VARIANT_ARCHS else 'msmlp_tiny'), arch
-    hparams = checkpoint.get('hyper_parameters') if isinstance(checkpoint, dict) else None
-    if isinstance(hparams, dict) and hparams.get('model') in MSSWIN_ARCHS:
+    if trained in MSSWIN_ARCHS:
         arch = {k: v for k, v in run_model_args(hparams).items()
                 if k not in ('num_classes', 'out_indices', 'pretrained')}  # build_model sets these
         return hparams['model'], arch
