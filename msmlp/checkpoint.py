@@ -108,9 +108,12 @@ def read_checkpoint(path: PathLike) -> Any:
         if 'TorchScript archive' in str(err):  # torch's advice (weights_only=False) would run its code
             raise CheckpointError(f'{path} is a TorchScript model (msmlp export writes them), not a checkpoint of '
                                   'weights: torch.jit.load runs it') from None
+        cache = os.path.abspath(os.path.join(torch.hub.get_dir(), 'checkpoints'))
+        cached = os.path.dirname(os.path.abspath(path)) == cache
         raise CheckpointError(
             f'cannot read {path}: not a PyTorch checkpoint, or truncated ({type(err).__name__}: '
-            f'{str(err).splitlines()[0] if str(err) else "no details"})') from None
+            f'{str(err).splitlines()[0] if str(err) else "no details"})'
+            + ('; it is a download in the weights cache: remove it to download it again' if cached else '')) from None
 
 
 def _load_weights_only(path: str, extras: list) -> Any:

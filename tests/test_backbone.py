@@ -429,6 +429,16 @@ def test_urls_that_end_in_the_same_file_name_are_cached_apart(tmp_path, hub):
     assert Path(first).read_bytes() == (FIXTURES / 'released_layout_square_64.pth').read_bytes()
 
 
+def test_a_damaged_cached_copy_says_that_removing_it_downloads_it_again(tmp_path, hub):
+    url = released_at_a_url(tmp_path)
+    cached = Path(msmlp.checkpoint.download_weights(url, progress=False))
+    cached.write_bytes(cached.read_bytes()[:1000])  # cut, as by a full disk
+    with pytest.raises(msmlp.CheckpointError, match=f'^cannot read {cached}: not a PyTorch checkpoint, or truncated '
+                                                    r'\(.*\); it is a download in the weights cache: remove it to '
+                                                    'download it again$'):
+        small_pretrained(url=url)
+
+
 def test_a_cached_copy_is_checked_against_the_urls_sha256(tmp_path, hub):
     url = released_at_a_url(tmp_path)
     with pytest.raises(msmlp.CheckpointError, match=r"#sha256= takes the 64 hex digits of the file's SHA-256, "
