@@ -342,6 +342,7 @@ class MSMLPCLI(LightningCLI):
             given = ', '.join(f'{key}={getattr(options, key, None)}' for key in ('accelerator', 'strategy', 'devices'))
             raise InputError(f'trainer ({given}): {err}') from err
         check_process_count(trainer)
+        show_small_metrics(trainer)
         return trainer
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
@@ -403,6 +404,18 @@ class MSMLPCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.is_global_zero and not self.trainer.fast_dev_run:
             report_outputs(self.trainer)
+
+
+def show_small_metrics(trainer) -> None:
+    """Lightning's rich progress bar shows metrics with 3 decimals, so a learning rate of 5e-4
+    read 'lr: 0.000': its default theme gets 3 significant digits instead (a theme of one's own
+    is kept)."""
+    import dataclasses
+
+    from lightning.pytorch.callbacks import RichProgressBar
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar) and bar.theme.metrics_format == '.3f':
+        bar.theme = dataclasses.replace(bar.theme, metrics_format='.3g')
 
 
 def describe_run(task: str, model, datamodule) -> str:

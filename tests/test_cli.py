@@ -454,3 +454,18 @@ def test_a_weights_file_given_as_ckpt_path_says_to_pass_it_as_pretrained(task, u
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f'msmlp: error: {released} is not a Lightning checkpoint of a run (it holds model, optimizer, lr_scheduler, '
         f'max_accuracy, epoch and 1 more): {use} --model.pretrained {released}')
+
+
+def test_the_progress_bar_shows_small_learning_rates():
+    """'lr: 0.000' during warm-up: Lightning's rich bar formats metrics with 3 decimals."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
+    trainer = Trainer(callbacks=[RichProgressBar()], logger=False, enable_checkpointing=False)
+    cli.show_small_metrics(trainer)
+    assert f'{5e-4:{trainer.progress_bar_callback.theme.metrics_format}}' == '0.0005'
+    assert RichProgressBar().theme.metrics_format == '.3f'  # Lightning's default theme object is left alone
+    own = Trainer(callbacks=[RichProgressBar(theme=RichProgressBarTheme(metrics_format='.2e'))], logger=False,
+                  enable_checkpointing=False)
+    cli.show_small_metrics(own)
+    assert own.progress_bar_callback.theme.metrics_format == '.2e'
