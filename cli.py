@@ -229,9 +229,8 @@ class MSMLPArgumentParser(LightningArgumentParser):
         typed = {arg.split('=', 1)[0].replace('.init_args.', '.').lstrip('-') for arg in self.command_line}
         if flag is None or flag.group(1).lstrip('-') in typed:
             return reason
-        args = list(self.command_line)
+        args = list(self.command_line)  # resolve_config_args wrote every config as '--config', FILE
         configs = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == '--config']
-        configs += [arg.split('=', 1)[1] for arg in args if arg.startswith('--config=')]
         return f'{reason} (not on the command line: from {" or ".join(configs or [str(task_config(self.task))])})'
 
 

@@ -43,7 +43,8 @@ from msmlp.checkpoint import imagenet_class_names, listed, run_model_args
 from msmlp.export import OutputError, check_writable
 from tasks.base import BaseTask, InputError, nested_root_hint, starting_weights_needed
 from tasks.embedded import ensure_dataset
-from tasks.loading import ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, worker_args, world
+from tasks.loading import (ResumableLoader, absolute_root, check_full_batch, check_loader_args, eval_loader,
+                           gather_in_order, worker_args, world)
 
 __all__ = ['ClassificationTask', 'ImageFolderDataModule', 'ImageFiles', 'load_rgb', 'scan_image_folder',
            'find_images']
@@ -359,12 +360,8 @@ class ImageFolderDataModule(LightningDataModule):
                     pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        train, (processes, _) = self.datasets['train'], world()
-        if len(train) < self.batch_size * processes:
-            each = f' on each of {processes} processes' if processes > 1 else ''
-            raise InputError(f'{self.root / self.hparams.train_split} has {len(train)} images, fewer than one batch '
-                             f'(batch_size={self.batch_size}{each}): set --data.batch_size '
-                             f'{max(1, len(train) // processes)} or less')
+        train = self.datasets['train']
+        check_full_batch(str(self.root / self.hparams.train_split), len(train), self.batch_size)
         return ResumableLoader(train, batch_size=self.batch_size, seed=int(os.environ.get('PL_GLOBAL_SEED', 0)),
                                drop_last=True, **self._loader_args('train'))
 

@@ -46,6 +46,18 @@ def check_loader_args(batch_size: Optional[int], num_workers: Optional[int]) -> 
                          'process) or more')
 
 
+def check_full_batch(split: str, images: int, batch_size: int) -> None:
+    """``InputError`` when ``split`` (named so in the message) holds fewer ``images`` than one
+    batch on every process: a loader that drops an epoch's last incomplete batch would train on
+    nothing."""
+    from tasks.base import InputError
+    processes = world()[0]
+    if images < batch_size * processes:
+        each = f' on each of {processes} processes' if processes > 1 else ''
+        raise InputError(f'{split} has {images} images, fewer than one batch (batch_size={batch_size}{each}): '
+                         f'set --data.batch_size {max(1, images // processes)} or less')
+
+
 def absolute_root(root: Optional[str]) -> Optional[str]:
     """A dataset folder as an absolute path: checkpoints store it, and are used from other folders."""
     return None if root is None else os.path.abspath(os.path.expanduser(root))

@@ -64,8 +64,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from msmlp.checkpoint import listed
 from tasks.base import BaseTask, InputError, find_config, nested_root_hint, portable_config, starting_weights_needed
-from tasks.loading import (ResumableLoader, absolute_root, check_loader_args, eval_loader, gather_in_order, world,
-                           worker_args)
+from tasks.loading import (ResumableLoader, absolute_root, check_full_batch, check_loader_args, eval_loader,
+                           gather_in_order, worker_args)
 
 __all__ = ['OpenMMLabTask', 'OpenMMLabDataModule', 'load_config', 'dataset_type', 'dataset_classes', 'leaf_datasets',
            'loads_annotations', 'without_annotations', 'prediction_name']
@@ -427,8 +427,7 @@ class OpenMMLabTask(BaseTask):
         if not len(batch['inputs']):
             return []
         outputs = self.forward_test(self._model_batch(batch))
-        out_dir = self._predict_dir()
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = self._predict_dir()  # made in on_predict_start
         for sample in outputs:
             self.draw(sample, str(out_dir / prediction_name(sample.img_path)))
             self._predictions_written += 1
@@ -457,7 +456,8 @@ class OpenMMLabTask(BaseTask):
             try:  # before predicting, not at the first batch
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise InputError(f'model.predict_dir: cannot make the folder {folder} ({err.strerror or err})') from None
+                raise InputError(f'model.predict_dir: cannot make the folder {folder} '
+                                 f'({err.strerror or err})') from None
             if not os.access(folder, os.W_OK):
                 raise InputError(f'model.predict_dir: cannot write into {folder}: permission denied')
 
@@ -808,12 +808,9 @@ class OpenMMLabDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         args = self._loader_args('train')
-        train, (processes, _) = self.datasets['train'], world()
-        if self.full_train_batches and len(train) < args['batch_size'] * processes:
-            each = f' on each of {processes} processes' if processes > 1 else ''
-            raise InputError(f'the training split of {self.root or "the embedded data"} has {len(train)} images, fewer '
-                             f'than one batch (batch_size={args["batch_size"]}{each}): set --data.batch_size '
-                             f'{max(1, len(train) // processes)} or less')
+        train = self.datasets['train']
+        if self.full_train_batches:
+            check_full_batch(f'the training split of {self.root or "the embedded data"}', len(train), args['batch_size'])
         return ResumableLoader(train, seed=int(os.environ.get('PL_GLOBAL_SEED', 0)),
                                drop_last=self.full_train_batches, persistent_workers=args['num_workers'] > 0, **args)
 
