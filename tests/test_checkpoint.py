@@ -122,7 +122,8 @@ def test_ms_swin_weights_and_ms_mlp_weights_are_told_apart_without_head_warnings
     with pytest.raises(CheckpointError, match=r"swin.pth holds MS-Swin or Swin weights \(layers\.0\.blocks\.0\.attn\."
                                                r".*\), not an MS-MLP's: load it into an msswin_\* model$"):
         load_pretrained(MSMLP(num_classes=3, **SQUARE_ARCH), tmp_path / 'swin.pth')
-    with pytest.raises(CheckpointError, match=r"holds MS-MLP weights, not an MS-Swin's: load it into an msmlp_\* model$"):
+    with pytest.raises(CheckpointError,
+                       match=r"holds MS-MLP weights, not an MS-Swin's: load it into an msmlp_\* model$"):
         load_pretrained(swin, RELEASED)
     assert not [str(w.message) for w in recwarn.list if 'classifier head' in str(w.message)]
 

@@ -375,8 +375,8 @@ def test_an_export_never_replaces_its_checkpoint_or_a_config_of_ones_own(tmp_pat
 def test_a_run_of_another_timm_model_is_named_as_such(tmp_path, capsys):
     # before: 'holds no MS-MLP weights (no patch_embed.proj.weight)'
     ckpt = tmp_path / 'resnet.ckpt'
-    torch.save({'state_dict': {'model.conv1.weight': torch.zeros(8, 3, 7, 7)}, 'hyper_parameters': {'model': 'resnet18'}},
-               ckpt)
+    torch.save({'state_dict': {'model.conv1.weight': torch.zeros(8, 3, 7, 7)},
+                'hyper_parameters': {'model': 'resnet18'}}, ckpt)
     assert main(['--checkpoint', str(ckpt), '--output', str(tmp_path / 'r.onnx')]) == 1
     assert capsys.readouterr().err == (f'msmlp export: error: {ckpt} is a run of resnet18: msmlp export converts '
                                        "MS-MLP and MS-Swin runs (timm's own tools export other models)\n")

@@ -178,7 +178,8 @@ def test_benchmark_runs_msswin_against_swin_and_msmlp(capsys):
     assert cli.main(['benchmark', '--model', 'msswin_tiny', '--compare', 'swin_tiny_patch4_window7_224', 'msmlp_tiny',
                      '--batch-size', '1', '--img-size', '64', '--runs', '1', '--warmup', '0', '--no-memory']) == 0
     table = capsys.readouterr().out
-    for row in ('| msswin_tiny (fast) |', '| msswin_tiny (reference) |', '| swin_tiny_patch4_window7_224 |', '| msmlp_tiny |'):
+    for row in ('| msswin_tiny (fast) |', '| msswin_tiny (reference) |', '| swin_tiny_patch4_window7_224 |',
+                '| msmlp_tiny |'):
         assert row in table
 
 
