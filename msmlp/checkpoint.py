@@ -153,8 +153,9 @@ def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f'cannot read {path}: not a safetensors file, or truncated ({err})') from None
 
 
-def download_weights(url: str, progress: bool = True) -> str:
-    """The local copy of the checkpoint at ``url``, downloaded once into torch hub's cache.
+def download_weights(url: str, progress: bool = True, cache_dir: Optional[PathLike] = None) -> str:
+    """The local copy of the checkpoint at ``url``, downloaded once into torch hub's cache (or
+    into ``cache_dir``, as timm's ``create_model(cache_dir=...)``).
 
     The copy is named after the URL's file and the URL itself (without its fragment), so two
     URLs ending in the same file name are two copies. A download is kept only when complete:
@@ -174,7 +175,7 @@ def download_weights(url: str, progress: bool = True) -> str:
     sha256 = dict(parse_qsl(parsed.fragment)).get('sha256')
     if sha256 is not None and not re.fullmatch(r'[0-9a-fA-F]{64}', sha256):
         raise CheckpointError(f'{url}: #sha256= takes the 64 hex digits of the file\'s SHA-256, got {sha256!r}')
-    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    folder = os.fspath(cache_dir) if cache_dir is not None else os.path.join(torch.hub.get_dir(), 'checkpoints')
     path = os.path.join(folder, _cached_name(source, name))
     if os.path.isfile(path):
         _check_cached(path, url, sha256)
@@ -252,9 +253,14 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+def extract_state_dict(checkpoint: Any, source: str = 'checkpoint',
+                       prefix: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The model weights inside a released, Lightning, mmengine or plain checkpoint,
-    under ``MSMLP`` key names. Only the ``backbone.`` part of a detector or segmentor."""
+    under ``MSMLP`` key names. Only the ``backbone.`` part of a detector or segmentor.
+
+    ``prefix`` (as in mmengine's ``Pretrained`` init) takes only the weights under it, e.g.
+    ``'teacher.'`` or ``'teacher.backbone.'``; a file holding several backbones (a teacher and a
+    student) needs one, or the weights would be a mix of them."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, not a state dict')
     for key in ('model', 'state_dict', 'model_state'):
@@ -264,12 +270,31 @@ def extract_state_dict(checkpoint: Any, source: str = 'checkpoint') -> Dict[str,
     tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f'{source} holds no tensors: not a model checkpoint')
-    if any('backbone.' in k for k in tensors):
+    if prefix:
+        tensors = _under_prefix(tensors, prefix, source)
+    owners = sorted({k[:k.index('backbone.')] for k in tensors if 'backbone.' in k})
+    if len(owners) > 1:
+        raise CheckpointError(
+            f"{source} holds {len(owners)} backbones ({listed(o + 'backbone.' for o in owners)}): name the one to "
+            f"load as the prefix (init_cfg=dict(type='Pretrained', checkpoint=..., prefix='{owners[0]}backbone.'))")
+    if owners:
         tensors = {k[k.index('backbone.') + len('backbone.'):]: v for k, v in tensors.items() if 'backbone.' in k}
     return checkpoint_filter_fn(tensors)
 
 
-def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False) -> Dict[str, list]:
+def _under_prefix(tensors: Dict[str, torch.Tensor], prefix: str, source: str) -> Dict[str, torch.Tensor]:
+    """The tensors whose keys start with ``prefix`` (a trailing dot added), the prefix removed."""
+    dotted = prefix if prefix.endswith('.') else prefix + '.'
+    chosen = {k[len(dotted):]: v for k, v in tensors.items() if k.startswith(dotted)}
+    if not chosen:
+        tops = sorted({k.split('.')[0] + '.' for k in tensors})
+        raise CheckpointError(f'{source} has no weights under the prefix {prefix!r}: '
+                              f'its keys start with {listed(tops)}')
+    return chosen
+
+
+def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False,
+                    prefix: Optional[str] = None, strict: bool = True) -> Dict[str, list]:
     """Load a checkpoint into an ``MSMLP`` (or a module whose ``.backbone`` is one).
 
     A classifier head of another size (or no head in the model) is dropped with a warning
@@ -277,23 +302,26 @@ def load_pretrained(model: nn.Module, path: PathLike, strict_head: bool = False)
     of; a head (with a warning) and output norms that the file lacks keep their initialisation.
     A stem of other input channels is adapted as timm adapts pretrained weights
     (``adapt_input_conv``). Any other missing, unexpected or mis-shaped key is a one-line error
-    that counts them and names the first few.
+    that counts them and names the first few; with ``strict=False`` (timm's ``pretrained_strict``)
+    missing and unexpected keys are a warning instead, and the rest loads. ``prefix`` picks the
+    weights under it (:func:`extract_state_dict`).
 
     Returns:
         ``{'dropped': [...], 'kept_init': [...], 'adapted': [...]}``: keys not loaded, keys left
         at their initialisation, keys converted to the model's input channels.
     """
     source = os.fspath(path)
-    return load_state(model, extract_state_dict(read_checkpoint(source), source=source), source, strict_head)
+    state = extract_state_dict(read_checkpoint(source), source=source, prefix=prefix)
+    return load_state(model, state, source, strict_head, strict)
 
 
 def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
-               strict_head: bool = False) -> Dict[str, list]:
+               strict_head: bool = False, strict: bool = True) -> Dict[str, list]:
     """:func:`load_pretrained` of weights already read (``extract_state_dict``'s output);
     ``source`` names them in messages."""
     target = getattr(model, 'backbone', model)
     own = target.state_dict()
-    _check_family(state, own, source)
+    check_family(state, own, source)
 
     head = [k for k in state if k.startswith(_HEAD) and (k not in own or own[k].shape[0] != state[k].shape[0])]
     if head and strict_head:
@@ -308,8 +336,11 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
     unexpected = [k for k in state if k not in own]
     mis_shaped = [f'{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} in the model'
                   for k in state if k in own and own[k].shape != state[k].shape]
-    if missing or unexpected or mis_shaped:
+    if mis_shaped or (strict and (missing or unexpected)):
         raise CheckpointError(mismatch_message(source, missing, unexpected, mis_shaped))
+    if missing or unexpected:
+        warnings.warn(f'{source}: loaded without {len(missing)} of the model\'s tensors ({listed(missing, 4)}) '
+                      f'and {len(unexpected)} of the file\'s ({listed(unexpected, 4)}): strict=False', stacklevel=3)
     # warned only once the weights are known to fit: a wrong file gets the error alone
     if head:
         warnings.warn(f'{source}: classifier head {head} not loaded: the model has a different '
@@ -320,10 +351,10 @@ def load_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str,
         warnings.warn(f'{source}: output norms {listed(norms, 4)} not loaded: the model has '
                       'no dense output at their stages', stacklevel=3)
     target.load_state_dict(state, strict=False)
-    return {'dropped': dropped, 'kept_init': kept_init, 'adapted': adapted}
+    return {'dropped': dropped + unexpected, 'kept_init': kept_init + missing, 'adapted': adapted}
 
 
-def _check_family(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str) -> None:
+def check_family(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str) -> None:
     """One line when MS-Swin (or Swin) weights meet an MS-MLP, or MS-MLP weights an MS-Swin."""
     in_file, in_model = swin_key(state), swin_key(own)
     if in_file is not None and in_model is None:

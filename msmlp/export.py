@@ -148,7 +148,7 @@ def _openmmlab_msswin_args(checkpoint: Dict) -> Optional[Dict]:
     if str(backbone.get('type', '')).rpartition('.')[2] != 'MSSwin':
         return None
     given = {k: backbone.get(k) for k in ('embed_dim', 'depths', 'num_heads', 'window_size')}
-    spec = _arch_spec('MSSwin', backbone.get('arch', 'tiny'), MM_MSSWIN_ARCHS, given)
+    spec = _arch_spec('MSSwin', backbone.get('arch', 'tiny'), MM_MSSWIN_ARCHS, given, free=('window_size',))
     rest = {k: v for k, v in backbone.items() if k not in _TRAINING_ARGS and k not in spec}
     return {**spec, **rest, 'in_chans': backbone.get('in_channels', 3)}
 

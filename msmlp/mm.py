@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import os
 import pickle
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -52,16 +53,46 @@ ARCHS: Dict[str, dict] = _by_size(VARIANT_ARCHS, 'msmlp_')
 MSSWIN_ARCHS = _by_size(MSSWIN_ARCHS, 'msswin_')
 
 
-def _arch_spec(name: str, arch: Optional[str], archs: Dict[str, dict], given: dict) -> dict:
-    """The arch's arguments with the explicitly given ones over them."""
+def _arch_spec(name: str, arch: Optional[str], archs: Dict[str, dict], given: dict,
+               free: Sequence[str] = ()) -> dict:
+    """The arch's arguments with the explicitly given ones over them. A given value that differs
+    from the arch's is an error unless it is one of ``free``: in a config that inherits a
+    ``_base_`` with ``arch=None, embed_dim=...``, a new ``arch`` would otherwise be silently lost."""
     if arch is not None and arch not in archs:
         raise ValueError(f'{name} arch must be one of {sorted(archs)} or None, got {arch!r}')
     spec = dict(archs[arch]) if arch is not None else {}
-    spec.update({k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    for key, value in given.items():
+        if key in spec and key not in free and _comparable(value) != _comparable(spec[key]):
+            raise ValueError(f'{name} arch={arch!r} has {key}={spec[key]!r}, but {key}={value!r} is given too '
+                             f"(a _base_ config may set it): set {key}=None to take the arch's, "
+                             'or arch=None to give every size')
+    spec.update(given)
     needed = list(next(iter(archs.values())))
     if not set(needed) <= set(spec):
         raise ValueError(f'{name} with arch=None needs {", ".join(needed[:-1])} and {needed[-1]}')
     return spec
+
+
+def _comparable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+InitCfg = Union[dict, List[dict], None]
+
+
+def _init_cfg(name: str, init_cfg: InitCfg, pretrained: Optional[str]) -> InitCfg:
+    """``init_cfg``, or the deprecated ``pretrained=path`` as a ``Pretrained`` init_cfg, as mmdet's
+    Swin reads it (mmseg's segmentors pass their ``model.pretrained`` to the backbone so)."""
+    if pretrained is None:
+        return copy.deepcopy(init_cfg)
+    if init_cfg is not None:
+        raise ValueError(f'{name}: give the checkpoint as init_cfg or as pretrained, not both')
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f'{name}: pretrained must be a path or URL, got {pretrained!r}')
+    warnings.warn(f"{name}: pretrained is deprecated in OpenMMLab; read as init_cfg=dict(type='Pretrained', "
+                  f"checkpoint={os.fspath(pretrained)!r})", stacklevel=3)
+    return dict(type='Pretrained', checkpoint=os.fspath(pretrained))
 
 
 class _Backbone(BaseModule):
@@ -99,8 +130,9 @@ class _Backbone(BaseModule):
             initialize(self, others)
         for cfg in pretrained:
             path = _local_checkpoint(cfg['checkpoint'])
-            report = self._load(self, path)
-            print_log(f'{type(self).__name__}: loaded {path}' + ''.join(
+            report = self._load(self, path, prefix=cfg.get('prefix'))
+            under = f" (the weights under {cfg['prefix']!r})" if cfg.get('prefix') else ''
+            print_log(f'{type(self).__name__}: loaded {path}{under}' + ''.join(
                 f' ({what}: {listed(report[key])})' for key, what in (
                     ('dropped', 'not loaded'), ('not_loaded', 'not loaded'), ('kept_init', 'kept initialisation'),
                     ('fresh', 'kept initialisation'), ('adapted', 'adapted to the input channels'))
@@ -113,7 +145,7 @@ class MSMLPBackbone(MSMLP, _Backbone):
 
     Args:
         arch: ``'tiny'``, ``'small'`` or ``'base'`` (or ``'t'``, ``'s'``, ``'b'``); ``None``
-            to give ``embed_dim`` and ``depths`` explicitly. Explicit values override the arch.
+            to give ``embed_dim`` and ``depths`` explicitly (with an arch, they must be the arch's).
         embed_dim: Channels of stage 0 (stage i has ``embed_dim * 2**i``).
         depths: Blocks per stage.
         in_channels: Input image channels.
@@ -121,7 +153,9 @@ class MSMLPBackbone(MSMLP, _Backbone):
         drop_path_rate: Stochastic depth, rising linearly over all blocks.
         frozen_stages: -1 freezes nothing, 0 the stem, i the stem and stages 0..i-1.
         with_cp: Gradient checkpointing of every block.
-        init_cfg: ``dict(type='Pretrained', checkpoint=path_or_url)`` to load weights.
+        init_cfg: ``dict(type='Pretrained', checkpoint=path_or_url)`` to load weights
+            (``prefix='teacher.backbone.'`` picks one model's of a file holding several).
+        pretrained: Deprecated (as in mmdet's Swin): a checkpoint read as a ``Pretrained`` init_cfg.
         **kwargs: Other :class:`msmlp.model.MSMLP` arguments (``mix_sizes``, ``mix_impl``, ...).
     """
 
@@ -136,6 +170,7 @@ class MSMLPBackbone(MSMLP, _Backbone):
             frozen_stages: int = -1,
             with_cp: bool = False,
             init_cfg: Union[dict, List[dict], None] = None,
+            pretrained: Optional[str] = None,
             **kwargs,
     ):
         spec = _arch_spec('MSMLP', arch, ARCHS, dict(embed_dim=embed_dim, depths=depths))
@@ -143,7 +178,7 @@ class MSMLPBackbone(MSMLP, _Backbone):
         super().__init__(
             in_chans=in_channels, num_classes=0, out_indices=out_indices, drop_path_rate=drop_path_rate,
             frozen_stages=frozen_stages, with_cp=with_cp, **spec, **kwargs)
-        self.init_cfg = copy.deepcopy(init_cfg)
+        self.init_cfg = _init_cfg(type(self).__name__, init_cfg, pretrained)
         self._exclude_unused()
 
     def _unused_by_dense(self) -> List[torch.nn.Module]:
@@ -159,7 +194,8 @@ class MSSwinBackbone(MSSwin, _Backbone):
     Args:
         arch: ``'tiny'``, ``'small'`` or ``'base'`` (or ``'t'``, ``'s'``, ``'b'``): Swin-T/S/B's
             widths, depths and heads; ``None`` to give ``embed_dim``, ``depths``, ``num_heads``
-            and ``window_size``. Explicit values override the arch.
+            and ``window_size``. With an arch, ``embed_dim``, ``depths`` and ``num_heads`` must be
+            the arch's; ``window_size`` overrides it.
         block_pattern: Block types along each stage (``('ws', 'ms')``; ``('ws', 'sw')`` is Swin).
         in_channels: Input image channels.
         out_indices: Stages returned by ``forward``.
@@ -167,7 +203,8 @@ class MSSwinBackbone(MSSwin, _Backbone):
         frozen_stages: -1 freezes nothing, 0 the stem, i the stem and stages 0..i-1.
         with_cp: Gradient checkpointing of every block.
         init_cfg: ``dict(type='Pretrained', checkpoint=path_or_url)``: an MS-Swin or a Swin
-            checkpoint (its matching keys).
+            checkpoint (its matching keys); ``prefix`` as for ``MSMLP``.
+        pretrained: Deprecated (as in mmdet's Swin): a checkpoint read as a ``Pretrained`` init_cfg.
         **kwargs: Other :class:`msmlp.msswin.MSSwin` arguments (``mix_sizes``, ``mix_impl``, ...).
     """
 
@@ -186,13 +223,14 @@ class MSSwinBackbone(MSSwin, _Backbone):
             frozen_stages: int = -1,
             with_cp: bool = False,
             init_cfg: Union[dict, List[dict], None] = None,
+            pretrained: Optional[str] = None,
             **kwargs,
     ):
-        spec = _arch_spec('MSSwin', arch, MSSWIN_ARCHS, dict(embed_dim=embed_dim, depths=depths,
-                                                              num_heads=num_heads, window_size=window_size))
+        spec = _arch_spec('MSSwin', arch, MSSWIN_ARCHS, dict(embed_dim=embed_dim, depths=depths, num_heads=num_heads,
+                                                              window_size=window_size), free=('window_size',))
         super().__init__(in_chans=in_channels, num_classes=0, out_indices=out_indices, drop_path_rate=drop_path_rate,
                          frozen_stages=frozen_stages, with_cp=with_cp, **spec, **kwargs)
-        self.init_cfg = copy.deepcopy(init_cfg)
+        self.init_cfg = _init_cfg(type(self).__name__, init_cfg, pretrained)
         self._exclude_unused()
 
     def _unused_by_dense(self) -> List[torch.nn.Module]:

@@ -186,6 +186,9 @@ class MSMLPBlock(nn.Module):
         groups = channel_groups(dim, len(shift_dist))
         if len(mix_size) != len(groups):
             raise ValueError(f'mix_size {list(mix_size)} must give one kernel per channel group ({len(groups)})')
+        if any(k < 1 or k % 2 == 0 for k in mix_size):
+            raise ValueError(f'mix_size {list(mix_size)}: kernels must be odd (padded by k // 2 on each side, '
+                             'an even one would change the map\'s size)')
         self.shift_dist = tuple(shift_dist)
         self.mix_size = tuple(mix_size)
         self.group_sizes = tuple(groups)
@@ -257,7 +260,7 @@ class MSMLPBlock(nn.Module):
         """The block on an NCHW map (``forward``; blocks on other layouts call it)."""
         if not torch.jit.is_scripting():
             impl = self._impl_for(x)
-            if self._runs_fast(impl):
+            if self._runs_fast(impl) and x.shape[0] > 0:  # the fast paths need an image (fx: not asked)
                 return self._forward_fast(x, impl)
         return self.forward_released(x)
 
@@ -324,7 +327,8 @@ class MSMLP(nn.Module):
         drop_rate: Dropout before the classifier (timm's ``drop_rate``, its train.py's ``--drop``;
             the released recipe has none).
         layer_scale_init: Initial layer scale.
-        global_pool: ``'avg'``, ``'max'``, ``'avgmax'`` (their mean), or ``''``: no pooling; as in
+        global_pool: ``'avg'``, ``'max'``, ``'avgmax'`` (their mean; timm's ``'fast'``, ``'fastavg'``,
+            ``'fastmax'``, ``'fastavgmax'`` are the same), or ``''``: no pooling; as in
             timm's ConvNeXt, the norm and the classifier then apply at every position (``forward``
             returns a B x classes x h x w map).
         out_indices: Stages whose outputs ``forward_dense`` returns, each through a
@@ -334,6 +338,8 @@ class MSMLP(nn.Module):
         with_cp: Gradient checkpointing of every block.
         mix_impl: ``'auto'`` (default), ``'fast'``, ``'reference'``, ``'triton'`` or
             ``'triton_norm'`` token mixing (same function; see :class:`MSMLPBlock`).
+        device: Where the parameters go (``timm.create_model``'s ``device``, e.g. ``'meta'``).
+        dtype: Their floating-point type (``timm.create_model``'s ``dtype``).
     """
 
     def __init__(
@@ -352,6 +358,8 @@ class MSMLP(nn.Module):
             frozen_stages: int = -1,
             with_cp: bool = False,
             mix_impl: str = 'auto',
+            device: Union[str, torch.device, None] = None,
+            dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -388,6 +396,8 @@ class MSMLP(nn.Module):
             {str(i): LayerNorm2d(self.dims[i], eps=1e-6) for i in self.out_indices or ()})
 
         self.apply(self._init_weights)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
         self.set_grad_checkpointing(with_cp)
         self._freeze_stages()
 
@@ -436,7 +446,7 @@ class MSMLP(nn.Module):
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's custom-load hook (``pretrained=True``): the file through the safe loader."""
         from .checkpoint import load_pretrained
-        load_pretrained(self, checkpoint_path)
+        load_pretrained(self, checkpoint_path, strict=pretrained_strict())
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
@@ -597,8 +607,17 @@ def _stages_taken(indices: List[int], n: int, name: str = 'indices') -> List[int
 POOL_TYPES = ('avg', 'max', 'avgmax', '')
 
 
+def _plain_pool(kind: str) -> str:
+    """timm's ``fast*`` pooling names (``'fast'``, ``'fastmax'``, ...) as the pooling they are: it
+    flattens here anyway."""
+    if kind.startswith('fast'):
+        return kind[4:] if len(kind) > 4 else 'avg'
+    return kind
+
+
 def _pool(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Global pooling of a (B, C, H, W) map to (B, C), as timm's ``SelectAdaptivePool2d``."""
+    kind = _plain_pool(kind)
     if kind == 'avg':
         return x.mean((2, 3))
     if kind == 'max':
@@ -609,8 +628,8 @@ def _pool(x: torch.Tensor, kind: str) -> torch.Tensor:
 def _check_head(num_classes: int, global_pool: str) -> None:
     if num_classes < 0:
         raise ValueError(f'num_classes must be 0 (no classifier) or more, got {num_classes}')
-    if global_pool not in POOL_TYPES:
-        why = _POOL_REFUSALS.get(global_pool.replace('fast', '', 1) if global_pool.startswith('fast') else global_pool)
+    if _plain_pool(global_pool) not in POOL_TYPES:
+        why = _POOL_REFUSALS.get(_plain_pool(global_pool))
         raise ValueError(f'global_pool must be one of {POOL_TYPES}, got {global_pool!r}' + (f' ({why})' if why else ''))
 
 
@@ -689,23 +708,70 @@ def check_feature_cls(variant: str, kwargs: dict, module_outputs: bool = False) 
                          "the frozen stages back in training mode (dropout, drop path); use 'getter' (the default)")
 
 
+# create_model's pretrained_strict while timm builds a model (its custom load does not pass it on)
+_PRETRAINED_STRICT = contextvars.ContextVar('msmlp_pretrained_strict', default=True)
+
+
+def pretrained_strict() -> bool:
+    """``timm.create_model``'s ``pretrained_strict`` while it loads a file through a model's
+    ``load_pretrained`` (True outside ``create_model``)."""
+    return _PRETRAINED_STRICT.get()
+
+
+def weights_url(cfg: Dict) -> Optional[str]:
+    """The URL timm takes a resolved pretrained cfg's weights from; None where they come from an
+    overlay's ``state_dict`` or ``file``, a ``local-dir:`` folder or the Hugging Face hub."""
+    if cfg.get('source') in ('hf-hub', 'local-dir') or cfg.get('hf_hub_id'):
+        return None
+    if cfg.get('state_dict') is not None or cfg.get('file'):
+        return None
+    return cfg.get('url') or None
+
+
+def build_variant(model_cls: type, variant: str, pretrained: bool, kwargs: Dict, feature_cfg: Dict,
+                  no_weights: Optional[str] = None, pretrained_filter_fn=None) -> nn.Module:
+    """timm's ``build_model_with_cfg`` for a registered variant, files through the safe loader.
+
+    A cfg's URL is downloaded by :func:`msmlp.checkpoint.download_weights` (into ``cache_dir``
+    if given) and the file handed to the model's ``load_pretrained``, which honours
+    ``pretrained_strict``; an overlay's ``state_dict``, a ``local-dir:`` folder and the Hugging
+    Face hub go to timm's own loading, through ``pretrained_filter_fn``. ``no_weights``: the
+    error when the cfg names no weights at all."""
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    overlay.setdefault('custom_load', True)  # a file goes to the safe loader (timm resets it for a given file)
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=overlay).to_dict()
+        url = weights_url(cfg)
+        if url:
+            from .checkpoint import download_weights
+            overlay['file'] = download_weights(url, cache_dir=kwargs.get('cache_dir'))
+        elif no_weights and not (cfg.get('file') or cfg.get('state_dict') is not None or cfg.get('source')):
+            raise ValueError(f'{variant}: {no_weights}')
+    token = _PRETRAINED_STRICT.set(bool(kwargs.get('pretrained_strict', True)))
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained=pretrained, pretrained_cfg_overlay=overlay,
+                                    feature_cfg=feature_cfg, pretrained_filter_fn=pretrained_filter_fn, **kwargs)
+    finally:
+        _PRETRAINED_STRICT.reset(token)
+
+
+def _msmlp_weights(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """timm's filter for weights it reads itself (an overlay's state dict, a local folder): any
+    layout :func:`msmlp.extract_state_dict` reads."""
+    from .checkpoint import extract_state_dict
+    return extract_state_dict(state_dict, source='the pretrained state dict')
+
+
 def _create_msmlp(variant: str, pretrained: bool = False, **kwargs) -> MSMLP:
     """Build a variant through timm. ``pretrained=True`` loads the released checkpoint, downloaded
     once from the cfg's ``url`` (see ``msmlp.checkpoint.download_weights``), or
-    ``pretrained_cfg_overlay=dict(file=...)``: any file ``msmlp.load_pretrained`` reads."""
-    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    ``pretrained_cfg_overlay=dict(file=...)``: any file ``msmlp.load_pretrained`` reads (or
+    ``state_dict=...``, a ``local-dir:`` or ``hf-hub:`` model: timm reads those)."""
     check_feature_cls(variant, kwargs)
-    overlay.setdefault('custom_load', True)  # every file goes to the safe loader (timm resets it for a given file)
-    if pretrained and not overlay.get('file'):
-        from .checkpoint import download_weights
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-                                     pretrained_cfg_overlay=overlay).to_dict()
-        overlay['file'] = download_weights(cfg['url'])
-    return build_model_with_cfg(
-        MSMLP, variant, pretrained=pretrained,
-        pretrained_cfg_overlay=overlay,
-        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
-        **dict(VARIANT_ARCHS[variant], **kwargs))
+    return build_variant(MSMLP, variant, pretrained, dict(VARIANT_ARCHS[variant], **kwargs),
+                         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+                         pretrained_filter_fn=_msmlp_weights)
 
 
 @register_model

@@ -27,14 +27,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import PatchEmbed
-from timm.models import build_model_with_cfg, register_model
+from timm.models import register_model
 from timm.models._registry import generate_default_cfgs
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from torch import nn
 
-from .checkpoint import CheckpointError, adapt_stem, extract_state_dict, listed, read_checkpoint
-from .model import MIX_SIZES, SHIFT_DIST, MSMLP, MSMLPBlock, check_feature_cls
+from .checkpoint import CheckpointError, adapt_stem, check_family, extract_state_dict, listed, read_checkpoint
+from .model import MIX_SIZES, SHIFT_DIST, MSMLP, MSMLPBlock, build_variant, check_feature_cls, pretrained_strict
 
 __all__ = ['MSSwin', 'MSSwinBlock', 'BLOCK_TYPES', 'DEFAULT_PATTERN', 'VARIANT_ARCHS', 'load_swin_checkpoint']
 
@@ -122,6 +122,9 @@ class MSSwin(SwinTransformer):
         self.frozen_stages = frozen_stages
         self.out_indices = MSMLP._check_indices(self, out_indices) if out_indices is not None else None
         self.out_norms = nn.ModuleDict({str(i): nn.LayerNorm(self.dims[i]) for i in self.out_indices or ()})
+        placement = {k: kwargs[k] for k in ('device', 'dtype') if kwargs.get(k) is not None}
+        if placement:  # timm's Swin made its own layers so, the MS blocks and output norms follow
+            self.to(**placement)
         self.set_grad_checkpointing(with_cp)
         self._freeze_stages()
 
@@ -165,7 +168,7 @@ class MSSwin(SwinTransformer):
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's custom-load hook (``pretrained=True``): an MS-Swin or Swin file through
         ``load_swin_checkpoint``."""
-        load_swin_checkpoint(self, checkpoint_path)
+        load_swin_checkpoint(self, checkpoint_path, strict=pretrained_strict())
 
     set_mix_impl = MSMLP.set_mix_impl
 
@@ -222,14 +225,17 @@ def _openmmlab_swin_layout(keys) -> bool:
     return any(k.startswith(('stages.', 'patch_embed.projection.')) for k in keys)
 
 
-def load_swin_checkpoint(model: MSSwin, path: Union[str, os.PathLike]) -> Dict[str, List[str]]:
+def load_swin_checkpoint(model: MSSwin, path: Union[str, os.PathLike], prefix: Optional[str] = None,
+                         strict: bool = True) -> Dict[str, List[str]]:
     """Load an MS-Swin or a Swin checkpoint (timm's or the Swin repository's layout, a released,
     Lightning or mmengine file) into ``model`` through the safe loader. Every part of the model
     that Swin has (stem, attention blocks, patch mergings, final norm) must be in the file with
     its shape, or this is a one-line ``CheckpointError``; the MS blocks, the classifier head and
     the output norms load where the file has them and otherwise keep their initialisation, with a
     warning listing what was left on either side. A stem of other input channels is adapted as
-    timm adapts pretrained weights (``adapt_input_conv``).
+    timm adapts pretrained weights (``adapt_input_conv``). ``prefix`` picks the weights under it
+    (:func:`msmlp.extract_state_dict`); ``strict=False`` (timm's ``pretrained_strict``) loads what
+    fits of a file that lacks Swin tensors, with a warning.
 
     Returns:
         ``{'loaded': [...], 'not_loaded': [...], 'fresh': [...], 'adapted': [...]}``: keys taken
@@ -237,7 +243,8 @@ def load_swin_checkpoint(model: MSSwin, path: Union[str, os.PathLike]) -> Dict[s
         here), the model's keys the file lacks (which keep their initialisation), and keys
         converted to the model's input channels.
     """
-    state = extract_state_dict(read_checkpoint(path), source=str(path))
+    state = extract_state_dict(read_checkpoint(path), source=str(path), prefix=prefix)
+    check_family(state, model.state_dict(), str(path))
     # timm's conversion looks up the module of every relative-position table: MS blocks have none
     convertible = {k: v for k, v in state.items() if not k.endswith('relative_position_bias_table')
                    or _owns_module(model, k)}
@@ -248,7 +255,7 @@ def load_swin_checkpoint(model: MSSwin, path: Union[str, os.PathLike]) -> Dict[s
     loaded = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     optional = _ms_block_prefixes(model) + ('out_norms.', 'head.')
     absent = [k for k in own if k not in loaded and not k.startswith(optional)]
-    if absent:
+    if absent and strict:
         hint = (": it is in OpenMMLab's Swin layout (stages.*); give the Swin repository's or timm's file"
                 if _openmmlab_swin_layout(state) else '')
         total = sum(not k.startswith(optional) for k in own)
@@ -288,17 +295,14 @@ RECIPE_DROP_PATH = {'msswin_tiny': 0.2, 'msswin_small': 0.3, 'msswin_base': 0.5}
 
 def _create_msswin(variant: str, pretrained: bool = False, **kwargs) -> MSSwin:
     """Build a variant through timm; ``pretrained=True`` takes
-    ``pretrained_cfg_overlay=dict(file=<MS-Swin or Swin checkpoint>)`` (see load_swin_checkpoint)."""
-    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    ``pretrained_cfg_overlay=dict(file=<MS-Swin or Swin checkpoint>)`` (see load_swin_checkpoint),
+    or an MS-Swin's ``state_dict=...``, ``local-dir:`` or ``hf-hub:`` weights (timm reads those)."""
     check_feature_cls(variant, kwargs, module_outputs=True)  # 'dict'/'list': Swin's own NHWC stage outputs
-    overlay.setdefault('custom_load', True)  # timm resets it for a given file
-    if pretrained and not overlay.get('file'):
-        raise ValueError(f'{variant}: there are no released weights; pass '
-                         "pretrained_cfg_overlay=dict(file='<an MS-Swin or Swin checkpoint>')")
-    return build_model_with_cfg(
-        MSSwin, variant, pretrained=pretrained, pretrained_cfg_overlay=overlay,
+    return build_variant(
+        MSSwin, variant, pretrained, dict(VARIANT_ARCHS[variant], **kwargs),
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3), flatten_sequential=True),
-        **dict(VARIANT_ARCHS[variant], **kwargs))
+        no_weights="there are no released weights; pass pretrained_cfg_overlay=dict(file='<an MS-Swin or Swin "
+                   "checkpoint>')")
 
 
 @register_model

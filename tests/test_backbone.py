@@ -488,6 +488,94 @@ def test_pretrained_with_one_input_channel_adapts_the_stem():
     assert model.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 10)
 
 
+def test_a_state_dict_overlay_is_loaded_without_a_download(hub):
+    """timm gives an overlay's state_dict first place; msmlp downloaded the released file first.
+    (num_classes: timm drops a head whose cfg has another class count, 1000 here.)"""
+    data = REFERENCE['square_64']
+    model = timm.create_model('msmlp_tiny', pretrained=True, num_classes=10, embed_dim=24, depths=(1, 1, 2, 1),
+                              pretrained_cfg_overlay=dict(state_dict=data['state_dict'], num_classes=10,
+                                                          url='file:///nowhere/msmlp_tiny.pth'))
+    assert not hub.exists()
+    with torch.no_grad():
+        assert (model.eval()(data['input']) - data['logits']).abs().max() <= 1e-5
+
+
+def test_a_local_dir_model_saved_for_the_hub_loads(tmp_path, hub):
+    """timm.create_model('local-dir:DIR') of what save_for_hf wrote: its cfg has a file, no url."""
+    source = timm.create_model('msmlp_tiny', num_classes=10, embed_dim=24, depths=(1, 1, 2, 1))
+    timm.models.save_for_hf(source, str(tmp_path / 'hf'), model_config=dict(embed_dim=24, depths=[1, 1, 2, 1]))
+    model = timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not hub.exists()
+
+
+def test_cache_dir_holds_the_download(tmp_path, hub):
+    model = timm.create_model('msmlp_tiny', pretrained=True, num_classes=10, embed_dim=24, depths=(1, 1, 2, 1),
+                              cache_dir=str(tmp_path / 'mine'),
+                              pretrained_cfg_overlay=dict(url=released_at_a_url(tmp_path)))
+    assert [p.name[:len('msmlp_tiny_patch4')] for p in (tmp_path / 'mine').iterdir()] == ['msmlp_tiny_patch4']
+    assert not hub.exists() and model.num_classes == 10
+
+
+def test_pretrained_strict_false_loads_what_fits_with_a_warning():
+    """The file has 2 blocks in stage 2, the model 3: strict refuses it, pretrained_strict=False
+    loads the rest, as timm loads any model so."""
+    released = str(FIXTURES / 'released_layout_square_64.pth')
+    deeper = dict(num_classes=10, embed_dim=24, depths=(1, 1, 3, 1), pretrained_cfg_overlay=dict(file=released))
+    with pytest.raises(msmlp.CheckpointError, match='does not fit the model'):
+        timm.create_model('msmlp_tiny', pretrained=True, **deeper)
+    with pytest.warns(UserWarning, match=r"loaded without \d+ of the model's tensors \(layers.2.blocks.2."):
+        model = timm.create_model('msmlp_tiny', pretrained=True, pretrained_strict=False, **deeper)
+    state = REFERENCE['square_64']['state_dict']
+    assert torch.equal(model.layers[2].blocks[1].gamma, state['layers.2.blocks.1.gamma'])
+    with pytest.raises(msmlp.CheckpointError, match='does not fit the model'):  # strict again outside that call
+        msmlp.load_pretrained(timm.create_model('msmlp_tiny', **{k: v for k, v in deeper.items() if 'pre' not in k}),
+                              released)
+
+
+@pytest.mark.parametrize('name', ['msmlp_tiny', 'msswin_tiny'])
+def test_device_and_dtype_place_every_parameter(name):
+    """timm.create_model's device= and dtype= (ConvNeXt and Swin take them): MS-MLP refused them,
+    MS-Swin's mix-shift blocks ignored them (half a bf16 model, failing at the first forward)."""
+    small = dict(embed_dim=24, depths=(2, 2, 2, 2)) | (dict(num_heads=(1, 2, 4, 8), window_size=4)
+                                                        if name == 'msswin_tiny' else {})
+    model = timm.create_model(name, device='meta', **small)
+    assert {p.device.type for p in model.parameters()} == {'meta'}
+    model = timm.create_model(name, dtype=torch.bfloat16, **small).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)).shape == (2, 1000)
+
+
+@pytest.mark.parametrize('mix_impl', ['auto', 'fast', 'reference'])
+def test_an_empty_batch_gives_empty_outputs(mix_impl):
+    model = timm.create_model('msmlp_tiny', embed_dim=24, depths=(1, 1, 2, 1), mix_impl=mix_impl)
+    assert model.eval()(torch.zeros(0, 3, 64, 64)).shape == (0, 1000)
+    out = model.train()(torch.zeros(0, 3, 64, 64, requires_grad=True))
+    assert out.shape == (0, 1000)
+    out.sum().backward()
+
+
+@pytest.mark.parametrize('fast, plain', [('fast', 'avg'), ('fastavg', 'avg'), ('fastmax', 'max'),
+                                         ('fastavgmax', 'avgmax')])
+def test_timms_fast_pool_names_are_the_same_pooling(fast, plain):
+    small = dict(embed_dim=24, depths=(1, 1, 2, 1), num_classes=5)
+    a = timm.create_model('msmlp_tiny', global_pool=plain, **small).eval()
+    b = timm.create_model('msmlp_tiny', global_pool=fast, **small).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and a(x).shape == (2, 5)
+        assert torch.allclose(torch.jit.script(b)(x), a(x), atol=1e-5)
+    with pytest.raises(ValueError, match=r"got 'fastcatavgmax' \(pooling that doubles the width"):
+        b.reset_classifier(5, 'fastcatavgmax')
+
+
+def test_even_kernels_are_refused_when_the_model_is_built():
+    with pytest.raises(ValueError, match=r'mix_size \[3, 5, 6, 5, 3\]: kernels must be odd'):
+        msmlp.MSMLP(embed_dim=20, depths=(1, 1, 1, 1), mix_sizes=[(3, 5, 6, 5, 3)] * 4)
+
+
 def imported_modules(path: Path):
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):

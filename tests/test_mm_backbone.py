@@ -178,6 +178,76 @@ def test_pretrained_errors_name_the_file(tmp_path):
               init_cfg=dict(type='Pretrained', checkpoint=str(RELEASED))).init_weights()
 
 
+def test_init_cfg_prefix_picks_one_backbone_of_a_file_holding_several(tmp_path):
+    """A teacher-student file (mmdet's semi-supervised detectors save both): each loads by its
+    prefix, as mmengine's Pretrained init takes it; without one, one line instead of a mix."""
+    teacher, student = build(**TINY), build(**TINY)
+    path = tmp_path / 'teacher_student.pth'
+    torch.save({'state_dict': {**{f'teacher.backbone.{k}': v for k, v in teacher.state_dict().items()},
+                               **{f'student.backbone.{k}': v for k, v in student.state_dict().items()}}}, path)
+    for prefix, source in (('teacher.backbone.', teacher), ('student.', student), ('teacher.backbone', teacher)):
+        backbone = build(**TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix=prefix))
+        backbone.init_weights()
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in backbone.state_dict().items()), prefix
+    with pytest.raises(CheckpointError, match=r"holds 2 backbones \(student.backbone., teacher.backbone.\): name"):
+        build(**TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path))).init_weights()
+    with pytest.raises(CheckpointError, match=r"no weights under the prefix 'neck.': its keys start with student., "):
+        build(**TINY, init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='neck.')).init_weights()
+
+
+def test_deprecated_pretrained_argument_is_read_as_init_cfg():
+    """mmseg's segmentors hand their model.pretrained to the backbone as pretrained=, as mmdet's
+    Swin still reads it."""
+    with pytest.warns(UserWarning, match="pretrained is deprecated.*init_cfg=dict.type='Pretrained'"):
+        backbone = build(**TINY, pretrained=str(RELEASED))
+    assert backbone.init_cfg == dict(type='Pretrained', checkpoint=str(RELEASED))
+    with pytest.warns(UserWarning, match='classifier head'):
+        backbone.init_weights()
+    assert torch.equal(backbone.patch_embed.proj.weight, REFERENCE['state_dict']['patch_embed.proj.weight'])
+    with pytest.raises(ValueError, match='as init_cfg or as pretrained, not both'):
+        build(**TINY, pretrained=str(RELEASED), init_cfg=dict(type='Pretrained', checkpoint=str(RELEASED)))
+
+
+def test_mmseg_model_pretrained_reaches_the_backbone():
+    pytest.importorskip('mmseg')
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS as SEG_MODELS
+    cfg = Config.fromfile(str(Path(__file__).parent.parent / 'configs/mmseg/msmlp-mini_upernet_ade20k-scenes-128x128.py'))
+    cfg.model.update(pretrained=str(RELEASED))
+    cfg.model.backbone.update(embed_dim=24)
+    cfg.model.decode_head.in_channels = [24, 48, 96, 192]
+    cfg.model.pop('auxiliary_head', None)
+    init_default_scope('mmseg')
+    with pytest.warns(UserWarning, match='pretrained is deprecated'):
+        segmentor = SEG_MODELS.build(cfg.model)
+    with pytest.warns(UserWarning, match='classifier head'):
+        segmentor.init_weights()
+    assert torch.equal(segmentor.backbone.patch_embed.proj.weight, REFERENCE['state_dict']['patch_embed.proj.weight'])
+
+
+@pytest.mark.parametrize('given', [dict(embed_dim=32), dict(depths=[1, 1, 2, 1])])
+def test_sizes_that_contradict_the_arch_are_refused(given):
+    """A config inheriting the mini config (arch=None, embed_dim=32, depths=[1, 1, 2, 1]) that sets
+    arch='small' built the mini network silently."""
+    with pytest.raises(ValueError, match=r"arch='small' has .* is given too \(a _base_ config may set it\)"):
+        build(arch='small', **given)
+    with torch.device('meta'):
+        assert build(arch='small', embed_dim=96, depths=(3, 3, 27, 3)).depths == (3, 3, 27, 3)
+
+
+def test_a_new_arch_in_a_config_inheriting_the_mini_config_is_refused(tmp_path):
+    from mmengine.config import Config
+    mini = Path(__file__).parent.parent / 'configs/mmdet/mask-rcnn_msmlp-mini_fpn_shapes.py'
+    (tmp_path / 'small.py').write_text(f"_base_ = {str(mini)!r}\nmodel = dict(backbone=dict(arch='small'))\n")
+    cfg = Config.fromfile(str(tmp_path / 'small.py'))
+    with pytest.raises(ValueError, match="arch='small' has embed_dim=96, but embed_dim=32"):
+        DET_MODELS.build(cfg.model.backbone)
+    cfg.model.backbone.update(embed_dim=None, depths=None)
+    with torch.device('meta'):
+        assert DET_MODELS.build(cfg.model.backbone).depths == (3, 3, 27, 3)
+
+
 def test_detector_init_weights_reaches_the_backbone():
     """mmengine's BaseModule.init_weights of a detector calls ours (safe loader, not torch.load)."""
     from mmengine.config import Config

@@ -1,6 +1,7 @@
 """MS-Swin: timm's Swin with mix-shift blocks. Swin itself where no MS block is placed,
 registration, the dense interface at odd sizes, loading from Swin checkpoints, OpenMMLab."""
 import re
+from pathlib import Path
 import warnings
 
 import pytest
@@ -171,6 +172,11 @@ def test_openmmlab_backbone_is_the_same_model_and_loads_swin_weights(tmp_path):
     assert [tuple(o.shape[1:]) for o in outs] == [(96, 18, 23), (192, 9, 12), (384, 5, 6), (768, 3, 3)]
     with pytest.raises(ValueError, match='embed_dim, depths, num_heads and window_size'):
         MSSwinBackbone(arch=None, embed_dim=32)
+    with pytest.raises(ValueError, match="arch='t' has num_heads=.* is given too"):
+        MSSwinBackbone(arch='t', num_heads=[2, 4, 8, 16])
+    with torch.device('meta'):
+        backbone = MSSwinBackbone(arch='t', window_size=12)  # the one size an arch leaves free
+    assert backbone.layers[0].blocks[0].window_size == (12, 12)
 
 
 def test_benchmark_runs_msswin_against_swin_and_msmlp(capsys):
@@ -228,6 +234,24 @@ def test_a_checkpoint_without_the_swin_part_is_refused_in_one_line(tmp_path):
     torch.save(timm.create_model('swin_base_patch4_window7_224').state_dict(), tmp_path / 'swin_base.pth')
     with pytest.raises(msmlp.CheckpointError, match='swin_base.pth does not fit the MSSwin'):
         load_swin_checkpoint(timm.create_model('msswin_tiny'), tmp_path / 'swin_base.pth')
+
+
+def test_an_ms_mlp_file_through_timm_names_the_family_to_use():
+    """timm's pretrained=True reached the Swin check ('93 of its 93 Swin tensors are missing')."""
+    released = str(Path(__file__).parent / 'fixtures' / 'released_layout_square_64.pth')
+    with pytest.raises(msmlp.CheckpointError, match="holds MS-MLP weights, not an MS-Swin's: load it into an msmlp_"):
+        timm.create_model('msswin_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=released))
+
+
+def test_pretrained_strict_false_loads_the_swin_tensors_that_fit(tmp_path):
+    state = {k: v for k, v in swin_state().items() if not k.startswith('layers.3.')}
+    torch.save(state, tmp_path / 'three_stages.pth')
+    overlay = dict(file=str(tmp_path / 'three_stages.pth'))
+    with pytest.raises(msmlp.CheckpointError, match='does not fit the MSSwin'):
+        timm.create_model('msswin_tiny', pretrained=True, pretrained_cfg_overlay=overlay)
+    with pytest.warns(UserWarning, match=r'three_stages.pth: loaded \d+ tensors; .*kept their initialisation'):
+        model = timm.create_model('msswin_tiny', pretrained=True, pretrained_strict=False, pretrained_cfg_overlay=overlay)
+    assert torch.equal(model.layers[2].blocks[0].attn.qkv.weight, state['layers.2.blocks.0.attn.qkv.weight'])
 
 
 def test_a_swin_stem_is_adapted_to_other_input_channels(tmp_path):
